@@ -1,0 +1,99 @@
+"""The specs' code tables as data, with lookups.
+
+A table is data, not an if-chain: adding or correcting a code is a one-line change in the
+table's module (`qwb002` for spec 000, the Qinghai platform).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from agent.model import Reason
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """One dictionary of a spec: code -> meaning, e.g. GB_T_2261_1_2003 (sex)."""
+
+    id: str
+    title: str
+    entries: Mapping[str, str]
+
+    def text(self, code: str | None) -> str | None:
+        if code is None:
+            return None
+        return self.entries.get(code)
+
+    def __contains__(self, code: object) -> bool:
+        return code in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def describe(self) -> str:
+        return "%s (%s)" % (self.title, self.id)
+
+
+class Outcome(enum.Enum):
+    """What a platform return code means for the caller and for the outbox."""
+
+    SUCCESS = "success"
+    # the platform's considered answer about this card or request; asking again changes nothing
+    REJECTED = "rejected"
+    # our request was malformed (parameter/format errors): permanent, dead-letter it
+    INVALID_REQUEST = "invalid_request"
+    # credentials or registration of this box refused: permanent until the config is fixed
+    AUTH = "auth"
+    # the platform failed internally: retry later
+    TRANSIENT = "transient"
+
+    @property
+    def transient(self) -> bool:
+        return self is Outcome.TRANSIENT
+
+
+@dataclass(frozen=True)
+class ReturnCode:
+    code: str
+    text: str
+    outcome: Outcome
+    reason: Reason | None = None  # scanbox reason when not a success
+    note: str = ""
+
+
+class ReturnCodeTable:
+    """A platform's return codes. Unknown codes are kept, never guessed into success."""
+
+    def __init__(self, title: str, codes: list[ReturnCode]) -> None:
+        self.title = title
+        self._codes: dict[str, ReturnCode] = {}
+        for rc in codes:
+            if rc.code in self._codes:
+                raise ValueError("duplicate return code %s in %s" % (rc.code, title))
+            if rc.outcome is not Outcome.SUCCESS and rc.reason is None:
+                raise ValueError("return code %s in %s needs a reason" % (rc.code, title))
+            self._codes[rc.code] = rc
+
+    def lookup(self, code: str | None) -> ReturnCode:
+        if code is not None and code in self._codes:
+            return self._codes[code]
+        return ReturnCode(
+            code=code or "",
+            text="unknown return code",
+            outcome=Outcome.REJECTED,
+            reason=Reason.PLATFORM_REJECTED,
+        )
+
+    def __contains__(self, code: object) -> bool:
+        return code in self._codes
+
+    def __iter__(self) -> Iterator[ReturnCode]:
+        return iter(self._codes.values())
+
+    def __len__(self) -> int:
+        return len(self._codes)

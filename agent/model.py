@@ -1,0 +1,274 @@
+"""The types that flow through scanbox: Scan -> Verification + Identity -> Result.
+
+Drivers may import this module (and only this one from `agent`): it has no dependencies on the
+rest of the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+
+class Reason(enum.StrEnum):
+    """Every failure a HIS can see carries one of these stable codes (PROTOCOL.md "Errors")."""
+
+    QR_INVALID = "QR_INVALID"
+    QR_EXPIRED = "QR_EXPIRED"
+    QR_UNKNOWN = "QR_UNKNOWN"
+    CARD_NOT_FOUND = "CARD_NOT_FOUND"
+    CARD_INACTIVE = "CARD_INACTIVE"
+    PLATFORM_UNAVAILABLE = "PLATFORM_UNAVAILABLE"
+    PLATFORM_REJECTED = "PLATFORM_REJECTED"
+    PLATFORM_AUTH = "PLATFORM_AUTH"
+    NOT_SUPPORTED = "NOT_SUPPORTED"
+    DEVICE_ERROR = "DEVICE_ERROR"
+    TIMEOUT = "TIMEOUT"
+    BUSY = "BUSY"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    BAD_REQUEST = "BAD_REQUEST"
+    INTERNAL = "INTERNAL"
+
+    @property
+    def description(self) -> str:
+        return REASON_DESCRIPTIONS[self][0]
+
+    @property
+    def patient_text(self) -> str:
+        """Short Chinese text a patient understands (display, kiosk prompts)."""
+        return REASON_DESCRIPTIONS[self][1]
+
+
+# reason -> (meaning for a HIS developer, short text for a patient)
+REASON_DESCRIPTIONS: Mapping[Reason, tuple[str, str]] = {
+    Reason.QR_INVALID: ("not a valid e-health card code, or the platform says it is wrong", "二维码无效"),
+    Reason.QR_EXPIRED: ("the dynamic code has expired; the patient must refresh it", "二维码已过期，请刷新"),
+    Reason.QR_UNKNOWN: ("a code this box does not verify; delivered raw in scan.payload", "无法识别的二维码"),
+    Reason.CARD_NOT_FOUND: ("the platform has no registered card for this code", "未查到健康卡信息"),
+    Reason.CARD_INACTIVE: ("the card exists but is cancelled, pending review or not approved", "健康卡状态异常"),
+    Reason.PLATFORM_UNAVAILABLE: ("the platform cannot be reached or failed; try again later", "平台暂不可用"),
+    Reason.PLATFORM_REJECTED: ("the platform refused the request; see platform_code", "平台拒绝请求"),
+    Reason.PLATFORM_AUTH: ("the platform rejected this box's credentials; check the configuration", "设备认证失败"),
+    Reason.NOT_SUPPORTED: ("the configured platform or device cannot do this", "不支持此操作"),
+    Reason.DEVICE_ERROR: ("a reader or scanner failed", "设备故障"),
+    Reason.TIMEOUT: ("nothing arrived before the deadline", "等待超时"),
+    Reason.BUSY: ("another call is in progress and this one cannot run concurrently", "设备忙"),
+    Reason.UNAUTHORIZED: ("authenticate first (auth with a token)", "未授权"),
+    Reason.BAD_REQUEST: ("the request is malformed; see the message", "请求错误"),
+    Reason.INTERNAL: ("a fault inside scanbox; it has been logged", "内部错误"),
+}
+
+
+class ScanboxError(Exception):
+    """A failure with a stable reason; the API turns it into a JSON-RPC error object."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        platform_code: str | None = None,
+        platform_message: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.platform_code = platform_code
+        self.platform_message = platform_message
+        self.data = dict(data or {})
+
+    def to_data(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reason": self.reason.value}
+        if self.platform_code is not None:
+            out["platform_code"] = self.platform_code
+        if self.platform_message is not None:
+            out["platform_message"] = self.platform_message
+        out.update(self.data)
+        return out
+
+
+class ScanKind(enum.StrEnum):
+    QR = "qr"
+    ID_CARD = "id_card"
+    HEALTH_CARD = "health_card"
+    SSC = "ssc"
+
+
+_scan_counter = itertools.count(1)
+# scan ids are unique across restarts without coordination: boot-unique prefix + counter
+_SCAN_PREFIX = "%x" % (int(time.time()) & 0xFFFFFFF)
+
+
+def new_scan_id() -> str:
+    return "%s-%d" % (_SCAN_PREFIX, next(_scan_counter))
+
+
+def now_local() -> datetime:
+    return datetime.now().astimezone()
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """One reading from one source: a QR code or a card.
+
+    `payload` is the QR text for `qr` (decoded with the source's charset) and the card's fields
+    for cards. `raw` keeps the bytes as they came from the device. `decode_error` says why the
+    bytes could not be decoded; the scan is still delivered so nothing a patient shows is lost.
+    """
+
+    source: str
+    kind: ScanKind
+    payload: Any
+    raw: bytes | None = None
+    decode_error: str | None = None
+    id: str = field(default_factory=new_scan_id)
+    at: datetime = field(default_factory=now_local)
+    monotonic: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def from_qr_bytes(cls, source: str, data: bytes, charset: str = "utf-8") -> "Scan":
+        try:
+            text = data.decode(charset)
+        except UnicodeDecodeError as exc:
+            return cls(
+                source=source,
+                kind=ScanKind.QR,
+                payload=data.decode(charset, errors="backslashreplace"),
+                raw=data,
+                decode_error="not valid %s: byte 0x%02x at offset %d"
+                % (charset, data[exc.start], exc.start),
+            )
+        except LookupError as exc:
+            raise ValueError("unknown charset %r" % charset) from exc
+        return cls(source=source, kind=ScanKind.QR, payload=text, raw=data)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "kind": self.kind.value,
+            "at": self.at.isoformat(timespec="milliseconds"),
+            "payload": self.payload,
+        }
+
+
+class IdentitySource(enum.StrEnum):
+    PLATFORM = "platform"
+    CACHE = "cache"
+    CARD = "card"
+
+
+IDENTITY_FIELDS = (
+    "name", "sex", "nation", "birthday", "id_type", "id_number", "ecard_id", "main_index",
+    "phone", "address", "card_status",
+)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Identity:
+    """A verified person. Personal data: never logged unmasked (repr is masked)."""
+
+    source: IdentitySource
+    name: str | None = None
+    sex: str | None = None
+    nation: str | None = None
+    birthday: str | None = None
+    id_type: str | None = None
+    id_number: str | None = None
+    ecard_id: str | None = None
+    main_index: str | None = None
+    phone: str | None = None
+    address: str | None = None
+    card_status: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        from agent.codes import qwb002  # codes are data tables; imported late to keep this module light
+
+        out: dict[str, Any] = {f: getattr(self, f) for f in IDENTITY_FIELDS}
+        out["source"] = self.source.value
+        out["sex_text"] = qwb002.SEX.text(self.sex)
+        out["nation_text"] = qwb002.NATION.text(self.nation)
+        out["id_type_text"] = qwb002.ID_TYPE.text(self.id_type)
+        out["card_status_text"] = qwb002.CARD_STATUS.text(self.card_status)
+        return out
+
+    def __repr__(self) -> str:
+        from agent.privacy import mask_id_number, mask_name
+
+        return "Identity(%s, %s, source=%s)" % (
+            mask_name(self.name), mask_id_number(self.id_number), self.source.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The outcome of checking a scan. `ok` false always has a reason."""
+
+    ok: bool
+    reason: Reason | None = None
+    message: str | None = None
+    platform_code: str | None = None
+    platform_message: str | None = None
+    elapsed_ms: float = 0.0
+    offline: bool = False
+
+    @classmethod
+    def failed(cls, error: ScanboxError, elapsed_ms: float = 0.0, offline: bool = False) -> "Verification":
+        return cls(
+            ok=False,
+            reason=error.reason,
+            message=error.message,
+            platform_code=error.platform_code,
+            platform_message=error.platform_message,
+            elapsed_ms=elapsed_ms,
+            offline=offline,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "reason": self.reason.value if self.reason else None,
+            "message": self.message,
+            "platform_code": self.platform_code,
+            "platform_message": self.platform_message,
+            "elapsed_ms": round(self.elapsed_ms, 1),
+            "offline": self.offline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What read_card and verify_qr answer: the scan always, identity when known."""
+
+    scan: Scan
+    identity: Identity | None
+    verification: Verification | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scan": self.scan.to_json(),
+            "identity": self.identity.to_json() if self.identity else None,
+            "verification": self.verification.to_json() if self.verification else None,
+        }
+
+    def replace(self, **changes: Any) -> "Result":
+        return dataclasses.replace(self, **changes)
+
+
+def device_id_default() -> str:
+    """A stable id for a box that was not given one: the machine id, shortened."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as fh:
+                mid = fh.read().strip()
+            if mid:
+                return "scanbox-" + mid[:8]
+        except OSError:
+            continue
+    return "scanbox-" + os.uname().nodename
