@@ -1,0 +1,457 @@
+"""Load and validate scanbox's TOML config and its secrets file.
+
+Every problem is reported at once, each with its key path; unknown keys are errors with a
+suggestion for the likely typo; secrets live in their own file (0600, or a systemd credential)
+and print as `********` everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Literal, Mapping, get_args, get_origin
+
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, ValidationError,
+                      field_validator, model_validator)
+
+import drivers
+from agent.codes import qwb002
+
+DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
+DEFAULT_SECRETS = Path("/etc/scanbox/secrets.toml")
+CREDENTIAL_NAME = "secrets.toml"  # LoadCredential=secrets.toml:/etc/scanbox/secrets.toml
+MASK = "********"
+
+
+class _SecretStr(SecretStr):
+    def _display(self) -> str:
+        return MASK
+
+
+Secret = Annotated[_SecretStr, PlainSerializer(lambda s: MASK, return_type=str)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(Section):
+    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    state_dir: Path | None = None  # default: $STATE_DIRECTORY, else /var/lib/scanbox
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SiteConfig(Section):
+    """Who this box is: sent with every verification so the platform can record where a card
+    was used (spec 000 3.3.2.2: sam, use_city*, hospital_*, channel_*, medstep_*)."""
+
+    org_code: str = Field("", max_length=16, pattern=r"^[0-9A-Za-z]*$")
+    department: str = "0000"
+    hospital_code: str = Field("", max_length=20)
+    hospital_name: str = Field("", max_length=50)
+    city_code: str = Field("", max_length=10, pattern=r"^[0-9]*$")
+    city_name: str = Field("", max_length=20)
+    channel: str = "01"
+    medstep: str = "010101"
+
+    @field_validator("department")
+    @classmethod
+    def _department(cls, v: str) -> str:
+        if v != "0000" and v not in qwb002.DEPARTMENT:
+            raise ValueError("%r is not a department code of spec 000 4.3.10" % v)
+        return v
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, v: str) -> str:
+        if v not in qwb002.TERMINAL_TYPE:
+            raise ValueError("must be one of %s (spec 000 4.3.7)" % _codes(qwb002.TERMINAL_TYPE))
+        return v
+
+    @field_validator("medstep")
+    @classmethod
+    def _medstep(cls, v: str) -> str:
+        if v not in qwb002.MEDICAL_STEP:
+            raise ValueError("must be one of %s (spec 000 4.3.9)" % _codes(qwb002.MEDICAL_STEP))
+        return v
+
+    @property
+    def sam(self) -> str:
+        """扫描枪终端标识号: organisation code + 4-digit department code."""
+        return self.org_code + self.department if self.org_code else ""
+
+
+class QrRules(Section):
+    """QR classification (agent/qr.py); the defaults follow DESIGN.md."""
+
+    max_length: int = Field(512, ge=20, le=4096)
+    static: str = r"^[0-9A-F]{64}:1$"
+    dynamic: str = r"^[0-9A-F]{64}:0:[0-9A-F]{32}$"
+    temporary: str = r"^[0-9A-Za-z]{20}$"
+    # printable ASCII without &<>" (the platform refuses those: spec 000 return code 1002)
+    ciphertext: str = r'^(?:(?![&<>"])[\x21-\x7e]){1,256}$'
+
+    @field_validator("static", "dynamic", "temporary", "ciphertext")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError("not a regular expression: %s" % exc) from None
+        return v
+
+
+class RhcConfig(Section):
+    """Credentials for spec 000: every `action` carries them (4.2.1)."""
+
+    org_id: str = Field("", max_length=32)
+    app_code: str = Field("", max_length=6)
+    user_name: str = Field(..., min_length=1, max_length=32)
+    user_pwd: Secret
+    std_ver_code: str = Field("1.0", max_length=100)
+    operation: str = "RHCMessageServer"
+
+    @model_validator(mode="after")
+    def _org_or_app(self) -> "RhcConfig":
+        # 4.2.1 remark: exactly one of orgId and appCode has a value
+        if bool(self.org_id) == bool(self.app_code):
+            raise ValueError("set exactly one of org_id (a medical institution) and app_code (an app)")
+        return self
+
+
+class PlatformConfig(Section):
+    kind: Literal["rhc"] = "rhc"
+    endpoint: str = Field(..., pattern=r"^https?://")
+    wsdl: str | None = None  # URL or file; default: the WSDL shipped with scanbox
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    tls_verify: bool | Path = True
+    rhc: RhcConfig | None = None
+    qr: QrRules = QrRules()
+
+    @model_validator(mode="after")
+    def _kind_section(self) -> "PlatformConfig":
+        if self.kind == "rhc" and self.rhc is None:
+            raise ValueError("kind 'rhc' needs a [platform.rhc] section")
+        return self
+
+
+class ClientConfig(Section):
+    token: Secret
+    scopes: list[Literal["read", "admin"]] = ["read"]
+
+
+class ApiConfig(Section):
+    unix: Path | None = None  # default: $RUNTIME_DIRECTORY/api.sock, else /run/scanbox/api.sock
+    unix_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    unix_group: str | None = "scanbox"
+    tcp: str | None = None  # "HOST:PORT"; off by default
+    trusted: list[str] = []  # addresses (or networks) allowed on TCP without auth
+    max_message: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    idle_timeout_s: float = Field(300, gt=0)
+    auth_timeout_s: float = Field(10, gt=0)
+    max_clients: int = Field(64, ge=1, le=4096)
+    clients: dict[str, ClientConfig] = {}
+
+    @field_validator("tcp")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        if v:
+            parse_hostport(v)
+        return v or None
+
+    @field_validator("trusted")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError("%r is not an IP address or network" % item) from None
+        return v
+
+
+class ScansConfig(Section):
+    # the same code from the same source inside this window is one scan (a camera sees a code
+    # in many frames; some serial scanners repeat)
+    dedupe_s: float = Field(3.0, ge=0, le=60)
+    # a scan nobody is waiting for is kept this long for the next read_card (a nurse scans,
+    # then clicks "read card" in the HIS); 0 disables
+    hold_s: float = Field(10.0, ge=0, le=120)
+
+
+class Config(Section):
+    device: DeviceConfig = DeviceConfig()
+    site: SiteConfig = SiteConfig()
+    platform: PlatformConfig
+    api: ApiConfig = ApiConfig()
+    scans: ScansConfig = ScansConfig()
+    # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
+    sources: dict[str, Any] = {}
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _source_names(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for name in v:
+                if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+                    raise ValueError("source name %r: use lower-case letters, digits, - and _" % name)
+        return v
+
+    def state_dir(self) -> Path:
+        if self.device.state_dir:
+            return self.device.state_dir
+        env = os.environ.get("STATE_DIRECTORY")
+        return Path(env.split(":")[0]) if env else Path("/var/lib/scanbox")
+
+    def unix_socket(self) -> Path:
+        if self.api.unix:
+            return self.api.unix
+        env = os.environ.get("RUNTIME_DIRECTORY")
+        return (Path(env.split(":")[0]) if env else Path("/run/scanbox")) / "api.sock"
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("%r is not HOST:PORT" % value)
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return "%s: %s" % (self.path or "(top level)", self.message)
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[ConfigProblem], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Config:
+    """Read and validate a config file and its secrets; raises ConfigError with every problem."""
+    config_path = Path(config_path)
+    raw = _read_toml(config_path)
+    problems = [ConfigProblem(p, "is a secret: put it in the secrets file, not in %s" % config_path)
+                for p in _secret_paths(Config, raw)]
+    secrets_file = _find_secrets(secrets_path)
+    secrets: dict[str, Any] = {}
+    if secrets_file is not None:
+        problems += _check_secrets_mode(secrets_file)
+        secrets = _read_toml(secrets_file)
+        secret_keys = set(_secret_paths(Config, secrets))
+        problems += [ConfigProblem(p, "is not a secret: it belongs in %s" % config_path)
+                     for p in _leaf_paths(secrets) if p not in secret_keys]
+    try:
+        config = validate(_deep_merge(raw, secrets))
+    except ConfigError as exc:
+        problems += exc.problems
+        raise ConfigError(problems, str(config_path)) from None
+    if problems:
+        raise ConfigError(problems, str(config_path))
+    return config
+
+
+def validate(data: Mapping[str, Any]) -> Config:
+    """Validate a config mapping (file contents with secrets merged in)."""
+    problems: list[ConfigProblem] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems += _problems(exc, Config, ())
+    sources: dict[str, Any] = {}
+    raw_sources = data.get("sources", {})
+    if isinstance(raw_sources, Mapping):
+        for name, section in raw_sources.items():
+            try:
+                sources[name] = validate_source(name, section)
+            except ConfigError as exc:
+                problems += exc.problems
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config.model_copy(update={"sources": sources})
+
+
+def validate_source(name: str, section: Any) -> BaseModel:
+    where = ("sources", name)
+    if not isinstance(section, Mapping):
+        raise ConfigError([ConfigProblem(_join(where), "must be a table")])
+    driver = section.get("driver")
+    if driver is None:
+        raise ConfigError([ConfigProblem(_join(where + ("driver",)), "required: one of %s"
+                                         % ", ".join(sorted(drivers.SOURCE_DRIVERS)))])
+    if driver not in drivers.SOURCE_DRIVERS:
+        hint = _suggest(str(driver), drivers.SOURCE_DRIVERS)
+        raise ConfigError([ConfigProblem(_join(where + ("driver",)), "unknown driver %r%s; known: %s"
+                                         % (driver, hint, ", ".join(sorted(drivers.SOURCE_DRIVERS))))])
+    options_cls = drivers.source_module(driver).Options
+    try:
+        return options_cls.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc, options_cls, where)) from None
+
+
+def dump(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked: what `config check` prints."""
+    out = config.model_dump(mode="json", exclude={"sources"})
+    out["sources"] = {name: opts.model_dump(mode="json") for name, opts in config.sources.items()}
+    return out
+
+
+# --- internals -------------------------------------------------------------------------------
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem("", "%s: no such file" % path)], str(path)) from None
+    except PermissionError:
+        raise ConfigError([ConfigProblem("", "%s: permission denied" % path)], str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem("", "%s: not valid TOML: %s" % (path, exc))], str(path)) from None
+
+
+def _find_secrets(explicit: Path | str | None) -> Path | None:
+    if explicit is not None:
+        return Path(explicit)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+        return Path(creds) / CREDENTIAL_NAME
+    return DEFAULT_SECRETS if DEFAULT_SECRETS.exists() else None
+
+
+def _check_secrets_mode(path: Path) -> list[ConfigProblem]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return [ConfigProblem("", "%s: %s" % (path, exc.strerror))]
+    if st.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
+        return [ConfigProblem("", "%s is mode %04o: secrets must not be readable by others "
+                              "(chmod 600)" % (path, stat.S_IMODE(st.st_mode)))]
+    return []
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[str]:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_paths(value, prefix + (key,))
+        else:
+            yield _join(prefix + (key,))
+
+
+def _secret_paths(model: type[BaseModel], data: Any, prefix: tuple[str, ...] = ()) -> Iterable[str]:
+    """Paths in `data` whose schema type is a Secret."""
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        for sub in _models_in(field.annotation):
+            if isinstance(value, Mapping):
+                yield from _secret_paths(sub, value, prefix + (key,))
+        inner = _dict_value_model(field.annotation)
+        if inner is not None and isinstance(value, Mapping):
+            for name, item in value.items():
+                yield from _secret_paths(inner, item, prefix + (key, name))
+        if _is_secret(field.annotation):
+            yield _join(prefix + (key,))
+
+
+def _is_secret(annotation: Any) -> bool:
+    if annotation is _SecretStr:
+        return True
+    return any(_is_secret(a) for a in get_args(annotation))
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is dict:
+        return []
+    return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
+    if get_origin(annotation) is dict:
+        args = get_args(annotation)
+        if len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+            return args[1]
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that holds the last key of `loc` (for typo suggestions)."""
+    current: type[BaseModel] | None = model
+    parts = list(loc[:-1])
+    while parts and current is not None:
+        key = parts.pop(0)
+        field = current.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return None
+        inner = _dict_value_model(field.annotation)
+        if inner is not None:
+            if parts:
+                parts.pop(0)  # the dict key (a client name)
+            current = inner
+            continue
+        models = _models_in(field.annotation)
+        current = models[0] if models else None
+    return current
+
+
+def _problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # pydantic adds the type name of a union member to the location; drop it
+        loc = tuple(p for p in loc if p not in ("lax-or-strict", "is-instance[Path]"))
+        path = _join(prefix + tuple(str(p) for p in loc))
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            hint = _suggest(str(loc[-1]), owner.model_fields if owner else ())
+            problems.append(ConfigProblem(path, "unknown key%s" % hint))
+        elif err["type"] == "missing":
+            problems.append(ConfigProblem(path, "required"))
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            problems.append(ConfigProblem(path, msg))
+    return problems
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def _join(parts: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def _codes(table: Any) -> str:
+    return ", ".join("%s %s" % (c, table.text(c)) for c in table)

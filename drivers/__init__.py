@@ -1,0 +1,21 @@
+"""Hardware drivers. Each module turns one kind of device into a stream of Scans (or draws
+frames) and exposes, Klipper-style, an `Options` model for its config section and a `create`
+factory. Adding a reader is one module here plus one entry below; nothing above changes.
+
+Drivers never import `agent`, except the plain types in `agent.model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# `driver = "..."` in a [sources.NAME] section -> module
+SOURCE_DRIVERS: dict[str, str] = {
+    "serial_scanner": "drivers.serial_scanner",
+    "stdin": "drivers.stdin_scanner",
+}
+
+
+def source_module(driver: str) -> ModuleType:
+    return importlib.import_module(SOURCE_DRIVERS[driver])

@@ -1,0 +1,63 @@
+"""The interface between drivers and the daemon."""
+
+from __future__ import annotations
+
+import abc
+import random
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from agent.model import Scan
+
+
+class DriverOptions(BaseModel):
+    """Base of every driver's config section: unknown keys are errors, values are read-only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScanSink(Protocol):
+    """Where a source delivers. Every method is safe to call from any thread."""
+
+    def scan(self, scan: Scan) -> None: ...
+
+    def connected(self, source: str, connected: bool, detail: str | None = None) -> None: ...
+
+    def problem(self, source: str, text: str) -> None:
+        """Input that could not become a scan (an over-long line, a bad frame): logged, counted."""
+
+
+class Source(abc.ABC):
+    """A device that produces scans. `start` returns at once; the device is read in the
+    source's own thread, and a device that vanishes is waited for, never fatal."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abc.abstractmethod
+    def start(self, sink: ScanSink) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop reading and release the device; returns within a few seconds."""
+
+
+class Backoff:
+    """Delays for reconnect attempts: exponential, capped, with jitter so that boxes that lost
+    the same network do not retry in step. (A retry library's decorators do not fit a thread
+    that waits on a stop event between attempts; this is the whole of what is needed.)"""
+
+    def __init__(self, initial: float = 0.2, maximum: float = 5.0, factor: float = 2.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * self.factor, self.maximum)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._next = self.initial

@@ -1,0 +1,222 @@
+"""QR scanners in serial (VCOM / USB CDC) mode.
+
+The port is a device path or any pyserial URL: `/dev/ttyACM0` on the box, a pty in tests,
+`spy:///dev/ttyACM0` to see the bytes when debugging a scanner in the field. One thread reads
+bytes (pyserial's ReaderThread); `ScanFramer` turns them into scans at the configured terminator.
+A scanner that is unplugged is waited for and reopened with backoff.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from typing import Literal
+
+import serial
+import serial.threaded
+from pydantic import Field, field_validator
+
+from agent.model import Scan
+from drivers.base import Backoff, DriverOptions, ScanSink, Source
+
+logger = logging.getLogger(__name__)
+
+BAUD_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+# a connection that lasted this long was a real one: start the backoff from the beginning
+STABLE_AFTER_S = 5.0
+
+
+class Options(DriverOptions):
+    driver: Literal["serial_scanner"]
+    port: str = Field(..., min_length=1)
+    baud: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    # bytes that end a scan; any one of them ends it, and empty scans are ignored, so the
+    # default takes CR, LF and CRLF scanners alike
+    terminator: str | list[str] = ["\r", "\n"]
+    charset: str = "utf-8"
+    max_length: int = Field(16384, ge=64, le=1024 * 1024)
+    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+
+    @field_validator("baud")
+    @classmethod
+    def _baud(cls, v: int) -> int:
+        if v not in BAUD_RATES:
+            raise ValueError("must be one of %s" % ", ".join(map(str, BAUD_RATES)))
+        return v
+
+    @field_validator("terminator")
+    @classmethod
+    def _terminator(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not t for t in items):
+            raise ValueError("must be a non-empty string or list of non-empty strings")
+        return v
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError("unknown charset %r" % v) from None
+        return v
+
+
+def create(name: str, options: Options) -> "SerialScanner":
+    terminators = [options.terminator] if isinstance(options.terminator, str) else options.terminator
+    return SerialScanner(
+        name,
+        port=options.port,
+        baud=options.baud,
+        parity=options.parity,
+        terminators=[t.encode("latin-1") for t in terminators],
+        charset=options.charset,
+        max_length=options.max_length,
+        reconnect_max_s=options.reconnect_max_s,
+    )
+
+
+class ScanFramer(serial.threaded.Protocol):
+    """Bytes -> scans at any of the terminators. Never raises: ReaderThread ends on an exception
+    from its protocol, and serial noise must not end reading."""
+
+    def __init__(self, source: str, sink: ScanSink, terminators: list[bytes], charset: str,
+                 max_length: int) -> None:
+        self.source = source
+        self.sink = sink
+        self.terminators = terminators
+        self.charset = charset
+        self.max_length = max_length
+        self.buffer = bytearray()
+        self.discarding = False
+        self.lost = threading.Event()
+        self.lost_error: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.buffer.extend(data)
+            while True:
+                cut = self._find_terminator()
+                if cut is None:
+                    break
+                end, length = cut
+                frame = bytes(self.buffer[:end])
+                del self.buffer[:end + length]
+                if self.discarding:
+                    self.discarding = False
+                    continue
+                if frame:
+                    self.sink.scan(Scan.from_qr_bytes(self.source, frame, self.charset))
+            if len(self.buffer) > self.max_length:
+                if not self.discarding:
+                    self.sink.problem(self.source, "discarded %d+ bytes without a terminator "
+                                      "(max_length %d): noise on the line, or the wrong "
+                                      "terminator configured" % (len(self.buffer), self.max_length))
+                self.discarding = True
+                self.buffer.clear()
+        except Exception:  # the sink is the daemon's; never let it stop the reader
+            logger.exception("%s: failed to deliver a scan", self.source)
+
+    def _find_terminator(self) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        for t in self.terminators:
+            i = self.buffer.find(t)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, len(t))
+        return best
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost_error = exc
+        self.lost.set()
+
+
+class SerialScanner(Source):
+    def __init__(self, name: str, *, port: str, baud: int, parity: str, terminators: list[bytes],
+                 charset: str, max_length: int, reconnect_max_s: float) -> None:
+        super().__init__("serial:" + name)
+        self.port = port
+        self.baud = baud
+        self.parity = parity
+        self.terminators = terminators
+        self.charset = charset
+        self.max_length = max_length
+        self.backoff = Backoff(0.2, reconnect_max_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reader: serial.threaded.ReaderThread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, sink: ScanSink) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            reader = self._reader
+        if reader is not None:
+            reader.stop()
+            reader.protocol_lost_wakeup()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _open(self) -> serial.SerialBase:
+        return serial.serial_for_url(self.port, baudrate=self.baud, parity=self.parity,
+                                     timeout=None, exclusive=True)
+
+    def _run(self, sink: ScanSink) -> None:
+        last_detail: str | None = None
+        while not self._stop.is_set():
+            try:
+                port = self._open()
+            except (serial.SerialException, OSError, ValueError) as exc:
+                detail = "cannot open %s: %s" % (self.port, exc)
+                if detail != last_detail:  # one line per change, not one per retry
+                    logger.warning("%s: %s", self.name, detail)
+                    sink.connected(self.name, False, detail)
+                    last_detail = detail
+                self._stop.wait(self.backoff.next())
+                continue
+            opened_at = time.monotonic()
+            logger.info("%s: reading %s at %d baud", self.name, self.port, self.baud)
+            sink.connected(self.name, True)
+            last_detail = None
+            framer = ScanFramer(self.name, sink, self.terminators, self.charset, self.max_length)
+            reader = _Reader(port, framer)
+            with self._lock:
+                self._reader = reader
+            reader.start()
+            framer.lost.wait()
+            reader.join(2)
+            with self._lock:
+                self._reader = None
+            try:
+                port.close()
+            except (serial.SerialException, OSError):
+                pass
+            if self._stop.is_set():
+                break
+            detail = "lost %s: %s" % (self.port, framer.lost_error or "closed")
+            logger.warning("%s: %s", self.name, detail)
+            sink.connected(self.name, False, detail)
+            last_detail = detail
+            if time.monotonic() - opened_at > STABLE_AFTER_S:
+                self.backoff.reset()
+            self._stop.wait(self.backoff.next())
+        sink.connected(self.name, False, "stopped")
+
+
+class _Reader(serial.threaded.ReaderThread):
+    """ReaderThread with the framer as its protocol and a way for stop() to end the wait."""
+
+    def __init__(self, port: serial.SerialBase, framer: ScanFramer) -> None:
+        super().__init__(port, lambda: framer)
+        self.name = "%s-reader" % framer.source
+        self.framer = framer
+
+    def protocol_lost_wakeup(self) -> None:
+        self.framer.lost.set()
