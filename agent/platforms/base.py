@@ -1,0 +1,124 @@
+"""What every platform adapter offers the daemon: verify a QR code, call a named business
+operation, and report its health. Failures are PlatformErrors that say whether trying again
+later can help (`transient`) — the return-code tables decide, not the call site."""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+from agent.codes import Outcome, ReturnCode
+from agent.model import Identity, Reason, ScanboxError
+from agent.qr import QrKind
+
+
+class PlatformError(ScanboxError):
+    transient: bool = False
+
+
+class PlatformUnavailable(PlatformError):
+    """The platform could not be asked or did not answer usefully: connect error, timeout,
+    HTTP 5xx, an unparsable reply, or its own internal failure. Retrying later can help."""
+
+    transient = True
+
+    def __init__(self, message: str, *, platform_code: str | None = None,
+                 platform_message: str | None = None) -> None:
+        super().__init__(Reason.PLATFORM_UNAVAILABLE, message, platform_code=platform_code,
+                         platform_message=platform_message)
+
+
+class PlatformRejected(PlatformError):
+    """The platform answered and said no. Asking again with the same request changes nothing
+    (until, for PLATFORM_AUTH, the box's credentials are fixed)."""
+
+    def __init__(self, code: ReturnCode, platform_message: str | None) -> None:
+        super().__init__(code.reason or Reason.PLATFORM_REJECTED,
+                         "platform answered %s %s" % (code.code, platform_message or code.text),
+                         platform_code=code.code, platform_message=platform_message or code.text)
+        self.outcome = code.outcome
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """One QR verification, with where and when it happened (the platform records the use)."""
+
+    qr: str
+    kind: QrKind
+    scanned_at: datetime
+    step: str
+    channel: str
+
+
+@dataclass(frozen=True)
+class VerifyAnswer:
+    identity: Identity
+    platform_code: str | None
+    platform_message: str | None
+
+
+@dataclass
+class PlatformHealth:
+    kind: str
+    reachable: bool | None = None  # None: not asked yet
+    last_ok_at: float | None = None  # wall time of the last answer
+    last_error: str | None = None
+    credential_age_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "reachable": self.reachable,
+            "last_ok_at": datetime.fromtimestamp(self.last_ok_at).astimezone().isoformat(timespec="seconds")
+            if self.last_ok_at else None,
+            "last_error": self.last_error,
+            "credential_age_s": round(self.credential_age_s) if self.credential_age_s is not None else None,
+        }
+
+
+class Platform(abc.ABC):
+    kind: str
+
+    def __init__(self) -> None:
+        self._health = PlatformHealth(self.kind)
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare (load the WSDL, cached credentials). Never fails because the platform is
+        unreachable: the box must start and serve offline."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def verify_qr(self, request: VerifyRequest) -> VerifyAnswer:
+        """Raises PlatformError (or ScanboxError NOT_SUPPORTED)."""
+
+    @abc.abstractmethod
+    async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A named business operation with the box's credentials; the platform's answer as data."""
+
+    @property
+    @abc.abstractmethod
+    def operations(self) -> list[str]: ...
+
+    def health(self) -> PlatformHealth:
+        return self._health
+
+    def _record_ok(self) -> None:
+        self._health.reachable = True
+        self._health.last_ok_at = time.time()
+        self._health.last_error = None
+
+    def _record_failure(self, error: PlatformError) -> None:
+        if error.transient:
+            self._health.reachable = False
+            self._health.last_error = error.message
+        else:
+            # it answered: reachable, even though it said no
+            self._record_ok()
+            if isinstance(error, PlatformRejected) and error.outcome is Outcome.AUTH:
+                self._health.last_error = error.message

@@ -1,0 +1,387 @@
+"""Adapter for spec 000: the Qinghai resident health card platform.
+
+One SOAP operation, `String RHCMessageServer(String action, String message)`, where `action`
+(4.2.1: message id, business code, credentials) and `message` (the business fields) are XML
+documents passed as strings. Both are built with lxml from the tables in `rhc_schema` and
+checked against them before sending; the reply's `<response>` is parsed into data, and its
+`resultCode` looked up in the return-code table to decide success, rejection or retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
+import zeep
+import zeep.exceptions
+from lxml import etree
+from zeep.proxy import AsyncServiceProxy
+from zeep.transports import AsyncTransport
+
+from agent.codes import Outcome
+from agent.codes import qwb002 as codes
+from agent.config import PlatformConfig, SiteConfig
+from agent.model import Identity, IdentitySource, Reason, ScanboxError
+from agent.platforms import wsdl
+from agent.platforms.base import (Platform, PlatformError, PlatformRejected, PlatformUnavailable,
+                                  VerifyAnswer, VerifyRequest)
+from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, Operation, check_fields, check_message
+from agent.qr import QrKind
+
+logger = logging.getLogger(__name__)
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
+                          remove_blank_text=True)
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# after a failed WSDL load, wait this long before trying again on demand
+WSDL_RETRY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RhcResponse:
+    """A parsed `<response>`: result, desc, resultCode, and the business data as plain data."""
+
+    ok: bool
+    code: str | None
+    desc: str | None
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"result": "success" if self.ok else "failure", "resultCode": self.code,
+                "desc": self.desc, "data": self.data}
+
+
+def build_xml(fields: tuple, values: Mapping[str, str]) -> str:
+    """`<request>` with every field of the table in table order (empty when not given), as the
+    spec's samples show. lxml escapes; nothing is concatenated by hand."""
+    root = etree.Element("request")
+    for f in fields:
+        etree.SubElement(root, f.name).text = values.get(f.name) or ""
+    return etree.tostring(root, encoding="unicode")
+
+
+def parse_response(text: str, op: Operation) -> RhcResponse:
+    """Parse the platform's reply; raises PlatformUnavailable when it is not a `<response>`."""
+    if not isinstance(text, str) or not text.strip():
+        raise PlatformUnavailable("platform answered %s instead of a <response> document"
+                                  % ("nothing" if not text else type(text).__name__))
+    try:
+        root = etree.fromstring(text.strip().encode("utf-8"), _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise PlatformUnavailable("platform reply is not XML (%s): %s" % (exc, _preview(text))) from None
+    if root.tag != "response":
+        raise PlatformUnavailable("platform reply is <%s>, not <response>" % root.tag)
+    result = (root.findtext("result") or "").strip().lower()
+    if result not in ("success", "failure"):
+        raise PlatformUnavailable("platform reply has result %r, neither success nor failure" % result)
+    data = _element_data(root, op.response_lists)
+    for key in ("result", "desc", "resultCode"):
+        data.pop(key, None)
+    if op.response_container and isinstance(data.get(op.response_container), dict):
+        data = {**data, **data.pop(op.response_container)}
+    return RhcResponse(ok=result == "success", code=(root.findtext("resultCode") or "").strip() or None,
+                       desc=(root.findtext("desc") or "").strip() or None, data=data)
+
+
+def _element_data(element: Any, lists: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for child in element:
+        if not isinstance(child.tag, str):
+            continue  # comments, processing instructions
+        value: Any = _element_data(child, lists) if len(child) else (child.text or "").strip()
+        if child.tag in lists:
+            out.setdefault(child.tag, []).append(value)
+        elif child.tag in out:
+            if not isinstance(out[child.tag], list):
+                out[child.tag] = [out[child.tag]]
+            out[child.tag].append(value)
+        else:
+            out[child.tag] = value
+    return out
+
+
+def identity_from(data: Mapping[str, Any], source: IdentitySource = IdentitySource.PLATFORM) -> Identity:
+    """scanbox's identity from a verify reply (3.3.3 fields; 3.13.3 for temporary cards)."""
+    def get(key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) and value else None
+
+    id_type, id_number = get("id_type"), get("id_number")
+    if id_number is None and get("id_card"):
+        id_type, id_number = "01", get("id_card")
+    return Identity(
+        source=source,
+        name=get("name"),
+        sex=get("sex"),
+        nation=get("nation"),
+        birthday=get("birthday"),
+        id_type=id_type,
+        id_number=id_number,
+        ecard_id=get("ecardId"),
+        main_index=get("main_index"),
+        phone=get("cellphone") or get("telephone"),
+        address=get("address"),
+        card_status=get("ehc_card_status"),
+    )
+
+
+class RhcPlatform(Platform):
+    kind = "rhc"
+
+    def __init__(self, config: PlatformConfig, site: SiteConfig, state_dir: Path) -> None:
+        super().__init__()
+        if config.rhc is None:
+            raise ValueError("platform kind rhc needs [platform.rhc]")
+        self.rhc = config.rhc
+        self.config = config
+        self.site = site
+        self.endpoint = config.endpoint
+        self.timeout_s = config.timeout_s
+        self.wsdl_source = wsdl.WsdlSource(config.wsdl, "rhc.wsdl")
+        self.wsdl_cache = state_dir / "wsdl" / "rhc"
+        self.wsdl_note: str | None = None
+        verify: bool | str = str(config.tls_verify) if isinstance(config.tls_verify, Path) else config.tls_verify
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout_s),
+            verify=verify,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            headers={"User-Agent": "scanbox"},
+        )
+        # the zeep service and the names of its (action, message) parameters, once loaded
+        self._bound: tuple[Any, tuple[str, str]] | None = None
+        self._load_lock = asyncio.Lock()
+        self._load_failed_at: float | None = None
+        self._load_error: str | None = None
+
+    @property
+    def operations(self) -> list[str]:
+        return sorted(OPERATIONS)
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_service()
+        except PlatformUnavailable as exc:
+            logger.warning("platform rhc not ready: %s (will retry when needed)", exc.message)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    # --- the business operations ---------------------------------------------------------
+
+    async def verify_qr(self, request: VerifyRequest) -> VerifyAnswer:
+        if request.kind is QrKind.TEMPORARY:
+            response = await self.request("RHC_E0013", {"qr_code": request.qr})
+        else:
+            response = await self.request("RHC_E0003", {
+                "qr_code": request.qr,
+                "time": request.scanned_at.strftime(TIME_FORMAT),
+                "sam": self.site.sam,
+                "use_citycode": self.site.city_code,
+                "use_cityname": self.site.city_name,
+                "hospital_code": self.site.hospital_code,
+                "hospital_name": self.site.hospital_name,
+                "channel_code": request.channel,
+                "channel_name": codes.TERMINAL_TYPE.text(request.channel) or "",
+                "medstep_code": request.step,
+                "medstep_name": codes.MEDICAL_STEP.text(request.step) or "",
+            })
+        return VerifyAnswer(identity_from(response.data), response.code, response.desc)
+
+    async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if operation not in OPERATIONS:
+            raise ScanboxError(Reason.BAD_REQUEST, "unknown operation %r; rhc offers %s"
+                               % (operation, ", ".join(self.operations)))
+        values = {}
+        for key, value in params.items():
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ScanboxError(Reason.BAD_REQUEST, "params.%s: must be a string" % key)
+            values[key] = str(value)
+        return (await self.request(operation, values)).to_json()
+
+    async def request(self, code: str, values: Mapping[str, str], *, msg_guid: str | None = None) -> RhcResponse:
+        """Send one business message; the one path every operation takes.
+
+        Raises ScanboxError(BAD_REQUEST) before sending when the message does not meet its
+        table, PlatformUnavailable when the platform cannot answer, PlatformRejected when it
+        answers no."""
+        op = OPERATIONS[code]
+        values = {k: v for k, v in values.items() if v not in (None, "")}
+        problems = check_message(op, values)
+        if problems:
+            raise ScanboxError(Reason.BAD_REQUEST, "%s not sent: %s" % (code, "; ".join(map(str, problems))),
+                               data={"problems": [{"field": p.field, "text": p.text} for p in problems]})
+        action = self.build_action(code, msg_guid)
+        message = build_xml(op.request, values)
+        started = time.monotonic()
+        try:
+            reply = await self._send(action, message)
+            response = parse_response(reply, op)
+        except PlatformError as exc:
+            self._record_failure(exc)
+            logger.info("%s failed after %.0f ms: %s", code, (time.monotonic() - started) * 1000, exc.message)
+            raise
+        if not response.ok:
+            rc = codes.RETURN_CODES.lookup(response.code)
+            error: PlatformError
+            if rc.outcome is Outcome.TRANSIENT:
+                error = PlatformUnavailable("platform failed: %s %s" % (rc.code, response.desc or rc.text),
+                                            platform_code=rc.code, platform_message=response.desc or rc.text)
+            else:
+                error = PlatformRejected(rc, response.desc)
+            self._record_failure(error)
+            logger.info("%s answered %s (%s)", code, response.code, response.desc)
+            raise error
+        self._record_ok()
+        logger.debug("%s answered %s in %.1f ms", code, response.code, (time.monotonic() - started) * 1000)
+        return response
+
+    def build_action(self, code: str, msg_guid: str | None = None, created: datetime | None = None) -> str:
+        values = {
+            "msgGuid": msg_guid or uuid.uuid4().hex,
+            "msgType": "1",
+            "bussinessCode": code,
+            "msgCreateTime": (created or datetime.now()).strftime(TIME_FORMAT),
+            "orgId": self.rhc.org_id,
+            "appCode": self.rhc.app_code,
+            "userName": self.rhc.user_name,
+            "userPwd": self.rhc.user_pwd.get_secret_value(),
+            "stdVerCode": self.rhc.std_ver_code,
+            # "1" asks the platform to encrypt personal fields with a scheme the spec never
+            # defines; scanbox leaves it empty (no encryption) and relies on TLS
+            "encryption": "",
+        }
+        problems = check_fields(ACTION_FIELDS, values)
+        if problems:
+            raise ScanboxError(Reason.BAD_REQUEST, "action not sent: %s" % "; ".join(map(str, problems)))
+        return build_xml(ACTION_FIELDS, values)
+
+    # --- SOAP ------------------------------------------------------------------------------
+
+    async def _send(self, action: str, message: str) -> str:
+        service, (action_name, message_name) = await self._ensure_service()
+        operation = getattr(service, self.rhc.operation)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await operation(**{action_name: action, message_name: message})
+        except TimeoutError:
+            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
+        except httpx.TimeoutException:
+            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
+        except httpx.HTTPError as exc:
+            raise PlatformUnavailable("%s: %s" % (self.endpoint, _http_error(exc))) from None
+        except zeep.exceptions.Fault as exc:
+            raise PlatformUnavailable("platform answered a SOAP fault: %s" % _preview(str(exc.message))) from None
+        except _NotSoap as exc:
+            raise PlatformUnavailable(str(exc)) from None
+        except (zeep.exceptions.Error, etree.XMLSyntaxError, ValueError) as exc:
+            raise PlatformUnavailable("platform reply is not SOAP: %s" % _preview(str(exc))) from None
+        return reply
+
+    async def _ensure_service(self) -> tuple[Any, tuple[str, str]]:
+        if self._bound is not None:
+            return self._bound
+        async with self._load_lock:
+            if self._bound is None:
+                if self._load_failed_at is not None and time.monotonic() - self._load_failed_at < WSDL_RETRY_S:
+                    raise PlatformUnavailable("platform WSDL not loaded: %s" % self._load_error)
+                try:
+                    self._bound = await self._load_service()
+                except (wsdl.WsdlError, zeep.exceptions.Error, etree.XMLSyntaxError, OSError, LookupError) as exc:
+                    self._load_failed_at = time.monotonic()
+                    self._load_error = str(exc)
+                    error = PlatformUnavailable("platform WSDL not loaded: %s" % exc)
+                    self._record_failure(error)
+                    raise error from None
+                self._load_failed_at = None
+            return self._bound
+
+    async def _load_service(self) -> tuple[Any, tuple[str, str]]:
+        path, note = await wsdl.resolve(self.wsdl_source, self.wsdl_cache, self._http, self.timeout_s * 2)
+        transport = _CheckedTransport(client=self._http)
+        settings = zeep.Settings(strict=False, xml_huge_tree=False)
+        # parsing a WSDL is blocking CPU work: off the event loop
+        client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=transport, settings=settings)
+        binding, address, names = self._find_operation(client)
+        # AsyncClient.create_service() returns a synchronous proxy (zeep 4.3): bind the async
+        # proxy ourselves so the call is awaited on httpx and never blocks the loop
+        service = AsyncServiceProxy(client, binding, address=self.endpoint or address)
+        self.wsdl_note = note
+        logger.info("platform rhc: WSDL %s (%s), operation %s(%s, %s) at %s", self.wsdl_source.describe(),
+                    note, self.rhc.operation, names[0], names[1], self.endpoint or address)
+        return service, names
+
+    def _find_operation(self, client: Any) -> tuple[Any, str, tuple[str, str]]:
+        """The SOAP binding that offers the operation, and its two string parameters.
+
+        Part names are the site's choice (`action`/`message` with @WebParam, `arg0`/`arg1`
+        without): match by name when they are called action and message, else by position,
+        which the spec fixes as (action, message)."""
+        for service in client.wsdl.services.values():
+            for port in service.ports.values():
+                binding = port.binding
+                operation = binding._operations.get(self.rhc.operation)
+                if operation is None:
+                    continue
+                elements = [name for name, _ in operation.input.body.type.elements]
+                if len(elements) != 2:
+                    raise LookupError("operation %s takes %d parameters, not (action, message)"
+                                      % (self.rhc.operation, len(elements)))
+                lower = [e.lower() for e in elements]
+                if "action" in lower and "message" in lower:
+                    names = (elements[lower.index("action")], elements[lower.index("message")])
+                else:
+                    names = (elements[0], elements[1])
+                return binding, port.binding_options.get("address", ""), names
+        raise LookupError("the WSDL has no operation %s" % self.rhc.operation)
+
+
+class _CheckedTransport(AsyncTransport):
+    """zeep reads any HTTP 500 as a SOAP fault and any body as XML; a proxy's error page or a
+    captive portal then surfaces as "Unknown fault". Refuse what is not XML before zeep looks,
+    so the error says what the platform actually answered."""
+
+    async def post_xml(self, address: str, envelope: Any, headers: Any) -> Any:
+        response = await super().post_xml(address, envelope, headers)
+        content_type = response.headers.get("content-type", "")
+        if "xml" not in content_type.lower() or not response.content:
+            raise _NotSoap("platform answered HTTP %d, %s, not SOAP: %s" % (
+                response.status_code, content_type or "no content type",
+                _preview(_text(response.content)) or "(empty)"))
+        return response
+
+
+class _NotSoap(Exception):
+    pass
+
+
+def _preview(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    text = "".join(c if c.isprintable() else "\\x%02x" % ord(c) for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, bytes):
+        return content.decode("utf-8", errors="replace")
+    return str(content or "")
+
+
+_HTTP_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
+    (httpx.ConnectError, "cannot connect"),
+    (httpx.ReadError, "connection broken while waiting for the answer"),
+    (httpx.WriteError, "connection broken while sending"),
+    (httpx.RemoteProtocolError, "connection closed without a valid HTTP answer"),
+)
+
+
+def _http_error(exc: httpx.HTTPError) -> str:
+    what = next((text for kind, text in _HTTP_ERRORS if isinstance(exc, kind)), type(exc).__name__)
+    detail = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    return "%s (%s)" % (what, detail) if detail else what
