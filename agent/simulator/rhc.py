@@ -67,7 +67,7 @@ class Resident:
 def id_check_digit(first17: str) -> str:
     """GB 11643 check character of a resident ID number."""
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-    return "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights)) % 11]
+    return "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights, strict=True)) % 11]
 
 
 def make_id(region: str, birthday: str, seq: str) -> str:
@@ -272,7 +272,8 @@ class RhcSimulator:
             id_card, expires = self.dynamic_codes[qr]
             if self.clock() > expires:
                 raise Answer("3004", "有效时间已过期")
-            text = "%s:0:%s" % (self.residents[id_card].ecard_id, datetime.fromtimestamp(expires).strftime("%Y%m%d%H%M%S"))
+            valid_until = datetime.fromtimestamp(expires).strftime("%Y%m%d%H%M%S")
+            text = "%s:0:%s" % (self.residents[id_card].ecard_id, valid_until)
         elif qr in self.static_codes:
             id_card = self.static_codes[qr]
             text = "%s:1" % self.residents[id_card].ecard_id

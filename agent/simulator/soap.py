@@ -151,7 +151,8 @@ class Faults:
 class SimServer:
     """The simulator on a TCP port: SOAP endpoint, WSDL, and the /_sim control API."""
 
-    def __init__(self, sim: RhcSimulator, style: WsdlStyle = WsdlStyle(), path: str = "/healthCard/services/elecHealthCardWebSevice") -> None:
+    def __init__(self, sim: RhcSimulator, style: WsdlStyle = WsdlStyle(),
+                 path: str = "/healthCard/services/elecHealthCardWebSevice") -> None:
         self.sim = sim
         self.style = style
         self.path = path

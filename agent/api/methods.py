@@ -1,0 +1,160 @@
+"""The methods of PROTOCOL.md, on whatever transport carries them."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import AfterValidator, Field
+
+from agent.api.jsonrpc import Method, NoParams, Params, Session
+from agent.codes import qwb002
+from agent.config import ClientConfig
+from agent.hub import EVENT_TYPES, Hub
+from agent.model import Reason, Scan, ScanboxError, ScanKind
+from agent.platforms.base import Platform
+
+logger = logging.getLogger(__name__)
+
+ALL_KINDS = [k.value for k in ScanKind]
+
+
+def _step(value: str) -> str:
+    if value not in qwb002.MEDICAL_STEP:
+        raise ValueError("not a medical step code (spec 000 4.3.9): one of %s" % ", ".join(qwb002.MEDICAL_STEP))
+    return value
+
+
+def _channel(value: str) -> str:
+    if value not in qwb002.TERMINAL_TYPE:
+        raise ValueError("not a terminal type (spec 000 4.3.7): one of %s" % ", ".join(qwb002.TERMINAL_TYPE))
+    return value
+
+
+Step = Annotated[str, AfterValidator(_step)]
+Channel = Annotated[str, AfterValidator(_channel)]
+
+
+class AuthParams(Params):
+    token: str = Field(..., max_length=512)
+
+
+class ReadCardParams(Params):
+    timeout_s: float = Field(30, gt=0, le=3600)
+    kinds: list[ScanKind] = Field(default_factory=lambda: list(ScanKind), min_length=1)
+    step: Step | None = None
+    verify: bool = True
+
+
+class VerifyQrParams(Params):
+    qr: str
+    step: Step | None = None
+    channel: Channel | None = None
+
+
+class SubscribeParams(Params):
+    events: list[Literal["scan", "verification", "status"]] = Field(default_factory=lambda: list(EVENT_TYPES))
+
+
+class PlatformCallParams(Params):
+    operation: str = Field(..., min_length=1, max_length=64)
+    params: dict[str, str | int] = {}
+
+
+class AuthGuard:
+    """Tokens compared in constant time; each failure from a peer doubles the wait before the
+    answer (up to MAX_DELAY_S), so guessing is slow; a success or a quiet hour forgives."""
+
+    MAX_DELAY_S = 8.0
+    FORGET_AFTER_S = 3600.0
+
+    def __init__(self, clients: dict[str, ClientConfig]) -> None:
+        self.clients = clients
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def check(self, token: str) -> tuple[str, frozenset[str]] | None:
+        found = None
+        for name, client in self.clients.items():
+            # compare against every client: the time taken does not tell which one matched
+            if hmac.compare_digest(token.encode("utf-8"), client.token.get_secret_value().encode("utf-8")):
+                found = (name, frozenset(client.scopes))
+        return found
+
+    def penalty(self, peer: str) -> float:
+        count, last = self._failures.get(peer, (0, 0.0))
+        if count and time.monotonic() - last > self.FORGET_AFTER_S:
+            count = 0
+        self._failures[peer] = (count + 1, time.monotonic())
+        if len(self._failures) > 4096:  # bounded memory under a scan of many addresses
+            self._failures.pop(next(iter(self._failures)))
+        return min(0.25 * 2 ** count, self.MAX_DELAY_S)
+
+    def forgive(self, peer: str) -> None:
+        self._failures.pop(peer, None)
+
+
+class Api:
+    def __init__(self, hub: Hub, platform: Platform, status: Callable[[], dict[str, Any]],
+                 clients: dict[str, ClientConfig]) -> None:
+        self.hub = hub
+        self.platform = platform
+        self.status_provider = status
+        self.guard = AuthGuard(clients)
+
+    def methods(self) -> list[Method]:
+        return [
+            Method("auth", AuthParams, self.auth, scope=None),
+            Method("status", NoParams, self.status),
+            Method("read_card", ReadCardParams, self.read_card),
+            Method("verify_qr", VerifyQrParams, self.verify_qr),
+            Method("subscribe", SubscribeParams, self.subscribe),
+            Method("platform.call", PlatformCallParams, self.platform_call, scope="admin"),
+        ]
+
+    async def auth(self, session: Session, params: AuthParams) -> dict[str, Any]:
+        found = self.guard.check(params.token)
+        if found is None:
+            delay = self.guard.penalty(session.peer)
+            logger.warning("api: auth refused for %s:%s (answer delayed %.2f s)", session.transport,
+                           session.peer, delay)
+            await asyncio.sleep(delay)
+            raise ScanboxError(Reason.UNAUTHORIZED, "unknown token")
+        self.guard.forgive(session.peer)
+        session.client, session.scopes = found
+        logger.info("api: client %s authenticated from %s:%s", found[0], session.transport, session.peer)
+        return {"ok": True, "client": found[0], "scopes": sorted(found[1])}
+
+    async def status(self, session: Session, params: NoParams) -> dict[str, Any]:
+        return self.status_provider()
+
+    async def read_card(self, session: Session, params: ReadCardParams) -> dict[str, Any]:
+        result = await self.hub.read_card(params.kinds, params.timeout_s, params.step, params.verify)
+        return result.to_json()
+
+    async def verify_qr(self, session: Session, params: VerifyQrParams) -> dict[str, Any]:
+        scan = Scan(source="api:%s" % (session.client or session.transport), kind=ScanKind.QR,
+                    payload=params.qr, raw=params.qr.encode("utf-8"))
+        result = await self.hub.verify_external(scan, params.step, params.channel)
+        return result.to_json()
+
+    async def subscribe(self, session: Session, params: SubscribeParams) -> dict[str, Any]:
+        notify = session.notify
+        if notify is None:
+            raise ScanboxError(Reason.NOT_SUPPORTED, "this transport cannot carry events; use the "
+                               "Unix socket, TCP or the WebSocket")
+        wanted = frozenset(params.events)
+        session.close()  # a new subscribe replaces the previous one
+
+        def deliver(kind: str, data: dict[str, Any]) -> None:
+            if kind in wanted:
+                notify({"jsonrpc": "2.0", "method": "event", "params": {"type": kind, "data": data}})
+
+        session.cleanups.append(self.hub.listen(deliver))
+        return {"subscribed": sorted(wanted)}
+
+    async def platform_call(self, session: Session, params: PlatformCallParams) -> dict[str, Any]:
+        logger.info("api: %s calls platform operation %s", session.client or session.transport, params.operation)
+        return await self.platform.call(params.operation, params.params)

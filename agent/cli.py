@@ -1,0 +1,211 @@
+"""`scanbox` subcommands. The only place that prints (STYLE.md item 9)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent import __version__, config as configuration
+from agent import logs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scanbox", description="e-health card scan box")
+    p.add_argument("--version", action="version", version="scanbox %s" % __version__)
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", type=Path, default=configuration.DEFAULT_CONFIG)
+    run.add_argument("--secrets", type=Path, help="secrets file (default: systemd credential "
+                     "secrets.toml, else %s)" % configuration.DEFAULT_SECRETS)
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="the box with a simulated platform and a scanner on stdin")
+    demo.add_argument("--tcp", default="127.0.0.1:7800", help="HIS API TCP address (default %(default)s); "
+                      "'off' to disable")
+    demo.add_argument("--verbose", action="store_true", help="show the daemon's log")
+    demo.set_defaults(func=_demo)
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(metavar="ACTION")
+    check = cfg.add_parser("check", help="validate a config file without starting anything")
+    check.add_argument("file", type=Path)
+    check.add_argument("--secrets", type=Path)
+    check.add_argument("--quiet", action="store_true", help="print only problems")
+    check.set_defaults(func=_config_check)
+
+    sim = sub.add_parser("simulate", help="run a platform simulator").add_subparsers(metavar="PLATFORM")
+    rhc = sim.add_parser("rhc", help="spec 000, the Qinghai resident health card platform")
+    rhc.add_argument("--listen", default="127.0.0.1:8780", help="HOST:PORT (default %(default)s)")
+    rhc.add_argument("--namespace", help="WSDL target namespace (default: the shipped WSDL's)")
+    rhc.add_argument("--parts", default="action,message", help="names of the two parameters, "
+                     "e.g. arg0,arg1 for a JAX-WS service without @WebParam (default %(default)s)")
+    rhc.add_argument("--external-schema", action="store_true", help="serve the schema from ?xsd=1")
+    rhc.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    rhc.set_defaults(func=_simulate_rhc)
+
+    api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
+    target = api.add_mutually_exclusive_group()
+    target.add_argument("--socket", type=Path, help="Unix socket (default /run/scanbox/api.sock)")
+    target.add_argument("--tcp", help="HOST:PORT")
+    api.add_argument("--token", help="token for TCP (default: $SCANBOX_TOKEN)")
+    api.add_argument("method")
+    api.add_argument("params", nargs="?", default="{}", help="JSON object")
+    api.set_defaults(func=_api)
+    return p
+
+
+def _load(path: Path, secrets: Path | None) -> configuration.Config | None:
+    try:
+        return configuration.load(path, secrets)
+    except configuration.ConfigError as exc:
+        print("%s: %d problem%s" % (exc.source or path, len(exc.problems), "" if len(exc.problems) == 1 else "s"),
+              file=sys.stderr)
+        for problem in exc.problems:
+            print("  %s" % problem, file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config, args.secrets)
+    if config is None:
+        return 1
+    logs.setup(config.device.log_level)
+    from agent.daemon import run
+
+    return run(config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    logs.setup("info" if args.verbose else "warning")
+    from agent.demo import run_demo
+
+    tcp = None if args.tcp in ("", "off") else args.tcp
+    try:
+        asyncio.run(run_demo(tcp))
+    except RuntimeError as exc:
+        print("scanbox demo: %s" % exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file, args.secrets)
+    if config is None:
+        return 1
+    if not args.quiet:
+        print("%s: OK" % args.file)
+        print(_toml(configuration.dump(config)))
+    return 0
+
+
+def _simulate_rhc(args: argparse.Namespace) -> int:
+    logs.setup("info")
+    from agent.simulator.rhc import RhcSimulator
+    from agent.simulator.soap import DEFAULT_NAMESPACE, SimServer, WsdlStyle
+
+    host, port = configuration.parse_hostport(args.listen)
+    parts = [p.strip() for p in args.parts.split(",")]
+    if len(parts) != 2 or not all(parts):
+        print("--parts: two names separated by a comma", file=sys.stderr)
+        return 2
+    style = WsdlStyle(args.namespace or DEFAULT_NAMESPACE, parts[0], parts[1], args.external_schema)
+
+    async def serve() -> None:
+        import signal
+
+        server = await SimServer(RhcSimulator(), style).start(host, port)
+        server.faults.base_latency_s = args.latency_ms / 1000
+        print("RHC simulator: endpoint %s\n  WSDL %s\n  credentials: userName=%s userPwd=%s orgId=QH0001"
+              % (server.endpoint, server.wsdl_url, server.sim.user_name, server.sim.user_pwd))
+        print("  control: GET /_sim/residents, /_sim/journal; POST /_sim/dynamic {id_card, ttl_s}, "
+              "/_sim/faults {mode, count, latency_s}")
+        for r in server.sim.residents.values():
+            print("  %s status %s static QR %s" % (r.id_card[-4:], r.status, r.static_qr))
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        print("params: not JSON: %s" % exc, file=sys.stderr)
+        return 2
+    requests: list[dict[str, Any]] = []
+    token = args.token or os.environ.get("SCANBOX_TOKEN")
+    if args.tcp:
+        host, port = configuration.parse_hostport(args.tcp)
+        sock = socket.create_connection((host, port), timeout=10)
+        if token:
+            requests.append({"jsonrpc": "2.0", "id": "auth", "method": "auth", "params": {"token": token}})
+    else:
+        path = args.socket or Path(os.environ.get("RUNTIME_DIRECTORY", "/run/scanbox")) / "api.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            print("cannot connect to %s: %s" % (path, exc.strerror), file=sys.stderr)
+            return 1
+    requests.append({"jsonrpc": "2.0", "id": 1, "method": args.method, "params": params})
+    sock.settimeout(None)
+    with sock, sock.makefile("rwb") as stream:
+        for request in requests:
+            stream.write(json.dumps(request, ensure_ascii=False).encode("utf-8") + b"\n")
+        stream.flush()
+        for line in stream:
+            response = json.loads(line)
+            if response.get("id") == "auth" and "error" not in response:
+                continue
+            print(json.dumps(response, ensure_ascii=False, indent=2))
+            if response.get("id") in (1, "auth"):
+                return 1 if "error" in response else 0
+    return 1
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A plain TOML rendering for `config check` (tomllib only reads)."""
+    lines: list[str] = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append("%s = %s" % (key, json.dumps(value, ensure_ascii=False)))
+    out = []
+    if lines:
+        if prefix:
+            out.append("[%s]" % prefix)
+        out.extend(lines)
+        out.append("")
+    for key, value in tables:
+        rendered = _toml(value, "%s.%s" % (prefix, key) if prefix else key)
+        if rendered:
+            out.append(rendered)
+    return "\n".join(out).rstrip() + "\n" if out else ""
+

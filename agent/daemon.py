@@ -1,0 +1,200 @@
+"""Wiring and lifecycle: config -> platform, drivers, hub, API; sd_notify; signals.
+
+READY=1 goes out once the drivers are started and the API listens; the platform need not be
+reachable (the box must start and serve offline). WATCHDOG=1 is sent from the event loop itself,
+so a blocked loop or a dead API server stops the pings and systemd restarts the service. A
+missing scanner is an alarm, not an exit (STYLE.md item 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import drivers
+from agent import __version__, platforms
+from agent.api.jsonrpc import Dispatcher
+from agent.api.methods import Api
+from agent.api.stream import StreamServer
+from agent.config import Config, parse_hostport
+from agent.hub import Hub, HubSink
+from agent.model import device_id_default
+from agent.platforms.base import Platform
+from agent.qr import Classifier
+from agent.sdnotify import Notifier
+from agent.verifier import Verifier
+from drivers.base import Source
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, sources: list[Source] | None = None,
+                 platform: Platform | None = None, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.device_id = config.device.id or device_id_default()
+        self.state_dir = config.state_dir()
+        self.platform = platform or platforms.create(config, self.state_dir)
+        self.verifier = Verifier(self.platform, Classifier.from_rules(config.platform.qr),
+                                 config.site.medstep, config.site.channel)
+        self.hub = Hub(self.verifier, dedupe_s=config.scans.dedupe_s, hold_s=config.scans.hold_s)
+        self.sources = sources if sources is not None else [
+            drivers.source_module(options.driver).create(name, options)
+            for name, options in config.sources.items()]
+        self.api = Api(self.hub, self.platform, self.status, config.api.clients)
+        self.stream = StreamServer(Dispatcher(self.api.methods()), config.api)
+        self.notifier = notifier or Notifier()
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        self._api_alarms: list[dict[str, Any]] = []
+        self._platform_reachable: bool | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
+        sink = HubSink(self.hub, loop)
+        for source in self.sources:
+            try:
+                source.start(sink)
+            except Exception as exc:  # one broken driver must not take the box down
+                logger.exception("%s: failed to start", source.name)
+                self.hub.source_connected(source.name, False, "failed to start: %s" % exc)
+        await self._start_api()
+        self.hub.listen(self._on_event)
+        interval = Notifier.watchdog_interval()
+        if interval:
+            self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
+        self.ready_at = time.monotonic()
+        self.ready.set()
+        self.notifier.ready(self.status_line())
+        logger.info("scanbox %s ready as %s in %.0f ms", __version__, self.device_id,
+                    (self.ready_at - self.started_at) * 1000)
+
+    async def _start_api(self) -> None:
+        api = self.config.api
+        try:
+            await self.stream.start_unix(self.config.unix_socket(), int(api.unix_mode, 8), api.unix_group)
+        except OSError as exc:
+            logger.error("api: cannot listen on %s: %s", self.config.unix_socket(), exc)
+            self._api_alarms.append(_alarm("API_UNAVAILABLE", "unix:%s" % self.config.unix_socket(), str(exc)))
+        if api.tcp:
+            host, port = parse_hostport(api.tcp)
+            try:
+                await self.stream.start_tcp(host, port)
+            except OSError as exc:
+                logger.error("api: cannot listen on tcp:%s: %s", api.tcp, exc)
+                self._api_alarms.append(_alarm("API_UNAVAILABLE", "tcp:%s" % api.tcp, str(exc)))
+        if self.stream.unix_path is None and self.stream.tcp_address is None:
+            raise RuntimeError("the HIS API could not listen anywhere: %s"
+                               % "; ".join(a["text"] for a in self._api_alarms))
+
+    async def stop(self) -> None:
+        self.notifier.stopping()
+        await self.stream.close()
+        await self.hub.close()
+        # drivers block while they release their devices: off the loop
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self.sources), return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.platform.close()
+        self.notifier.close()
+        logger.info("scanbox stopped")
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self._alive():
+                self.notifier.watchdog()
+            else:
+                logger.error("watchdog: the API has stopped serving; no longer telling systemd we are alive")
+            await asyncio.sleep(interval)
+
+    def _alive(self) -> bool:
+        return self.stream.serving()
+
+    # --- status ----------------------------------------------------------------------------
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "verification":
+            reachable = self.platform.health().reachable
+            if reachable != self._platform_reachable:
+                self._platform_reachable = reachable
+                self.hub.publish("status", {"platform": self.platform.health().to_json()})
+        if kind in ("verification", "status"):
+            self.notifier.status(self.status_line())
+
+    def alarms(self) -> list[dict[str, Any]]:
+        out = list(self._api_alarms)
+        for state in self.hub.sources.values():
+            if not state.connected:
+                out.append(_alarm("SOURCE_DISCONNECTED", state.name, state.detail or "not connected"))
+        health = self.platform.health()
+        if health.reachable is False:
+            out.append(_alarm("PLATFORM_UNREACHABLE", health.kind, health.last_error or "unreachable"))
+        elif health.last_error:
+            out.append(_alarm("PLATFORM_ERROR", health.kind, health.last_error))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "platform": self.platform.health().to_json(),
+            "sources": [s.to_json() for s in self.hub.sources.values()],
+            # no display driver in this build: issue 6 adds it
+            "display": {"configured": False, "connected": False},
+            # no outbox in this build: verifications happen online only (issue 3 adds it)
+            "outbox": None,
+            "alarms": self.alarms(),
+            "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting},
+            "scans": self.hub.scans_total,
+        }
+
+    def status_line(self) -> str:
+        health = self.platform.health()
+        platform = {True: "platform ok", False: "platform unreachable",
+                    None: "platform not yet asked"}[health.reachable]
+        connected = sum(1 for s in self.hub.sources.values() if s.connected)
+        return "%s; %d/%d sources; %d alarms; %d scans" % (
+            platform, connected, len(self.sources), len(self.alarms()), self.hub.scans_total)
+
+
+def _alarm(code: str, where: str, text: str) -> dict[str, Any]:
+    return {"code": code, "source": where, "text": text}
+
+
+def run(config: Config) -> int:
+    """`scanbox run`: the daemon until SIGTERM."""
+    daemon = Daemon(config)
+    try:
+        asyncio.run(daemon.run())
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0

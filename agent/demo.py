@@ -1,0 +1,136 @@
+"""`scanbox demo`: the whole box on one machine, no hardware, no network.
+
+The daemon with an in-process RHC simulator, a scanner on stdin (type or paste a code, press
+Enter), the HIS API on a Unix socket and on localhost TCP, and every scan and result printed as
+it happens (personal data masked, as on the box's display).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.config import validate
+from agent.daemon import Daemon
+from agent.privacy import mask_id_number, mask_name, mask_qr
+from agent.simulator.rhc import RhcSimulator
+from agent.simulator.soap import SimServer
+
+DEMO_SITE = {
+    "org_code": "45600001X",
+    "department": "5500",
+    "hospital_code": "QH0001",
+    "hospital_name": "西宁市第一人民医院",
+    "city_code": "630100",
+    "city_name": "西宁市",
+    "channel": "01",
+    "medstep": "010101",
+}
+
+
+def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool) -> dict[str, Any]:
+    return {
+        "device": {"id": "demo", "state_dir": str(state_dir)},
+        "site": DEMO_SITE,
+        "platform": {
+            "kind": "rhc",
+            "endpoint": sim.endpoint,
+            "wsdl": sim.wsdl_url,  # fetched and cached like a site's own WSDL
+            "timeout_s": 5,
+            "rhc": {"org_id": "QH0001", "user_name": sim.sim.user_name, "user_pwd": sim.sim.user_pwd},
+        },
+        "api": {"unix": str(state_dir / "api.sock"), "unix_group": None, "tcp": tcp,
+                "trusted": ["127.0.0.1/32", "::1/128"]},
+        "sources": {"demo": {"driver": "stdin"}} if stdin else {},
+    }
+
+
+class Printer:
+    """Prints events the way a nurse would want to read them."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "scan":
+            payload = data["payload"]
+            self._print("→ scan %s from %s: %s" % (data["id"], data["source"],
+                                                   mask_qr(payload) if isinstance(payload, str) else "card"))
+        elif kind == "verification":
+            v = data["verification"] or {}
+            if v.get("ok"):
+                ident = data["identity"] or {}
+                self._print("  ✔ verified %s %s %s, %s (platform %s %s) in %.1f ms" % (
+                    mask_name(ident.get("name")), ident.get("sex_text") or "", ident.get("nation_text") or "",
+                    mask_id_number(ident.get("id_number")), v.get("platform_code"),
+                    v.get("platform_message"), v.get("elapsed_ms", 0)))
+            else:
+                self._print("  ✘ %s: %s%s" % (v.get("reason"), v.get("message") or "",
+                                              " (platform %s)" % v["platform_code"] if v.get("platform_code") else ""))
+        elif kind == "status" and "source" in data:
+            s = data["source"]
+            self._print("  · %s %s%s" % (s["name"], "connected" if s["connected"] else "disconnected",
+                                         ": %s" % s["detail"] if s.get("detail") else ""))
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def banner(sim: SimServer, daemon: Daemon, out: TextIO) -> None:
+    residents = list(sim.sim.residents.values())
+    active = [r for r in residents if r.status == "1"]
+    dynamic = sim.sim.issue_dynamic(active[0].id_card, ttl_s=600)
+    expired = sim.sim.issue_dynamic(active[1].id_card, ttl_s=-1)
+    cancelled = next(r for r in residents if r.status == "0")
+    lines = [
+        "scanbox demo: a scan box with a simulated Qinghai platform at %s" % sim.endpoint,
+        "",
+        "Paste a code and press Enter:",
+    ]
+    for r in active:
+        lines.append("  %-32s %s" % ("static card of %s (%s):" % (mask_name(r.name), r.id_card[-4:]), r.static_qr))
+    lines += [
+        "  %-32s %s" % ("dynamic code, valid 10 min:", dynamic),
+        "  %-32s %s" % ("dynamic code, expired:", expired),
+        "  %-32s %s" % ("cancelled card:", cancelled.static_qr),
+        "  %-32s %s" % ("not a health card code:", "https://example.com/ticket/42"),
+        "",
+        "The HIS API (JSON-RPC, one JSON object per line):",
+        "  unix socket  %s" % daemon.stream.unix_path,
+    ]
+    if daemon.stream.tcp_address:
+        host, port = daemon.stream.tcp_address
+        lines.append("  tcp          %s:%d (no token needed from localhost in the demo)" % (host, port))
+    lines += [
+        "  e.g. in another terminal:",
+        "    scanbox api --socket %s read_card '{\"timeout_s\": 60}'" % daemon.stream.unix_path,
+        "  then paste a code here.",
+        "",
+        "Ctrl-C stops the demo.",
+        "",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+
+
+async def run_demo(tcp: str | None, stdin: bool = True, out: TextIO = sys.stdout) -> None:
+    state_dir = Path(tempfile.mkdtemp(prefix="scanbox-demo-"))
+    sim = await SimServer(RhcSimulator()).start("127.0.0.1", 0)
+    try:
+        config = validate(demo_config(sim, state_dir, tcp, stdin))
+        daemon = Daemon(config)
+        daemon.hub.listen(Printer(out))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(daemon.run())
+        ready = loop.create_task(daemon.ready.wait())
+        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not task.done():
+            banner(sim, daemon, out)
+        await task
+    finally:
+        await sim.close()
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,0 +1,234 @@
+"""Where scans meet the callers that wait for them.
+
+Drivers deliver from their threads through `HubSink` (thread-safe); the hub de-duplicates (the
+same code from the same source inside `scans.dedupe_s` is one scan), hands each scan to the
+oldest waiting `read_card` whose kinds match, verifies it with that caller's step, and
+publishes events (scan, verification, status) to subscribers: API connections, the display, the
+demo's printer. A scan nobody waits for is still verified (the patient sees the outcome) and
+kept for `scans.hold_s`, so a nurse who scans first and clicks "read card" second is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from agent.model import Reason, Result, Scan, ScanboxError, ScanKind
+from agent.privacy import mask_qr
+from agent.verifier import Verifier
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[str, dict[str, Any]], None]
+EVENT_TYPES = ("scan", "verification", "status")
+
+
+@dataclass
+class SourceState:
+    name: str
+    connected: bool = False
+    detail: str | None = None
+    last_scan_at: str | None = None
+    scans: int = 0
+    problems: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        kind = self.name.split(":", 1)[0]
+        return {"name": self.name, "kind": kind, "connected": self.connected, "detail": self.detail,
+                "last_scan_at": self.last_scan_at, "scans": self.scans, "problems": self.problems}
+
+
+@dataclass(eq=False)
+class Waiter:
+    kinds: frozenset[ScanKind]
+    step: str | None
+    verify: bool
+    future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class Held:
+    scan: Scan
+    result: asyncio.Future[Result]  # the verification, possibly still running
+    expires: float
+
+
+class Hub:
+    def __init__(self, verifier: Verifier, *, dedupe_s: float, hold_s: float) -> None:
+        self.verifier = verifier
+        self.dedupe_s = dedupe_s
+        self.hold_s = hold_s
+        self.sources: dict[str, SourceState] = {}
+        self.scans_total = 0
+        self._waiters: collections.deque[Waiter] = collections.deque()
+        self._held: Held | None = None
+        self._recent: dict[tuple[str, str], float] = {}
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- events --------------------------------------------------------------------------
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, data)
+            except Exception:  # one broken subscriber must not stop the others
+                logger.exception("event listener failed")
+
+    # --- input from drivers (on the loop; HubSink hops threads) ---------------------------
+
+    def source_connected(self, source: str, connected: bool, detail: str | None) -> None:
+        state = self.sources.setdefault(source, SourceState(source))
+        changed = state.connected != connected or state.detail != detail
+        state.connected, state.detail = connected, detail
+        if changed:
+            self.publish("status", {"source": state.to_json()})
+
+    def source_problem(self, source: str, text: str) -> None:
+        self.sources.setdefault(source, SourceState(source)).problems += 1
+        logger.warning("%s: %s", source, text)
+
+    def accept(self, scan: Scan) -> None:
+        """A scan from a driver: de-duplicate, then route it."""
+        key = (scan.source, scan.payload if isinstance(scan.payload, str)
+               else json.dumps(scan.payload, sort_keys=True, default=str))
+        now = scan.monotonic
+        last = self._recent.get(key)
+        self._recent[key] = now
+        if len(self._recent) > 256:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < self.dedupe_s}
+        if last is not None and now - last < self.dedupe_s:
+            logger.debug("%s: same code again within %.1f s, ignored", scan.source, self.dedupe_s)
+            return
+        state = self.sources.setdefault(scan.source, SourceState(scan.source, connected=True))
+        state.scans += 1
+        state.last_scan_at = scan.at.isoformat(timespec="seconds")
+        self.scans_total += 1
+        logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
+                    mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
+        self.publish("scan", scan.to_json())
+        waiter = self._take_waiter(scan.kind)
+        if waiter is not None:
+            self._spawn(self._serve(scan, waiter))
+            return
+        task = self._spawn(self._verify(scan, None, True))
+        if self.hold_s > 0:
+            self._held = Held(scan, task, time.monotonic() + self.hold_s)
+
+    # --- callers -------------------------------------------------------------------------
+
+    async def read_card(self, kinds: Iterable[ScanKind], timeout_s: float, step: str | None,
+                        verify: bool) -> Result:
+        """The next scan of one of `kinds`, verified unless `verify` is false. Raises
+        ScanboxError(TIMEOUT); cancelling (the caller went away) stops the wait."""
+        kinds = frozenset(kinds)
+        held = self._claim_held(kinds)
+        if held is not None:
+            return await asyncio.shield(held.result)
+        waiter = Waiter(kinds, step, verify)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter.future
+        except TimeoutError:
+            raise ScanboxError(Reason.TIMEOUT, "no scan within %g s" % timeout_s) from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    async def verify_external(self, scan: Scan, step: str | None, channel: str | None) -> Result:
+        """A code a caller scanned itself (verify_qr): verified and published, never routed to
+        waiting read_card callers (it is the caller's, not the counter's)."""
+        self.publish("scan", scan.to_json())
+        result = await self.verifier.verify(scan, step, channel)
+        self.publish("verification", result.to_json())
+        return result
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _take_waiter(self, kind: ScanKind) -> Waiter | None:
+        for waiter in self._waiters:
+            if kind in waiter.kinds and not waiter.future.done():
+                self._waiters.remove(waiter)
+                return waiter
+        return None
+
+    def _claim_held(self, kinds: frozenset[ScanKind]) -> Held | None:
+        held = self._held
+        if held is None:
+            return None
+        if time.monotonic() > held.expires:
+            self._held = None
+            return None
+        if held.scan.kind not in kinds:
+            return None
+        self._held = None
+        return held
+
+    async def _serve(self, scan: Scan, waiter: Waiter) -> None:
+        result = await self._verify(scan, waiter.step, waiter.verify)
+        if not waiter.future.done():
+            waiter.future.set_result(result)
+            return
+        # the caller left while we verified: keep the result for the next one
+        if self.hold_s > 0:
+            done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            done.set_result(result)
+            self._held = Held(scan, done, time.monotonic() + self.hold_s)
+
+    async def _verify(self, scan: Scan, step: str | None, verify: bool) -> Result:
+        if not verify:
+            return Result(scan, None, None)
+        result = await self.verifier.verify(scan, step)
+        self.publish("verification", result.to_json())
+        return result
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for waiter in list(self._waiters):
+            if not waiter.future.done():
+                waiter.future.set_exception(ScanboxError(Reason.BUSY, "scanbox is stopping"))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class HubSink:
+    """The ScanSink drivers call from their threads: hops onto the hub's event loop."""
+
+    def __init__(self, hub: Hub, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self.loop = loop
+
+    def scan(self, scan: Scan) -> None:
+        self._call(self.hub.accept, scan)
+
+    def connected(self, source: str, connected: bool, detail: str | None = None) -> None:
+        self._call(self.hub.source_connected, source, connected, detail)
+
+    def problem(self, source: str, text: str) -> None:
+        self._call(self.hub.source_problem, source, text)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed: the daemon is stopping
+            logger.debug("event after shutdown dropped")
