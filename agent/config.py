@@ -130,9 +130,16 @@ class PlatformConfig(Section):
     endpoint: str = Field(..., pattern=r"^https?://")
     wsdl: str | None = None  # URL or file; default: the WSDL shipped with scanbox
     timeout_s: float = Field(5.0, gt=0, le=120)
-    tls_verify: bool | Path = True
+    tls_verify: bool | Path = True  # or the CA bundle of a private CA
     rhc: RhcConfig | None = None
     qr: QrRules = QrRules()
+
+    @field_validator("tls_verify")
+    @classmethod
+    def _ca_file(cls, v: bool | Path) -> bool | Path:
+        if isinstance(v, Path) and not v.is_file():
+            raise ValueError("true, false, or the path of a CA bundle; %s is not a file" % v)
+        return v
 
     @model_validator(mode="after")
     def _kind_section(self) -> "PlatformConfig":
@@ -217,10 +224,11 @@ class Config(Section):
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("%r is not HOST:PORT" % value)
-    return host.strip("[]"), int(port)
+    """"127.0.0.1:7800", "[::1]:7800", "box.local:7800"."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):([0-9]{1,5})", value)
+    if match is None or int(match.group(3)) > 65535:
+        raise ValueError("%r is not HOST:PORT (an IPv6 host goes in brackets: [::1]:7800)" % value)
+    return match.group(1) or match.group(2), int(match.group(3))
 
 
 @dataclass(frozen=True)
@@ -240,16 +248,25 @@ class ConfigError(Exception):
 
 
 def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Config:
-    """Read and validate a config file and its secrets; raises ConfigError with every problem."""
+    """Read and validate a config file and its secrets; raises ConfigError with every problem,
+    including those of the secrets file, at once."""
     config_path = Path(config_path)
-    raw = _read_toml(config_path)
-    problems = [ConfigProblem(p, "is a secret: put it in the secrets file, not in %s" % config_path)
-                for p in _secret_paths(Config, raw)]
+    problems: list[ConfigProblem] = []
+    try:
+        raw = _read_toml(config_path)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, str(config_path)) from None  # nothing to validate
+    problems += [ConfigProblem(p, "is a secret: put it in the secrets file, not in %s" % config_path)
+                 for p in _secret_paths(Config, raw)]
     secrets_file = _find_secrets(secrets_path)
     secrets: dict[str, Any] = {}
     if secrets_file is not None:
-        problems += _check_secrets_mode(secrets_file)
-        secrets = _read_toml(secrets_file)
+        try:
+            secrets = _read_toml(secrets_file)
+        except ConfigError as exc:
+            problems += exc.problems
+        else:
+            problems += _check_secrets_mode(secrets_file)
         secret_keys = set(_secret_paths(Config, secrets))
         problems += [ConfigProblem(p, "is not a secret: it belongs in %s" % config_path)
                      for p in _leaf_paths(secrets) if p not in secret_keys]
@@ -257,7 +274,6 @@ def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Con
         config = validate(_deep_merge(raw, secrets))
     except ConfigError as exc:
         problems += exc.problems
-        raise ConfigError(problems, str(config_path)) from None
     if problems:
         raise ConfigError(problems, str(config_path))
     return config
@@ -313,15 +329,16 @@ def dump(config: Config) -> dict[str, Any]:
 # --- internals -------------------------------------------------------------------------------
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """File-level problems carry the file as their path."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError([ConfigProblem("", "%s: no such file" % path)], str(path)) from None
+        raise ConfigError([ConfigProblem(str(path), "no such file")], str(path)) from None
     except PermissionError:
-        raise ConfigError([ConfigProblem("", "%s: permission denied" % path)], str(path)) from None
+        raise ConfigError([ConfigProblem(str(path), "permission denied")], str(path)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigProblem("", "%s: not valid TOML: %s" % (path, exc))], str(path)) from None
+        raise ConfigError([ConfigProblem(str(path), "not valid TOML: %s" % exc)], str(path)) from None
 
 
 def _find_secrets(explicit: Path | str | None) -> Path | None:
@@ -337,10 +354,10 @@ def _check_secrets_mode(path: Path) -> list[ConfigProblem]:
     try:
         st = path.stat()
     except OSError as exc:
-        return [ConfigProblem("", "%s: %s" % (path, exc.strerror))]
+        return [ConfigProblem(str(path), exc.strerror or str(exc))]
     if st.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
-        return [ConfigProblem("", "%s is mode %04o: secrets must not be readable by others "
-                              "(chmod 600)" % (path, stat.S_IMODE(st.st_mode)))]
+        return [ConfigProblem(str(path), "mode %04o: secrets must not be readable by others "
+                              "(chmod 600)" % stat.S_IMODE(st.st_mode))]
     return []
 
 
@@ -425,10 +442,9 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
 
 def _problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[ConfigProblem]:
     problems = []
+    seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # pydantic adds the type name of a union member to the location; drop it
-        loc = tuple(p for p in loc if p not in ("lax-or-strict", "is-instance[Path]"))
+        loc = _key_path(model, err["loc"])
         path = _join(prefix + tuple(str(p) for p in loc))
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
@@ -440,8 +456,62 @@ def _problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, .
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            problems.append(ConfigProblem(path, msg))
+            if len(loc) < len(err["loc"]) and err["type"] not in ("value_error", "assertion_error"):
+                # a value that fits no member of a union: one line, not one per member type
+                msg = "not a valid %s" % _expected(model, loc)
+            if (path, msg) not in seen:
+                seen.add((path, msg))
+                problems.append(ConfigProblem(path, msg))
     return problems
+
+
+def _key_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The part of a pydantic error location that is keys and indexes of the user's file:
+    pydantic appends the union member it tried ("bool", "lax-or-strict[...]", "list[str]")."""
+    out: list[Any] = []
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            if isinstance(part, int):
+                out.append(part)
+                continue
+            break
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                out.append(part)  # an unknown key: reported as such
+                break
+            out.append(part)
+            inner = _dict_value_model(field.annotation)
+            models = _models_in(field.annotation)
+            current = ("dict", inner) if inner is not None else (models[0] if models else None)
+        elif isinstance(current, tuple) and current[0] == "dict":
+            out.append(part)  # a key of a table of tables (a client name)
+            current = current[1]
+        else:
+            break
+    return tuple(out)
+
+
+def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    owner = _model_at(model, loc)
+    field = owner.model_fields.get(loc[-1]) if owner is not None and loc else None
+    if field is None:
+        return "value"
+    return " or ".join(_type_name(a) for a in (get_args(field.annotation) or (field.annotation,))
+                       if a is not type(None))
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is bool:
+        return "boolean"
+    if annotation is Path:
+        return "file path"
+    if annotation is str:
+        return "string"
+    if get_origin(annotation) is list:
+        return "list of %ss" % _type_name(get_args(annotation)[0])
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

@@ -30,6 +30,8 @@ from drivers.base import Source
 
 logger = logging.getLogger(__name__)
 
+STATUS_INTERVAL_S = 1.0
+
 
 class Daemon:
     def __init__(self, config: Config, *, sources: list[Source] | None = None,
@@ -51,6 +53,7 @@ class Daemon:
         self.ready_at: float | None = None
         self._api_alarms: list[dict[str, Any]] = []
         self._platform_reachable: bool | None = None
+        self._status_pending = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -145,8 +148,14 @@ class Daemon:
             if reachable != self._platform_reachable:
                 self._platform_reachable = reachable
                 self.hub.publish("status", {"platform": self.platform.health().to_json()})
-        if kind in ("verification", "status"):
-            self.notifier.status(self.status_line())
+        if kind in ("verification", "status") and not self._status_pending:
+            # coalesce: at most one STATUS= a second, however fast scans arrive
+            self._status_pending = True
+            asyncio.get_running_loop().call_later(STATUS_INTERVAL_S, self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_pending = False
+        self.notifier.status(self.status_line())
 
     def alarms(self) -> list[dict[str, Any]]:
         out = list(self._api_alarms)

@@ -13,11 +13,15 @@ import re
 
 _ID18 = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
 _ID15 = re.compile(r"(?<![0-9A-Za-z])\d{15}(?![0-9A-Za-z])")
-_PHONE = re.compile(r"(?<![0-9A-Za-z])(1[3-9]\d)(\d{4})(\d{4})(?![0-9A-Za-z])")
+_PHONE = re.compile(r"(?<![0-9A-Za-z])((?:\+?86[- ]?)?1[3-9]\d)(\d{4})(\d{4})(?![0-9A-Za-z])")
 # long hex runs: e-health card ids and QR ciphertexts (static codes are credentials)
 _HEXRUN = re.compile(r"(?<![0-9A-Fa-f])([0-9A-Fa-f]{6})[0-9A-Fa-f]{18,}")
-# secrets that may travel inside SOAP/XML text, e.g. a library's debug dump of a request
-_SECRET_XML = re.compile(r"(<(?:userPwd|passWord|password|appSecret|authKey)>)[^<]*(</)", re.I)
+# secrets that may travel inside XML, e.g. a library's debug dump of a SOAP request, where the
+# action document is itself escaped text: <userPwd>, <ns:userPwd a="b">, &lt;userPwd&gt;
+_SECRET_XML = re.compile(
+    r"((?:<|&lt;)(?:[\w.-]+:)?(?:userPwd|passWord|password|appSecret|authKey|token)\b[^<>&]*(?:>|&gt;))"
+    r"(?:(?!<|&lt;).)*"
+    r"((?:<|&lt;)/)", re.I | re.S)
 
 
 def mask_name(name: str | None) -> str:

@@ -55,7 +55,7 @@ class Classifier:
             raise ScanboxError(Reason.QR_INVALID, "QR payload of %d characters, longer than any "
                                "health card code (max %d)" % (len(text), self.max_length))
         for i, ch in enumerate(text):
-            if ch < " " or ch == "\x7f":
+            if ch < " " or "\x7f" <= ch <= "\x9f":  # C0, DEL and C1 controls
                 raise ScanboxError(Reason.QR_INVALID, "QR payload contains control character "
                                    "0x%02x at offset %d" % (ord(ch), i))
         for kind, pattern in self.patterns:

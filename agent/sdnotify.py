@@ -18,7 +18,9 @@ class Notifier:
         self.address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         self._socket: socket.socket | None = None
         if self.address:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # non-blocking: a receiver that is not reading (its queue holds ~10 datagrams) must
+            # cost a dropped status line, never a blocked event loop
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @property
     def enabled(self) -> bool:
@@ -45,6 +47,8 @@ class Notifier:
         message = "\n".join("%s=%s" % (k, v.replace("\n", " ")) for k, v in fields.items())
         try:
             self._socket.sendto(message.encode("utf-8"), address)
+        except BlockingIOError:
+            logger.debug("sd_notify %s dropped: the receiver is not reading", ",".join(fields))
         except OSError as exc:
             logger.debug("sd_notify %s failed: %s", ",".join(fields), exc)
 

@@ -156,11 +156,11 @@ class SerialScanner(Source):
 
     def stop(self) -> None:
         self._stop.set()
+        # under the lock: _run closes the port only after taking it, so cancel_read() never
+        # writes to a pipe that close() is tearing down (pyserial's close is not thread-safe)
         with self._lock:
-            reader = self._reader
-        if reader is not None:
-            reader.stop()
-            reader.protocol_lost_wakeup()
+            if self._reader is not None:
+                self._reader.stop()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -187,17 +187,22 @@ class SerialScanner(Source):
             last_detail = None
             framer = ScanFramer(self.name, sink, self.terminators, self.charset, self.max_length)
             reader = _Reader(port, framer)
+            reader.start()
+            # registered only once started (stop() joins it); a stop() that came in between is
+            # seen here under the same lock
             with self._lock:
                 self._reader = reader
-            reader.start()
+                stopping = self._stop.is_set()
+            if stopping:
+                reader.stop()
             framer.lost.wait()
             reader.join(2)
             with self._lock:
                 self._reader = None
-            try:
-                port.close()
-            except (serial.SerialException, OSError):
-                pass
+                try:
+                    port.close()
+                except (serial.SerialException, OSError):
+                    pass
             if self._stop.is_set():
                 break
             detail = "lost %s: %s" % (self.port, framer.lost_error or "closed")
@@ -211,12 +216,9 @@ class SerialScanner(Source):
 
 
 class _Reader(serial.threaded.ReaderThread):
-    """ReaderThread with the framer as its protocol and a way for stop() to end the wait."""
+    """ReaderThread with the framer as its protocol; its connection_lost ends the wait in _run,
+    after a read error or after stop()."""
 
     def __init__(self, port: serial.SerialBase, framer: ScanFramer) -> None:
         super().__init__(port, lambda: framer)
         self.name = "%s-reader" % framer.source
-        self.framer = framer
-
-    def protocol_lost_wakeup(self) -> None:
-        self.framer.lost.set()

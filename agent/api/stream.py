@@ -105,20 +105,20 @@ class StreamServer:
         peername = writer.get_extra_info("peername")
         peer = peername[0] if transport == "tcp" and peername else "local"
         conn = _Connection(writer, "%s:%s" % (transport, peer))
-        if len(self._connections) > self.config.max_clients:
-            logger.warning("api: refusing %s: %d clients connected", conn.label, len(self._connections) - 1)
-            await conn.close_with(error_response(None, RpcError(INVALID_REQUEST, "too many clients")))
-            return
+        writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
         session = Session(transport, peer, notify=conn.notify)
         if transport == "unix":
             session.scopes = UNIX_SCOPES
         elif self._is_trusted(peer):
             session.scopes = TRUSTED_SCOPES
-        writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
         in_flight: set[asyncio.Task[Any]] = set()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         opened = asyncio.get_running_loop().time()
         try:
+            if len(self._connections) > self.config.max_clients:
+                logger.warning("api: refusing %s: %d clients connected", conn.label, len(self._connections) - 1)
+                await conn.close_with(error_response(None, RpcError(INVALID_REQUEST, "too many clients")))
+                return
             while not conn.closed:
                 timeout = self.config.idle_timeout_s
                 if not session.authenticated:

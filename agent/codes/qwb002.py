@@ -17,7 +17,8 @@ SEX = CodeTable("GB_T_2261_1_2003", "性别", {
     "9": "未说明的性别",
 })
 
-# 4.3.2 (the converted table lists 42 怒族 twice; one entry kept)
+# 4.3.2. The converted table garbles one run of rows (撤拉族, 音米族, 窓族 for 撒拉族, 普米族,
+# 怒族) and lists 42 twice; the names here are the standard's, which every other row agrees with.
 NATION = CodeTable("GB_T_3304_1991", "民族", {
     "01": "汉族",
     "02": "蒙古族",
@@ -28,8 +29,8 @@ NATION = CodeTable("GB_T_3304_1991", "民族", {
     "07": "彝族",
     "08": "壮族",
     "09": "布依族",
-    "10": "新生儿民族",
-    "11": "民族",
+    "10": "朝鲜族",
+    "11": "满族",
     "12": "侗族",
     "13": "瑶族",
     "14": "白族",
@@ -53,14 +54,14 @@ NATION = CodeTable("GB_T_3304_1991", "民族", {
     "32": "仫佬族",
     "33": "羌族",
     "34": "布朗族",
-    "35": "撤拉族",
+    "35": "撒拉族",
     "36": "毛南族",
     "37": "仡佬族",
     "38": "锡伯族",
     "39": "阿昌族",
-    "40": "音米族",
+    "40": "普米族",
     "41": "塔吉克族",
-    "42": "窓族",
+    "42": "怒族",
     "43": "乌孜别克族",
     "44": "俄罗斯族",
     "45": "鄂温克族",
@@ -381,6 +382,8 @@ RETURN_CODES = ReturnCodeTable("QWB 002-2017 接口返回码", [
     _rc("2008", "该居民未注册", _R, Reason.CARD_NOT_FOUND),
     _rc("2009", "申请二维码成功", _S),
     _rc("3001", "二维码错误", _R, Reason.QR_INVALID),
+    # the document lists 3001, 3001, 3002, 3004, 3005: read in order, the second 3001 is 3002
+    # and the first 3002 is 3003 (the sequence has no other gap). Confirm with the platform.
     _rc("3002", "未获得该居民电子健康卡信息", _R, Reason.CARD_NOT_FOUND),
     _rc("3003", "居民信息验证错误", _R, Reason.PLATFORM_REJECTED),
     _rc("3004", "有效时间已过期", _R, Reason.QR_EXPIRED),

@@ -69,9 +69,11 @@ def build_xml(fields: tuple, values: Mapping[str, str]) -> str:
 
 def parse_response(text: str, op: Operation) -> RhcResponse:
     """Parse the platform's reply; raises PlatformUnavailable when it is not a `<response>`."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
         raise PlatformUnavailable("platform answered %s instead of a <response> document"
-                                  % ("nothing" if not text else type(text).__name__))
+                                  % ("nothing" if text is None else type(text).__name__))
+    if not text.strip():
+        raise PlatformUnavailable("platform answered an empty string instead of a <response> document")
     try:
         root = etree.fromstring(text.strip().encode("utf-8"), _PARSER)
     except etree.XMLSyntaxError as exc:
@@ -84,8 +86,11 @@ def parse_response(text: str, op: Operation) -> RhcResponse:
     data = _element_data(root, op.response_lists)
     for key in ("result", "desc", "resultCode"):
         data.pop(key, None)
-    if op.response_container and isinstance(data.get(op.response_container), dict):
-        data = {**data, **data.pop(op.response_container)}
+    container = data.pop(op.response_container, None) if op.response_container else None
+    if isinstance(container, dict):
+        data.update(container)
+    for name in op.response_lists:  # a list with no members is still a list
+        data.setdefault(name, [])
     return RhcResponse(ok=result == "success", code=(root.findtext("resultCode") or "").strip() or None,
                        desc=(root.findtext("desc") or "").strip() or None, data=data)
 

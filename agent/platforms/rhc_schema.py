@@ -20,6 +20,8 @@ from agent.codes import qwb002 as codes
 
 # the platform refuses these in any parameter (4.3.12 code 1002)
 SPECIAL_CHARACTERS = frozenset('&<>"')
+# what XML 1.0 cannot carry at all (C0 controls but tab/CR/LF, lone surrogates, U+FFFE/U+FFFF)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,14 @@ class Format:
     error_code: str = "1012"
 
 
-def _strptime_check(fmt: str) -> Callable[[str], bool]:
+def _dated(pattern: str, fmt: str) -> Callable[[str], bool]:
+    """Fixed-width ASCII digits (strptime alone takes "199099" and full-width digits), and a real
+    date (the pattern alone takes 20241340)."""
+    rx = re.compile(pattern)
+
     def check(value: str) -> bool:
+        if rx.fullmatch(value) is None:
+            return False
         try:
             datetime.strptime(value, fmt)
         except ValueError:
@@ -53,13 +61,15 @@ def _png_base64(value: str) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) <= 200 * 1024
 
 
-DATE8 = Format("yyyyMMdd", _strptime_check("%Y%m%d"), "6003")
-DATE10 = Format("yyyy-MM-dd", _strptime_check("%Y-%m-%d"))
-DATETIME = Format("yyyy-MM-dd HH:mm:ss", _strptime_check("%Y-%m-%d %H:%M:%S"))
+_YMD = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_HMS = r"[0-9]{2}:[0-9]{2}:[0-9]{2}"
+DATE8 = Format("yyyyMMdd", _dated(r"[0-9]{8}", "%Y%m%d"), "6003")
+DATE10 = Format("yyyy-MM-dd", _dated(_YMD, "%Y-%m-%d"))
+DATETIME = Format("yyyy-MM-dd HH:mm:ss", _dated(_YMD + " " + _HMS, "%Y-%m-%d %H:%M:%S"))
 # resident ID numbers: letters must be upper case (return code 6002)
-ID_CARD = Format("18-character resident ID number (X upper case)", _regex_check(r"\d{17}[\dX]"), "6002")
+ID_CARD = Format("18-character resident ID number (X upper case)", _regex_check(r"[0-9]{17}[0-9X]"), "6002")
 PHOTO = Format("base64 PNG of at most 200 KB", _png_base64, "6005")
-INTEGER = Format("digits", _regex_check(r"\d+"))
+INTEGER = Format("digits", _regex_check(r"[0-9]+"))
 QRCODE_TYPE = Format("0 (dynamic) or 1 (static)", _regex_check(r"[01]"))
 # newborn registration (3.16) uses its own id types: N1/N2/N3 by birth order, 08 birth certificate
 NEWBORN_ID_TYPE = Format("N1, N2, N3 or 08", _regex_check(r"N[123]|08"))
@@ -236,7 +246,9 @@ OPERATIONS: dict[str, Operation] = {op.code: op for op in (
         F("qr_code", "二维码", 20, True),
     )),
     Operation("RHC_E0014", "电子健康卡绑定临时卡", "3.14", (
-        F("qr_code", "正式卡二维码内容", 50, True),
+        # the table says 50, but the formal card's code is what E0002 issues and E0003 takes, up
+        # to 256 characters (a static code alone has 66): 50 would refuse every real card
+        F("qr_code", "正式卡二维码内容", 256, True),
         F("qr_code_temp", "临时卡二维码内容", 100, True),
         F("name", "居民姓名", 32, True),
         F("id_type", "证件类型", 2, True, codes.ID_TYPE),
@@ -284,7 +296,7 @@ ACTION_FIELDS: tuple[Field, ...] = (
     F("bussinessCode", "消息编号", 50, True),
     F("msgCreateTime", "消息创建时间", 19, True, format=Format(
         "yyyy-MM-dd HH:mm:ss",
-        lambda v: _strptime_check("%Y-%m-%d %H:%M:%S")(v) or _strptime_check("%Y-%m-%d%H:%M:%S")(v))),
+        lambda v: DATETIME.check(v) or _dated(_YMD + _HMS, "%Y-%m-%d%H:%M:%S")(v))),
     F("orgId", "机构 ID", 32),
     F("appCode", "APP 编码", 6),
     F("userName", "用户名称", 32, True),
@@ -314,6 +326,11 @@ def check_fields(fields: tuple[Field, ...], values: Mapping[str, str]) -> list[P
         if value is None or value == "":
             if f.required:
                 problems.append(Problem(f.name, "required (%s)" % f.title, "1001"))
+            continue
+        bad_char = _NOT_XML.search(value)
+        if bad_char:
+            problems.append(Problem(f.name, "contains character U+%04X at offset %d, which XML cannot carry"
+                                    % (ord(bad_char.group()), bad_char.start()), "1012"))
             continue
         if SPECIAL_CHARACTERS.intersection(value):
             bad = "".join(sorted(SPECIAL_CHARACTERS.intersection(value)))

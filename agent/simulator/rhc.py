@@ -43,13 +43,23 @@ class Resident:
     ecard_id: str = ""
     main_index: str = ""
     org_id: str = ""
-    family: dict[str, str] = field(default_factory=dict)  # member id_card -> relation
+    family: dict[str, str] = field(default_factory=dict)  # member key -> relation
 
     def __post_init__(self) -> None:
         self.id_number = self.id_number or self.id_card
-        digest = hashlib.sha256(("ecard:" + self.id_card + self.id_type).encode()).hexdigest().upper()
+        digest = hashlib.sha256(("ecard:%s:%s" % (self.id_type, self.id_number)).encode()).hexdigest().upper()
         self.ecard_id = self.ecard_id or digest[:20]
         self.main_index = self.main_index or "QH" + str(int(digest[20:36], 16))[:18]
+
+    @property
+    def key(self) -> str:
+        """Who this is: (id_type, id_number). A newborn shares a parent's id_card (3.16), so
+        id_card alone does not tell people apart."""
+        return "%s:%s" % (self.id_type, self.id_number)
+
+    @property
+    def newborn(self) -> bool:
+        return self.id_type in NEWBORN_ID_TYPES
 
     @property
     def static_qr(self) -> str:
@@ -62,6 +72,9 @@ class Resident:
             "id_card": self.id_card, "nation": self.nation, "sex": self.sex,
             "birthday": self.birthday, "address": self.address,
         }
+
+
+NEWBORN_ID_TYPES = ("N1", "N2", "N3", "08")
 
 
 def id_check_digit(first17: str) -> str:
@@ -131,9 +144,9 @@ class RhcSimulator:
         self.app_codes = set(app_codes)
         self.dynamic_ttl_s = dynamic_ttl_s
         self.clock = clock
-        self.residents: dict[str, Resident] = {}
-        self.static_codes: dict[str, str] = {}  # qr -> id_card
-        self.dynamic_codes: dict[str, tuple[str, float]] = {}  # qr -> (id_card, expires at)
+        self.residents: dict[str, Resident] = {}  # Resident.key -> resident
+        self.static_codes: dict[str, str] = {}  # qr -> resident key
+        self.dynamic_codes: dict[str, tuple[str, float]] = {}  # qr -> (resident key, expires at)
         self.temporary_cards: dict[str, dict[str, str]] = {}
         self.journal: list[JournalEntry] = []
         self._lock = threading.Lock()
@@ -144,52 +157,57 @@ class RhcSimulator:
     # --- population ------------------------------------------------------------------------
 
     def add_resident(self, resident: Resident) -> Resident:
-        self.residents[resident.id_card] = resident
-        self.static_codes[resident.static_qr] = resident.id_card
+        self.residents[resident.key] = resident
+        self.static_codes[resident.static_qr] = resident.key
         return resident
 
+    def by_card(self, id_card: str) -> Resident | None:
+        """The person whose own resident ID card this is (not a newborn registered under it)."""
+        return next((r for r in self.residents.values() if r.id_card == id_card and not r.newborn), None)
+
     def issue_dynamic(self, id_card: str, ttl_s: float | None = None) -> str:
-        resident = self.residents[id_card]
+        resident = self.by_card(id_card)
+        if resident is None:
+            raise KeyError(id_card)
         n = next(self._counter)
         expires = self.clock() + (self.dynamic_ttl_s if ttl_s is None else ttl_s)
         head = hashlib.sha256(("dynamic:%s:%d" % (resident.ecard_id, n)).encode()).hexdigest().upper()
         tail = hashlib.md5(("%s:%f" % (head, expires)).encode()).hexdigest().upper()
         code = "%s:0:%s" % (head, tail)
-        self.dynamic_codes[code] = (id_card, expires)
+        self.dynamic_codes[code] = (resident.key, expires)
         return code
 
     def find(self, values: Mapping[str, str], prefix: str = "") -> Resident | None:
         id_card = values.get(prefix + "id_card")
         if id_card:
-            return self.residents.get(id_card)
-        id_type, id_number = values.get(prefix + "id_type"), values.get(prefix + "id_number")
-        for r in self.residents.values():
-            if r.id_type == id_type and r.id_number == id_number:
-                return r
-        return None
+            return self.by_card(id_card)
+        return self.residents.get("%s:%s" % (values.get(prefix + "id_type"), values.get(prefix + "id_number")))
 
     # --- the service ---------------------------------------------------------------------------
 
     def handle(self, action: str | None, message: str | None) -> str:
         """One RHCMessageServer call: the `<response>` document it answers."""
         started = time.perf_counter()
-        msg_guid, code, values = "", "", {}
+        act: dict[str, str] = {}
+        values: dict[str, str] = {}
         try:
-            msg_guid, code, values = self._accept(action, message)
-            self._dispatch(code, values)
+            if not action or not message:
+                raise Answer("1009", "请求信息不能为空")
+            act = _parse_request(action, "action")
+            values = self._accept(act, message)
+            self._dispatch(act["bussinessCode"], values)
             raise Answer("1011", "系统处理失败")  # a business handler that did not answer
         except Answer as answer:
             result = answer
-        entry = JournalEntry(msg_guid, code, self.clock(), result.code, result.ok, values,
-                             (time.perf_counter() - started) * 1000)
+        # refused requests are journaled too, with whatever of their action could be read
+        entry = JournalEntry(act.get("msgGuid", ""), act.get("bussinessCode", ""), self.clock(), result.code,
+                             result.ok, values, (time.perf_counter() - started) * 1000)
         with self._lock:
             self.journal.append(entry)
         return _response_xml(result)
 
-    def _accept(self, action: str | None, message: str | None) -> tuple[str, str, dict[str, str]]:
-        if not action or not message:
-            raise Answer("1009", "请求信息不能为空")
-        act = _parse_request(action, "action")
+    def _accept(self, act: dict[str, str], message: str) -> dict[str, str]:
+        """The message's values once action and message pass every check; else an Answer."""
         code = act.get("bussinessCode", "")
         if not code:
             raise Answer("1008", "业务编码(bussinessCode)不能为空")
@@ -215,7 +233,7 @@ class RhcSimulator:
             raise Answer(problems[0].code, str(problems[0]))
         values = {k: v for k, v in values.items() if v}
         values["_org"] = act.get("orgId") or act.get("appCode") or ""
-        return act["msgGuid"], code, values
+        return values
 
     def _dispatch(self, code: str, values: dict[str, str]) -> None:
         with self._lock:
@@ -225,11 +243,12 @@ class RhcSimulator:
     # each raises Answer; `values` has been checked against the operation's table
 
     def _register(self, values: dict[str, str], status: str) -> None:
-        key = values.get("id_card") or values["id_number"]
-        if key in self.residents:
+        key = "%s:%s" % (values["id_type"], values["id_number"])
+        adult = values["id_type"] not in NEWBORN_ID_TYPES and values.get("id_card")
+        if key in self.residents or (adult and self.by_card(values["id_card"])):
             raise Answer("6009", "该居民已经注册")
         resident = self.add_resident(Resident(
-            values["name"], values["sex"], values["nation"], values["birthday"], key,
+            values["name"], values["sex"], values["nation"], values["birthday"], values.get("id_card", ""),
             values["telephone"], values["address"], id_type=values["id_type"],
             id_number=values["id_number"], cellphone=values.get("cellphone", ""),
             unit=values.get("unit", ""), status=status, org_id=values["_org"]))
@@ -243,8 +262,7 @@ class RhcSimulator:
         self._register(values, "4")  # authenticated on site
 
     def _rhc_e0016(self, op: Operation, values: dict[str, str]) -> None:
-        # newborns share a parent's id_card: key them by their own id_number
-        self._register({**values, "id_card": values["id_number"] + values["id_type"]}, "4")
+        self._register(values, "4")  # id_card is a parent's; the newborn is its (id_type, id_number)
 
     def _resident(self, values: Mapping[str, str], prefix: str = "") -> Resident:
         resident = self.find(values, prefix)
@@ -269,17 +287,17 @@ class RhcSimulator:
     def _rhc_e0003(self, op: Operation, values: dict[str, str]) -> None:
         qr = values["qr_code"]
         if qr in self.dynamic_codes:
-            id_card, expires = self.dynamic_codes[qr]
+            key, expires = self.dynamic_codes[qr]
             if self.clock() > expires:
                 raise Answer("3004", "有效时间已过期")
             valid_until = datetime.fromtimestamp(expires).strftime("%Y%m%d%H%M%S")
-            text = "%s:0:%s" % (self.residents[id_card].ecard_id, valid_until)
+            text = "%s:0:%s" % (self.residents[key].ecard_id, valid_until)
         elif qr in self.static_codes:
-            id_card = self.static_codes[qr]
-            text = "%s:1" % self.residents[id_card].ecard_id
+            key = self.static_codes[qr]
+            text = "%s:1" % self.residents[key].ecard_id
         else:
             raise Answer("3001", "二维码错误")
-        resident = self.residents[id_card]
+        resident = self.residents[key]
         if resident.status == "0":
             raise Answer("4002", "该卡未认证或已注销")
         if resident.status in ("2", "3"):
@@ -292,7 +310,7 @@ class RhcSimulator:
         resident = self.find(values)
         if resident is None:
             raise Answer("4003", "健康卡不存在")
-        if self.static_codes.get(values["qr_code"]) != resident.id_card:
+        if self.static_codes.get(values["qr_code"]) != resident.key:
             raise Answer("4001", "身份证与二维码不匹配,注销失败")
         if resident.status == "0":
             raise Answer("4002", "该卡未认证或已注销")
@@ -314,28 +332,28 @@ class RhcSimulator:
         owner = self.find({"id_type": values["self_id_type"], "id_number": values.get("self_id_number", "")})
         if owner is None or owner.status != "1":
             raise Answer("7003", "本人尚未注册健康卡或健康卡处于非正常状态,请先完善本人的健康卡再绑定家庭成员")
-        member = self.residents.get(values["id_card"])
+        member = self.by_card(values["id_card"])
         if member is None:
             member = self.add_resident(Resident(
                 values["name"], values["sex"], values["nation"], values["birthday"], values["id_card"],
                 values["telephone"], values["address"], id_type=values["id_type"],
                 id_number=values["id_number"], status="4", org_id=values["_org"]))
-        if member.id_card in owner.family:
+        if member.key in owner.family:
             raise Answer("7004", "已绑定,请勿重复绑定")
-        owner.family[member.id_card] = values.get("relation", "8")
+        owner.family[member.key] = values.get("relation", "8")
         raise Answer("7006", "绑定成功", True, {**member.person_fields(), "ehc_card_status": member.status},
                      "personinfo")
 
     def _rhc_e0008(self, op: Operation, values: dict[str, str]) -> None:
         owner = self.find({"id_type": values["self_id_type"], "id_number": values["self_id_number"]})
         member = self.find(values)
-        if owner is None or member is None or member.id_card not in owner.family:
+        if owner is None or member is None or member.key not in owner.family:
             raise Answer("8005", "两者已解除绑定或没有绑定关系")
-        del owner.family[member.id_card]
+        del owner.family[member.key]
         raise Answer("8006", "解除绑定成功", True)
 
     def _rhc_e0009(self, op: Operation, values: dict[str, str]) -> None:
-        if values["id_card"] not in self.residents:
+        if self.by_card(values["id_card"]) is None:
             raise Answer("9001", "未查到该居民健康卡注册信息")
         raise Answer("9002", "上传用卡数据成功", True)
 
@@ -345,7 +363,7 @@ class RhcSimulator:
             raise Answer("9001", "未查到该居民健康卡注册信息")
         members = [{"name": m.name, "id_type": m.id_type, "id_number": m.id_number, "id_card": m.id_card,
                     "relation": relation, "ehc_card_status": m.status}
-                   for card, relation in owner.family.items() if (m := self.residents.get(card))]
+                   for key, relation in owner.family.items() if (m := self.residents.get(key))]
         raise Answer("5005", "查询成功", True, {"total": str(len(members)), "personinfo": members})
 
     def _rhc_e0011(self, op: Operation, values: dict[str, str]) -> None:
@@ -373,10 +391,10 @@ class RhcSimulator:
     def _rhc_e0014(self, op: Operation, values: dict[str, str]) -> None:
         if values["qr_code_temp"] not in self.temporary_cards:
             raise Answer("14003", "未找到对应的临时居民健康卡")
-        id_card = self.static_codes.get(values["qr_code"])
-        if id_card is None:
+        key = self.static_codes.get(values["qr_code"])
+        if key is None:
             raise Answer("14004", "未找到对应的正式居民健康卡")
-        resident = self.residents[id_card]
+        resident = self.residents[key]
         if (resident.name, resident.id_number) != (values["name"], values["id_number"]):
             raise Answer("14005", "正式卡二维码内容与居民信息不符")
         del self.temporary_cards[values["qr_code_temp"]]
@@ -387,8 +405,7 @@ class RhcSimulator:
                    if (r := self.find({"id_type": values.get(prefix + "id_type", ""),
                                        "id_number": values.get(prefix + "id_number", "")}))}
         babies = [{"relation": "2" if r.sex == "1" else "3", **r.person_fields()}
-                  for r in self.residents.values()
-                  if r.id_type in ("N1", "N2", "N3", "08") and r.id_card[:18] in parents]
+                  for r in self.residents.values() if r.newborn and r.id_card in parents]
         raise Answer("1505", "查询成功", True, {"personinfo": babies}, "personinfos")
 
     def _rhc_e0017(self, op: Operation, values: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,7 +159,10 @@ class SimServer:
         self.path = path
         self.faults = Faults()
         self.requests = 0
+        # time each SOAP request spent inside the simulator (ms), so benchmarks can subtract it
+        self.service_ms: list[float] = []
         self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
         self.host = ""
         self.port = 0
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -167,6 +171,7 @@ class SimServer:
         app.router.add_get("/_sim/residents", self._residents)
         app.router.add_post("/_sim/dynamic", self._dynamic)
         app.router.add_get("/_sim/journal", self._journal)
+        app.router.add_get("/_sim/service_ms", self._service_ms)
         app.router.add_post("/_sim/faults", self._add_fault)
         app.router.add_delete("/_sim/faults", self._clear_faults)
         self.app = app
@@ -180,7 +185,8 @@ class SimServer:
         return self.endpoint + "?wsdl"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "SimServer":
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._closing.clear()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
@@ -189,6 +195,7 @@ class SimServer:
         return self
 
     async def close(self) -> None:
+        self._closing.set()  # ends requests held by a "hang" fault
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -203,6 +210,14 @@ class SimServer:
         return web.Response(status=404, text="no such document")
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            return await self._soap(request)
+        finally:
+            self.service_ms.append((time.perf_counter() - started) * 1000)
+            del self.service_ms[:-100000]
+
+    async def _soap(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         if self.faults.base_latency_s:
             await asyncio.sleep(self.faults.base_latency_s)
@@ -254,7 +269,8 @@ class SimServer:
         if fault.mode == "empty":
             return web.Response(status=200, content_type="text/xml", body=b"")
         if fault.mode == "hang":
-            await asyncio.Event().wait()  # until the client gives up and aiohttp cancels us
+            await self._closing.wait()  # the client gives up long before; the server closing ends it
+            return web.Response(status=503)
         if fault.mode == "reset":
             transport = request.transport
             sock = transport.get_extra_info("socket") if transport else None
@@ -281,6 +297,9 @@ class SimServer:
 
     async def _journal(self, request: web.Request) -> web.Response:
         return web.json_response([e.to_json() for e in self.sim.journal])
+
+    async def _service_ms(self, request: web.Request) -> web.Response:
+        return web.json_response(self.service_ms)
 
     async def _add_fault(self, request: web.Request) -> web.Response:
         data = await _json(request)

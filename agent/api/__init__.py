@@ -1,0 +1,1 @@
+"""The HIS API: JSON-RPC core (jsonrpc), methods, and its transports."""

@@ -1,0 +1,218 @@
+"""The serial scanner driver through a real pty: framing, charsets, noise, unplug and replug."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.model import Scan, ScanKind
+from drivers import serial_scanner
+from tests.conftest import PtyScanner
+
+
+class RecordingSink:
+    """A ScanSink that records from the driver's threads and lets the test wait with a deadline."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.connected_state: list[tuple[bool, str | None]] = []
+        self.problems: list[str] = []
+
+    def scan(self, scan: Scan) -> None:
+        self.items.put(("scan", scan))
+
+    def connected(self, source: str, connected: bool, detail: str | None = None) -> None:
+        self.connected_state.append((connected, detail))
+        self.items.put(("connected", connected))
+
+    def problem(self, source: str, text: str) -> None:
+        self.problems.append(text)
+        self.items.put(("problem", text))
+
+    def next(self, kind: str, timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no %s event within %.1f s" % (kind, timeout))
+            try:
+                item_kind, value = self.items.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if item_kind == kind:
+                return value
+
+    def wait_connected(self, state: bool, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.next("connected", max(deadline - time.monotonic(), 0.01)) is not state:
+            pass
+
+
+def make(port: Path | str, **options: Any) -> serial_scanner.SerialScanner:
+    opts = serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": str(port), **options})
+    return serial_scanner.create("counter", opts)
+
+
+@pytest.fixture
+def running(pty_scanner: PtyScanner):
+    started: list[serial_scanner.SerialScanner] = []
+
+    def start(**options: Any) -> RecordingSink:
+        sink = RecordingSink()
+        scanner = make(pty_scanner.path, **options)
+        scanner.start(sink)
+        started.append(scanner)
+        sink.wait_connected(True)
+        return sink
+
+    yield start
+    for scanner in started:
+        scanner.stop()
+
+
+def test_default_terminators_take_cr_lf_and_crlf(running, pty_scanner):
+    sink = running()
+    pty_scanner.write(b"AAA\rBBB\nCCC\r\n\r\nDDD\r")
+    scans = [sink.next("scan") for _ in range(4)]
+    assert [s.payload for s in scans] == ["AAA", "BBB", "CCC", "DDD"]
+    assert all(s.kind is ScanKind.QR and s.source == "serial:counter" for s in scans)
+    assert scans[0].raw == b"AAA"
+
+
+def test_a_scan_split_across_reads_is_one_scan(running, pty_scanner):
+    sink = running()
+    pty_scanner.write(b"ABCD")
+    pty_scanner.write(b"EFGH\r")
+    assert sink.next("scan").payload == "ABCDEFGH"
+
+
+def test_configured_terminator_and_gbk_charset(running, pty_scanner):
+    sink = running(terminator="\x03", charset="gbk")
+    pty_scanner.write("张晓明\r\n".encode("gbk") + b"\x03")
+    # CR LF are payload when the terminator is ETX
+    assert sink.next("scan").payload == "张晓明\r\n"
+
+
+def test_utf8_chinese_payload(running, pty_scanner):
+    sink = running()
+    pty_scanner.scan("挂号单 No.42 才让卓玛")
+    assert sink.next("scan").payload == "挂号单 No.42 才让卓玛"
+
+
+def test_binary_noise_becomes_a_scan_with_a_decode_error_not_a_crash(running, pty_scanner):
+    sink = running()
+    pty_scanner.write(b"\xff\xfe\x00\x81garbage\r")
+    noisy = sink.next("scan")
+    assert noisy.decode_error is not None and "0xff" in noisy.decode_error
+    assert noisy.raw == b"\xff\xfe\x00\x81garbage"
+    pty_scanner.scan("STILL-READING")
+    assert sink.next("scan").payload == "STILL-READING"
+
+
+def test_line_without_terminator_over_max_length_is_discarded_and_reported(running, pty_scanner):
+    sink = running(max_length=1024)
+    pty_scanner.write(b"x" * 5000)
+    assert "max_length 1024" in sink.next("problem")
+    # the rest of the over-long line up to its terminator is dropped too, then reading resumes
+    pty_scanner.write(b"tail-of-noise\rGOOD\r")
+    assert sink.next("scan").payload == "GOOD"
+
+
+def test_ten_kilobyte_scan_is_delivered_whole(running, pty_scanner):
+    sink = running()
+    text = "Q" * 10240
+    pty_scanner.scan(text)
+    assert sink.next("scan").payload == text
+
+
+def test_unplug_and_replug_resumes_scanning(running, pty_scanner):
+    sink = running(reconnect_max_s=0.2)
+    pty_scanner.scan("BEFORE")
+    assert sink.next("scan").payload == "BEFORE"
+    pty_scanner.unplug()
+    sink.wait_connected(False)
+    assert "lost" in sink.connected_state[-1][1]
+    pty_scanner.replug()
+    sink.wait_connected(True)
+    pty_scanner.scan("AFTER")
+    assert sink.next("scan").payload == "AFTER"
+
+
+def test_port_missing_at_start_is_waited_for(tmp_path):
+    sink = RecordingSink()
+    scanner = make(tmp_path / "ttyScanner", reconnect_max_s=0.2)
+    scanner.start(sink)
+    try:
+        sink.wait_connected(False)
+        assert "cannot open" in sink.connected_state[-1][1]
+        pty = PtyScanner(tmp_path)  # the scanner is plugged in
+        try:
+            sink.wait_connected(True)
+            pty.scan("LATE")
+            assert sink.next("scan").payload == "LATE"
+        finally:
+            pty.close()
+    finally:
+        scanner.stop()
+
+
+def test_retries_while_unplugged_are_reported_once_and_do_not_spin(tmp_path):
+    sink = RecordingSink()
+    scanner = make(tmp_path / "absent", reconnect_max_s=0.05)
+    attempts = 0
+    enough = threading.Event()
+    real_open = scanner._open
+
+    def counting_open():
+        nonlocal attempts
+        attempts += 1
+        if attempts >= 5:
+            enough.set()
+        return real_open()
+
+    scanner._open = counting_open  # type: ignore[method-assign]
+    started = time.monotonic()
+    scanner.start(sink)
+    assert enough.wait(5), "the driver stopped retrying"
+    scanner.stop()
+    # five attempts took several backoff delays, not a busy loop
+    assert time.monotonic() - started > 4 * 0.05 * 0.5
+    # one "disconnected" report for the same cause, not one per retry
+    assert [c for c, _ in sink.connected_state].count(False) <= 2
+
+
+def test_stop_returns_promptly_while_reading(pty_scanner):
+    sink = RecordingSink()
+    scanner = make(pty_scanner.path)
+    scanner.start(sink)
+    sink.wait_connected(True)
+    started = time.monotonic()
+    scanner.stop()
+    assert time.monotonic() - started < 2
+    assert sink.connected_state[-1] == (False, "stopped")
+
+
+def test_port_is_opened_exclusively(running, pty_scanner):
+    running()
+    other = RecordingSink()
+    second = make(pty_scanner.path, reconnect_max_s=0.1)
+    second.start(other)
+    try:
+        other.wait_connected(False)
+        assert "cannot open" in other.connected_state[-1][1]
+    finally:
+        second.stop()
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="baud"):
+        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "baud": 9601})
+    with pytest.raises(ValueError, match="charset"):
+        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "charset": "klingon"})
+    with pytest.raises(ValueError):
+        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "terminator": ""})

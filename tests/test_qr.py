@@ -1,0 +1,175 @@
+"""agent/qr.py: which scans are e-health card codes, which are delivered raw, which are refused."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from agent.config import QrRules
+from agent.model import Reason, Scan, ScanboxError
+from agent.qr import VERIFIABLE, Classifier, QrKind
+from tests.conftest import make_config
+
+HEX64 = hashlib.sha256(b"resident 630102199001011234").hexdigest().upper()
+HEX32 = hashlib.md5(b"2026-11-22 10:00:00").hexdigest().upper()
+STATIC = HEX64 + ":1"
+DYNAMIC = HEX64 + ":0:" + HEX32
+TEMPORARY = "T2026112210000012345"  # 20 characters
+# RHC ciphertext: printable ASCII (base64 and friends), no &<>"
+CIPHERTEXT = "U2FsdGVkX1+vupppZksvRf5pq5g5XjFRlipRkwB0K1Y=/96lsvSQ~#$%'()*,-.;?@[]^_`{|}"
+
+
+@pytest.fixture
+def classifier() -> Classifier:
+    return Classifier.from_rules(QrRules())
+
+
+def invalid(classifier: Classifier, text: str) -> ScanboxError:
+    with pytest.raises(ScanboxError) as info:
+        classifier.classify_text(text)
+    assert info.value.reason is Reason.QR_INVALID
+    return info.value
+
+
+@pytest.mark.parametrize("text, kind", [
+    (STATIC, QrKind.STATIC),
+    ("0" * 64 + ":1", QrKind.STATIC),
+    (DYNAMIC, QrKind.DYNAMIC),
+    (TEMPORARY, QrKind.TEMPORARY),
+    ("abcdefghijKLMNOPQRST", QrKind.TEMPORARY),
+    ("0123456789ABCDEF0123", QrKind.TEMPORARY),   # 20 hex digits are a temporary card, not ciphertext
+    (CIPHERTEXT, QrKind.CIPHERTEXT),
+    ("x", QrKind.CIPHERTEXT),
+    ("!" * 256, QrKind.CIPHERTEXT),
+    (HEX64, QrKind.CIPHERTEXT),                   # a card id without the ":1"
+], ids=["static", "static-zeros", "dynamic", "temporary", "temporary-mixed", "temporary-hex",
+        "ciphertext", "ciphertext-1", "ciphertext-256", "hex64-no-suffix"])
+def test_health_card_codes_are_classified(classifier: Classifier, text: str, kind: QrKind) -> None:
+    assert classifier.classify_text(text) is kind
+    assert kind in VERIFIABLE
+
+
+@pytest.mark.parametrize("text, kind", [
+    (STATIC.lower(), QrKind.CIPHERTEXT),
+    (HEX64 + ":2", QrKind.CIPHERTEXT),
+    (HEX64 + ":01", QrKind.CIPHERTEXT),
+    (HEX64[:-1] + ":1", QrKind.CIPHERTEXT),
+    (HEX64 + "0:1", QrKind.CIPHERTEXT),
+    (HEX64[:-1] + "G:1", QrKind.CIPHERTEXT),
+    (HEX64 + ":0:" + HEX32.lower(), QrKind.CIPHERTEXT),
+    (HEX64 + ":0:" + HEX32[:-1], QrKind.CIPHERTEXT),
+    (HEX64 + ":1:" + HEX32, QrKind.CIPHERTEXT),
+    ("T" * 19, QrKind.CIPHERTEXT),
+    ("T" * 21, QrKind.CIPHERTEXT),
+    ("T202611221000001234-", QrKind.CIPHERTEXT),
+], ids=["static-lowercase", "static-suffix-2", "static-suffix-01", "static-63-hex", "static-65-hex",
+        "static-non-hex", "dynamic-lowercase-tail", "dynamic-31-tail", "dynamic-wrong-flag",
+        "temporary-19", "temporary-21", "temporary-dash"])
+def test_near_misses_are_not_the_specific_kind(classifier: Classifier, text: str, kind: QrKind) -> None:
+    # a code that is almost static must not be sent to the platform as a static code
+    assert classifier.classify_text(text) is kind
+
+
+@pytest.mark.parametrize("text", [
+    "张三 630102199001011234",
+    "健康卡",
+    "https://his.example.cn/pay?order=1&amount=2",
+    "<xml>card</xml>",
+    'say "hi"',
+    "hello world",            # a space is not in a ciphertext
+    "x" * 257,
+    "A" * 300,
+    "é",
+    "\u3000",
+], ids=["chinese", "chinese-only", "url-with-amp", "xml", "quotes", "space", "257-chars", "300-chars",
+        "latin1", "ideographic-space"])
+def test_other_payloads_are_unknown_and_not_verifiable(classifier: Classifier, text: str) -> None:
+    kind = classifier.classify_text(text)
+    assert kind is QrKind.UNKNOWN
+    assert kind not in VERIFIABLE
+
+
+def test_longest_allowed_payload_is_unknown_not_invalid(classifier: Classifier) -> None:
+    assert classifier.classify_text("A" * 512) is QrKind.UNKNOWN
+    invalid(classifier, "A" * 513)
+
+
+def test_empty_payload_is_invalid(classifier: Classifier) -> None:
+    invalid(classifier, "")
+
+
+@pytest.mark.parametrize("size", [10 * 1024, 1024 * 1024])
+def test_oversized_payload_is_invalid_with_its_length(classifier: Classifier, size: int) -> None:
+    exc = invalid(classifier, STATIC + "A" * (size - len(STATIC)))
+    assert str(size) in exc.message and "512" in exc.message
+
+
+@pytest.mark.parametrize("text, offset", [
+    ("\x00", 0),
+    (STATIC + "\r\n", 66),        # a scanner's terminator left on the code
+    ("abc\tdef", 3),
+    ("\x1b[31mred", 0),           # a terminal escape
+    ("abc\x7f", 3),
+    (HEX64 + ":\x001", 65),
+])
+def test_control_characters_are_invalid_and_located(classifier: Classifier, text: str, offset: int) -> None:
+    exc = invalid(classifier, text)
+    assert "0x%02x" % ord(text[offset]) in exc.message
+    assert "offset %d" % offset in exc.message
+
+
+@pytest.mark.parametrize("text", ["abc\x85def", "\x9b31mred"], ids=["nel", "csi"])
+def test_c1_control_characters_are_invalid(classifier: Classifier, text: str) -> None:
+    invalid(classifier, text)
+
+
+def test_scan_with_decode_error_is_invalid_even_if_the_rest_looks_like_a_code(classifier: Classifier) -> None:
+    scan = Scan.from_qr_bytes("serial:counter", b"\xff\xfe" + STATIC.encode(), "utf-8")
+    assert scan.decode_error
+    with pytest.raises(ScanboxError) as info:
+        classifier.classify(scan)
+    assert info.value.reason is Reason.QR_INVALID
+    assert "0xff" in info.value.message
+
+
+def test_scans_decoded_with_their_charset_are_classified(classifier: Classifier) -> None:
+    assert classifier.classify(Scan.from_qr_bytes("serial:counter", STATIC.encode(), "utf-8")) is QrKind.STATIC
+    assert classifier.classify(Scan.from_qr_bytes("serial:counter", DYNAMIC.encode("ascii"), "ascii")) \
+        is QrKind.DYNAMIC
+    gbk = Scan.from_qr_bytes("serial:counter", "挂号处".encode("gbk"), "gbk")
+    assert gbk.decode_error is None
+    assert classifier.classify(gbk) is QrKind.UNKNOWN
+
+
+def test_rules_override_changes_classification() -> None:
+    default = Classifier.from_rules(QrRules())
+    relaxed = Classifier.from_rules(QrRules(static=r"^[0-9A-Fa-f]{64}:1$"))
+    assert default.classify_text(STATIC.lower()) is QrKind.CIPHERTEXT
+    assert relaxed.classify_text(STATIC.lower()) is QrKind.STATIC
+
+    site_temp = Classifier.from_rules(QrRules(temporary=r"^LS\d{16}$"))
+    assert site_temp.classify_text("LS2026112210000001") is QrKind.TEMPORARY
+    assert site_temp.classify_text(TEMPORARY) is QrKind.CIPHERTEXT
+
+    no_cipher = Classifier.from_rules(QrRules(ciphertext=r"^(?!)$"))
+    assert no_cipher.classify_text(CIPHERTEXT) is QrKind.UNKNOWN
+    assert no_cipher.classify_text(STATIC) is QrKind.STATIC
+
+
+def test_max_length_override_refuses_shorter_payloads() -> None:
+    short = Classifier.from_rules(QrRules(max_length=100))
+    assert short.classify_text(DYNAMIC) is QrKind.DYNAMIC   # 99 characters
+    with pytest.raises(ScanboxError) as info:
+        short.classify_text(CIPHERTEXT + "A" * (101 - len(CIPHERTEXT)))
+    assert info.value.reason is Reason.QR_INVALID
+
+
+def test_overrides_from_the_config_file(tmp_path: Path) -> None:
+    cfg = make_config(None, tmp_path, platform={"qr": {"static": r"^[0-9A-Fa-f]{64}:1$", "max_length": 64}})
+    classifier = Classifier.from_rules(cfg.platform.qr)
+    with pytest.raises(ScanboxError) as info:
+        classifier.classify_text(STATIC.lower())       # 66 characters, over the configured 64
+    assert info.value.reason is Reason.QR_INVALID
+    assert classifier.classify_text("A" * 64) is QrKind.CIPHERTEXT
