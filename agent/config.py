@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, get_args, get_origin
 
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, SecretStr,
+                      ValidationError, field_validator, model_validator)
 
 import drivers
-from agent.codes import qwb002
+from agent.codes import member_of, qwb002
 
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
 DEFAULT_SECRETS = Path("/etc/scanbox/secrets.toml")
@@ -47,39 +47,23 @@ class DeviceConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _department(value: str) -> str:
+    # "0000": no department given (sam is then the organisation code and 0000)
+    return value if value == "0000" else member_of(qwb002.DEPARTMENT, "spec 000 4.3.10")(value)
+
+
 class SiteConfig(Section):
     """Who this box is: sent with every verification so the platform can record where a card
     was used (spec 000 3.3.2.2: sam, use_city*, hospital_*, channel_*, medstep_*)."""
 
     org_code: str = Field("", max_length=16, pattern=r"^[0-9A-Za-z]*$")
-    department: str = "0000"
+    department: Annotated[str, AfterValidator(_department)] = "0000"
     hospital_code: str = Field("", max_length=20)
     hospital_name: str = Field("", max_length=50)
     city_code: str = Field("", max_length=10, pattern=r"^[0-9]*$")
     city_name: str = Field("", max_length=20)
-    channel: str = "01"
-    medstep: str = "010101"
-
-    @field_validator("department")
-    @classmethod
-    def _department(cls, v: str) -> str:
-        if v != "0000" and v not in qwb002.DEPARTMENT:
-            raise ValueError("%r is not a department code of spec 000 4.3.10" % v)
-        return v
-
-    @field_validator("channel")
-    @classmethod
-    def _channel(cls, v: str) -> str:
-        if v not in qwb002.TERMINAL_TYPE:
-            raise ValueError("must be one of %s (spec 000 4.3.7)" % _codes(qwb002.TERMINAL_TYPE))
-        return v
-
-    @field_validator("medstep")
-    @classmethod
-    def _medstep(cls, v: str) -> str:
-        if v not in qwb002.MEDICAL_STEP:
-            raise ValueError("must be one of %s (spec 000 4.3.9)" % _codes(qwb002.MEDICAL_STEP))
-        return v
+    channel: Annotated[str, AfterValidator(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))] = "01"
+    medstep: Annotated[str, AfterValidator(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))] = "010101"
 
     @property
     def sam(self) -> str:
@@ -521,7 +505,3 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 def _join(parts: Iterable[Any]) -> str:
     return ".".join(str(p) for p in parts)
-
-
-def _codes(table: Any) -> str:
-    return ", ".join("%s %s" % (c, table.text(c)) for c in table)

@@ -15,19 +15,11 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import Config, validate
+from agent.demo import DEMO_SITE
 from agent.simulator.rhc import RhcSimulator
 from agent.simulator.soap import SimServer, WsdlStyle
 
-SITE = {
-    "org_code": "45600001X",
-    "department": "5500",
-    "hospital_code": "QH0001",
-    "hospital_name": "西宁市第一人民医院",
-    "city_code": "630100",
-    "city_name": "西宁市",
-    "channel": "01",
-    "medstep": "010101",
-}
+SITE = DEMO_SITE
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import AfterValidator, Field
 
 from agent.api.jsonrpc import Method, NoParams, Params, Session
-from agent.codes import qwb002
+from agent.codes import member_of, qwb002
 from agent.config import ClientConfig
 from agent.hub import EVENT_TYPES, Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
@@ -22,20 +22,8 @@ logger = logging.getLogger(__name__)
 ALL_KINDS = [k.value for k in ScanKind]
 
 
-def _step(value: str) -> str:
-    if value not in qwb002.MEDICAL_STEP:
-        raise ValueError("not a medical step code (spec 000 4.3.9): one of %s" % ", ".join(qwb002.MEDICAL_STEP))
-    return value
-
-
-def _channel(value: str) -> str:
-    if value not in qwb002.TERMINAL_TYPE:
-        raise ValueError("not a terminal type (spec 000 4.3.7): one of %s" % ", ".join(qwb002.TERMINAL_TYPE))
-    return value
-
-
-Step = Annotated[str, AfterValidator(_step)]
-Channel = Annotated[str, AfterValidator(_channel)]
+Step = Annotated[str, AfterValidator(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))]
+Channel = Annotated[str, AfterValidator(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))]
 
 
 class AuthParams(Params):

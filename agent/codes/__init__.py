@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from agent.model import Reason
 
@@ -37,6 +37,19 @@ class CodeTable:
 
     def describe(self) -> str:
         return "%s (%s)" % (self.title, self.id)
+
+
+def member_of(table: CodeTable, where: str) -> Callable[[str], str]:
+    """A validator (for pydantic's AfterValidator) that accepts only codes of `table`, and says
+    which codes there are and where the spec defines them when it refuses one."""
+    listing = ", ".join("%s %s" % (code, table.text(code)) for code in table) if len(table) <= 12 else ""
+
+    def check(value: str) -> str:
+        if value not in table:
+            raise ValueError("%r is not a code of %s (%s)%s" % (
+                value, table.describe(), where, ": one of " + listing if listing else ""))
+        return value
+    return check
 
 
 class Outcome(enum.Enum):
