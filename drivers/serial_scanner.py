@@ -216,9 +216,31 @@ class SerialScanner(Source):
 
 
 class _Reader(serial.threaded.ReaderThread):
-    """ReaderThread with the framer as its protocol; its connection_lost ends the wait in _run,
-    after a read error or after stop()."""
+    """ReaderThread with the framer as its protocol, and a read loop that always ends in
+    connection_lost: pyserial's own catches only SerialException from read(), but an unplugged
+    device can fail with OSError (EIO) from the in_waiting ioctl, which would end the thread
+    silently and leave the driver waiting for a loss it is never told about."""
 
     def __init__(self, port: serial.SerialBase, framer: ScanFramer) -> None:
         super().__init__(port, lambda: framer)
         self.name = "%s-reader" % framer.source
+
+    def run(self) -> None:
+        self.protocol = self.protocol_factory()
+        error: BaseException | None = None
+        try:
+            self.protocol.connection_made(self)
+            self._connection_made.set()
+            while self.alive and self.serial.is_open:
+                data = self.serial.read(self.serial.in_waiting or 1)
+                if data:
+                    self.protocol.data_received(data)
+        except (serial.SerialException, OSError) as exc:  # the device went away
+            error = exc
+        except Exception as exc:
+            logger.exception("%s: reader failed", self.name)
+            error = exc
+        finally:
+            self.alive = False
+            self._connection_made.set()
+            self.protocol.connection_lost(error)

@@ -216,3 +216,44 @@ def test_options_are_checked():
         serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "charset": "klingon"})
     with pytest.raises(ValueError):
         serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "terminator": ""})
+
+
+def test_port_as_a_pyserial_url_spy_logs_the_bytes(pty_scanner, tmp_path):
+    """`spy://` is how a technician sees what a scanner sends: same driver, a URL for a port."""
+    log = tmp_path / "spy.log"
+    sink = RecordingSink()
+    scanner = make("spy://%s?file=%s" % (pty_scanner.path, log))
+    scanner.start(sink)
+    try:
+        sink.wait_connected(True)
+        pty_scanner.scan("SPIED-CODE")
+        assert sink.next("scan").payload == "SPIED-CODE"
+    finally:
+        scanner.stop()
+    # the hexdump of what the scanner sent, one line per read: the RX bytes, joined
+    received = b"".join(bytes.fromhex(line[21:70].replace(" ", "")) for line in log.read_text().splitlines()
+                        if line[11:15] == "RX  ")
+    assert b"SPIED-CODE\r\n" in received
+
+
+def test_an_unplug_seen_as_eio_from_any_call_still_reconnects(running, pty_scanner, monkeypatch):
+    """pyserial's reader loop lets OSError from the in_waiting ioctl escape; ours reports the loss."""
+    sink = running(reconnect_max_s=0.2)
+    import serial.serialposix
+
+    real = serial.serialposix.Serial.in_waiting
+    failures = {"left": 1}
+
+    def flaky(self):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error")
+        return real.fget(self)
+
+    monkeypatch.setattr(serial.serialposix.Serial, "in_waiting", property(flaky))
+    pty_scanner.scan("WAKE")  # the reader wakes, asks in_waiting, gets EIO
+    sink.wait_connected(False)
+    assert "Input/output error" in sink.connected_state[-1][1]
+    sink.wait_connected(True)
+    pty_scanner.scan("AGAIN")
+    assert sink.next("scan").payload == "AGAIN"
