@@ -50,12 +50,22 @@ def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool) -
 
 
 class Printer:
-    """Prints events the way a nurse would want to read them."""
+    """Prints events the way a nurse would want to read them; holds them until `start()` so
+    nothing comes before the banner."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
+        self._held: list[tuple[str, dict[str, Any]]] | None = []
+
+    def start(self) -> None:
+        held, self._held = self._held or [], None
+        for kind, data in held:
+            self(kind, data)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if self._held is not None:
+            self._held.append((kind, data))
+            return
         if kind == "scan":
             payload = data["payload"]
             self._print("→ scan %s from %s: %s" % (data["id"], data["source"],
@@ -107,7 +117,7 @@ def banner(sim: SimServer, daemon: Daemon, out: TextIO) -> None:
         lines.append("  tcp          %s:%d (no token needed from localhost in the demo)" % (host, port))
     lines += [
         "  e.g. in another terminal:",
-        "    scanbox api --socket %s read_card '{\"timeout_s\": 60}'" % daemon.stream.unix_path,
+        "    %s api --socket %s read_card '{\"timeout_s\": 60}'" % (_scanbox_command(), daemon.stream.unix_path),
         "  then paste a code here.",
         "",
         "Ctrl-C stops the demo.",
@@ -116,13 +126,20 @@ def banner(sim: SimServer, daemon: Daemon, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
+def _scanbox_command() -> str:
+    """How to call scanbox from another terminal: the venv's script, which is not on PATH."""
+    beside = Path(sys.executable).parent / "scanbox"
+    return str(beside) if beside.exists() else "scanbox"
+
+
 async def run_demo(tcp: str | None, stdin: bool = True, out: TextIO = sys.stdout) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="scanbox-demo-"))
     sim = await SimServer(RhcSimulator()).start("127.0.0.1", 0)
     try:
         config = validate(demo_config(sim, state_dir, tcp, stdin))
         daemon = Daemon(config)
-        daemon.hub.listen(Printer(out))
+        printer = Printer(out)
+        daemon.hub.listen(printer)
         loop = asyncio.get_running_loop()
         task = loop.create_task(daemon.run())
         ready = loop.create_task(daemon.ready.wait())
@@ -130,6 +147,7 @@ async def run_demo(tcp: str | None, stdin: bool = True, out: TextIO = sys.stdout
         ready.cancel()
         if not task.done():
             banner(sim, daemon, out)
+            printer.start()
         await task
     finally:
         await sim.close()

@@ -9,6 +9,7 @@ A scanner that is unplugged is waited for and reopened with backoff.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import threading
 import time
@@ -199,10 +200,8 @@ class SerialScanner(Source):
             reader.join(2)
             with self._lock:
                 self._reader = None
-                try:
+                with contextlib.suppress(serial.SerialException, OSError):
                     port.close()
-                except (serial.SerialException, OSError):
-                    pass
             if self._stop.is_set():
                 break
             detail = "lost %s: %s" % (self.port, framer.lost_error or "closed")

@@ -45,7 +45,7 @@ async def test_demo_verifies_a_pasted_code_and_serves_the_api():
         assert result["identity"]["name"] == resident.name  # full values to the API client
         await client.close()
 
-        proc.stdin.write(b"https://example.com/?a=1&b=2\n")
+        proc.stdin.write(b"https://example.com/ticket/42\n")  # the banner's own sample
         await proc.stdin.drain()
         assert "QR_UNKNOWN" in await read_until(proc.stdout, "✘")
     finally:

@@ -37,7 +37,7 @@ class Params(BaseModel):
 
 
 class NoParams(Params):
-    pass
+    """A method that takes no parameters (any given are an error)."""
 
 
 @dataclass(eq=False)

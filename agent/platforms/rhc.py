@@ -363,7 +363,7 @@ class _CheckedTransport(AsyncTransport):
 
 
 class _NotSoap(Exception):
-    pass
+    """The platform answered something other than XML (an error page, a portal, nothing)."""
 
 
 def _preview(text: str, limit: int = 120) -> str:

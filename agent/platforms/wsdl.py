@@ -34,7 +34,7 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
 
 
 class WsdlError(Exception):
-    pass
+    """The WSDL could not be had: neither fetched nor cached, or not usable."""
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,12 @@ from agent.codes import CodeTable, Outcome, ReturnCode, ReturnCodeTable, qwb002
 from agent.config import SiteConfig
 from agent.model import Reason
 
-SPEC = Path("/work/shared/specs/000_7d1296688b65c848.txt")
+# the spec ships in the repo: these tests never skip
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "specs" / "000_7d1296688b65c848.txt"
 
 
 @pytest.fixture(scope="module")
 def chapter4() -> str:
-    if not SPEC.exists():
-        pytest.skip("spec 000 not available at %s" % SPEC)
     text = SPEC.read_text(encoding="utf-8")
     return text[text.index("第4章 数据字典"):]
 
