@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, get_args, get_origin
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, SecretStr,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      SecretStr, ValidationError, field_validator, model_validator)
 
 import drivers
 from agent.codes import member_of, qwb002
@@ -35,6 +35,28 @@ class _SecretStr(SecretStr):
 
 
 Secret = Annotated[_SecretStr, PlainSerializer(lambda s: MASK, return_type=str)]
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _duration(value: Any) -> float:
+    """Seconds, from a number or a string such as "90s", "10m", "24h", "7d"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    else:
+        raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
 
 
 class Section(BaseModel):
@@ -177,12 +199,31 @@ class ScansConfig(Section):
     hold_s: float = Field(10.0, ge=0, le=120)
 
 
+class OutboxConfig(Section):
+    """Store-and-forward of usage records (agent/outbox.py)."""
+
+    # records the platform has are deleted this long after: they hold personal data
+    retention: Duration = 86400.0
+    max_in_flight: int = Field(4, ge=1, le=64)
+    # backoff while the platform is down: doubling from backoff_initial, never over backoff_max
+    backoff_initial: Duration = 1.0
+    backoff_max: Duration = 300.0
+
+
+class CacheConfig(Section):
+    """Identities of static codes verified online, for answering while the platform is down."""
+
+    ttl: Duration = 86400.0  # 0: no cache, no offline answers
+
+
 class Config(Section):
     device: DeviceConfig = DeviceConfig()
     site: SiteConfig = SiteConfig()
     platform: PlatformConfig
     api: ApiConfig = ApiConfig()
     scans: ScansConfig = ScansConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    cache: CacheConfig = CacheConfig()
     # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
     sources: dict[str, Any] = {}
 

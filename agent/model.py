@@ -217,9 +217,12 @@ class Verification:
     platform_message: str | None = None
     elapsed_ms: float = 0.0
     offline: bool = False
+    # the msgGuid under which the platform has (or, from the outbox, will have) this use
+    msg_guid: str | None = None
 
     @classmethod
-    def failed(cls, error: ScanboxError, elapsed_ms: float = 0.0, offline: bool = False) -> "Verification":
+    def failed(cls, error: ScanboxError, elapsed_ms: float = 0.0, offline: bool = False,
+               msg_guid: str | None = None) -> "Verification":
         return cls(
             ok=False,
             reason=error.reason,
@@ -228,6 +231,7 @@ class Verification:
             platform_message=error.platform_message,
             elapsed_ms=elapsed_ms,
             offline=offline,
+            msg_guid=msg_guid,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -239,7 +243,21 @@ class Verification:
             "platform_message": self.platform_message,
             "elapsed_ms": round(self.elapsed_ms, 1),
             "offline": self.offline,
+            "msg_guid": self.msg_guid,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """A message that records a use of a card at the platform (a verification that carries the
+    scan's time and place, or a physical card's use record). `guid` is its msgGuid, the
+    platform's idempotency key: fixed when the record is made and kept through every retry."""
+
+    guid: str
+    operation: str
+    values: Mapping[str, str]
+    scan_id: str | None = None
+    created_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)

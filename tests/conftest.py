@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.config import Config, validate
+from agent.daemon import Daemon
 from agent.demo import DEMO_SITE
 from agent.simulator.rhc import RhcSimulator
 from agent.simulator.soap import SimServer, WsdlStyle
@@ -76,6 +77,7 @@ class RpcClient:
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._unsolicited: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.closed = False
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -90,8 +92,12 @@ class RpcClient:
 
     async def _read(self) -> None:
         while True:
-            line = await self.reader.readline()
+            try:
+                line = await self.reader.readline()
+            except (ConnectionError, OSError):
+                line = b""
             if not line:
+                self.closed = True
                 for fut in self._pending.values():
                     if not fut.done():
                         fut.set_exception(ConnectionError("server closed the connection"))
@@ -110,6 +116,8 @@ class RpcClient:
 
     async def request(self, method: str, params: Any = None, timeout: float = 10) -> dict[str, Any]:
         """The whole response object ({result} or {error})."""
+        if self.closed:
+            raise ConnectionError("the server closed the connection")
         self._next_id += 1
         id_ = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -217,6 +225,68 @@ class EventRecorder:
                         if k == kind and predicate(data):
                             return data
                     await self._changed.wait()
+
+
+TOKEN = "his-token-7d1c2e"
+ADMIN_TOKEN = "admin-token-99ab01"
+
+
+@pytest.fixture
+async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
+    """A running daemon; `box.scan(text)` scans on the pty, `box.unix()`/`box.tcp()` connect."""
+    started: list[Daemon] = []
+    clients: list[RpcClient] = []
+
+    class Box:
+        sim = sim_server
+        scanner = pty_scanner
+        daemon: Daemon
+        events: EventRecorder
+
+        async def start(self, **sections: Any) -> "Box":
+            sections.setdefault("sources", {"counter": {"driver": "serial_scanner", "port": str(pty_scanner.path),
+                                                        "reconnect_max_s": 0.2}})
+            api = {"tcp": "127.0.0.1:0", "auth_timeout_s": 5,
+                   "clients": {"his": {"token": TOKEN, "scopes": ["read"]},
+                               "admin": {"token": ADMIN_TOKEN, "scopes": ["read", "admin"]}}}
+            api.update(sections.pop("api", {}))
+            config = make_config(sim_server, tmp_path, api=api, **sections)
+            self.daemon = Daemon(config)
+            self.events = EventRecorder()
+            self.daemon.hub.listen(self.events)
+            await self.daemon.start()
+            started.append(self.daemon)
+            if config.sources:
+                await self.events.wait("status", lambda d: d.get("source", {}).get("connected") is True)
+            return self
+
+        async def unix(self) -> RpcClient:
+            client = await RpcClient.unix(self.daemon.stream.unix_path)
+            clients.append(client)
+            return client
+
+        async def tcp(self, token: str | None = TOKEN) -> RpcClient:
+            client = await RpcClient.tcp(*self.daemon.stream.tcp_address)
+            clients.append(client)
+            if token:
+                await client.call("auth", {"token": token})
+            return client
+
+        def scan(self, text: str) -> None:
+            pty_scanner.scan(text)
+
+        def resident(self, index: int = 0):
+            return list(sim_server.sim.residents.values())[index]
+
+        async def waiting(self, n: int) -> None:
+            """Until n read_card calls wait (so they are registered before the hub sees a scan)."""
+            await until(lambda: self.daemon.hub.waiting >= n)
+
+    yield Box()
+    for client in clients:
+        await client.close()
+    for daemon in started:
+        await daemon.stop()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

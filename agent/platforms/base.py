@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from agent.codes import Outcome, ReturnCode
-from agent.model import Identity, Reason, ScanboxError
+from agent.model import Identity, Reason, ScanboxError, UsageRecord
 from agent.qr import QrKind
 
 
@@ -94,8 +94,21 @@ class Platform(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
+    def verify_record(self, request: VerifyRequest, scan_id: str | None = None) -> UsageRecord:
+        """The message that verifies this scan and records its use, with a fresh msgGuid.
+        Raises ScanboxError(NOT_SUPPORTED) where the platform has no verification."""
+
+    @abc.abstractmethod
+    async def verify(self, record: UsageRecord) -> VerifyAnswer:
+        """Send a verify record now; raises PlatformError."""
+
     async def verify_qr(self, request: VerifyRequest) -> VerifyAnswer:
-        """Raises PlatformError (or ScanboxError NOT_SUPPORTED)."""
+        return await self.verify(self.verify_record(request))
+
+    @abc.abstractmethod
+    async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
+        """Send a record from the outbox (under its own msgGuid); the platform's code and
+        message. Raises PlatformError; ScanboxError(BAD_REQUEST) when it cannot be sent at all."""
 
     @abc.abstractmethod
     async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from zeep.transports import AsyncTransport
 from agent.codes import Outcome
 from agent.codes import qwb002 as codes
 from agent.config import PlatformConfig, SiteConfig
-from agent.model import Identity, IdentitySource, Reason, ScanboxError
+from agent.model import Identity, IdentitySource, Reason, ScanboxError, UsageRecord
 from agent.platforms import wsdl
 from agent.platforms.base import (Platform, PlatformError, PlatformRejected, PlatformUnavailable,
                                   VerifyAnswer, VerifyRequest)
@@ -180,11 +180,15 @@ class RhcPlatform(Platform):
 
     # --- the business operations ---------------------------------------------------------
 
-    async def verify_qr(self, request: VerifyRequest) -> VerifyAnswer:
+    def verify_record(self, request: VerifyRequest, scan_id: str | None = None) -> UsageRecord:
+        """RHC_E0003 carries where and when the card was used, so the verification is the
+        platform's use record; a temporary card is verified with RHC_E0013."""
         if request.kind is QrKind.TEMPORARY:
-            response = await self.request("RHC_E0013", {"qr_code": request.qr})
+            values = {"qr_code": request.qr}
+            operation = "RHC_E0013"
         else:
-            response = await self.request("RHC_E0003", {
+            operation = "RHC_E0003"
+            values = {
                 "qr_code": request.qr,
                 "time": request.scanned_at.strftime(TIME_FORMAT),
                 "sam": self.site.sam,
@@ -196,8 +200,18 @@ class RhcPlatform(Platform):
                 "channel_name": codes.TERMINAL_TYPE.text(request.channel) or "",
                 "medstep_code": request.step,
                 "medstep_name": codes.MEDICAL_STEP.text(request.step) or "",
-            })
+            }
+        return UsageRecord(uuid.uuid4().hex, operation, {k: v for k, v in values.items() if v}, scan_id)
+
+    async def verify(self, record: UsageRecord) -> VerifyAnswer:
+        response = await self.request(record.operation, record.values, msg_guid=record.guid)
         return VerifyAnswer(identity_from(response.data), response.code, response.desc)
+
+    async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
+        if record.operation not in OPERATIONS:
+            raise ScanboxError(Reason.BAD_REQUEST, "unknown operation %r" % record.operation)
+        response = await self.request(record.operation, record.values, msg_guid=record.guid)
+        return response.code, response.desc
 
     async def call(self, operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
         if operation not in OPERATIONS:

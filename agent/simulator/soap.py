@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import struct
 import time
@@ -131,15 +132,22 @@ class Faults:
     queue: list[Fault] = field(default_factory=list)
     # added to every request, for benchmarks and demos of a slow platform
     base_latency_s: float = 0.0
+    # a share of requests (0..1) answered with `flaky_mode`, from a seeded generator
+    flaky_rate: float = 0.0
+    flaky_mode: FaultMode = "http500"
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def add(self, fault: Fault) -> None:
         self.queue.append(fault)
 
     def clear(self) -> None:
         self.queue.clear()
+        self.flaky_rate = 0.0
 
     def take(self) -> Fault | None:
         if not self.queue:
+            if self.flaky_rate and self.rng.random() < self.flaky_rate:
+                return Fault(self.flaky_mode)
             return None
         fault = self.queue[0]
         if fault.count is not None:
@@ -161,6 +169,8 @@ class SimServer:
         self.requests = 0
         # time each SOAP request spent inside the simulator (ms), so benchmarks can subtract it
         self.service_ms: list[float] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it was answering at once
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self.host = ""
@@ -211,9 +221,12 @@ class SimServer:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             return await self._soap(request)
         finally:
+            self.in_flight -= 1
             self.service_ms.append((time.perf_counter() - started) * 1000)
             del self.service_ms[:-100000]
 
@@ -306,6 +319,9 @@ class SimServer:
         mode = data.get("mode")
         if mode not in FAULT_MODES:
             return web.json_response({"error": "mode must be one of %s" % ", ".join(FAULT_MODES)}, status=400)
+        if "rate" in data:  # {"mode": "http500", "rate": 0.3}: a share of all requests
+            self.faults.flaky_mode, self.faults.flaky_rate = mode, float(data["rate"])
+            return web.json_response({"ok": True})
         count = data.get("count", 1)
         self.faults.add(Fault(mode, None if count is None else int(count), float(data.get("latency_s", 0))))
         return web.json_response({"ok": True})

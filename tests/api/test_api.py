@@ -6,76 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.daemon import Daemon
-from agent.simulator.soap import Fault, SimServer
-from tests.conftest import EventRecorder, PtyScanner, RpcClient, make_config, until
-
-TOKEN = "his-token-7d1c2e"
-ADMIN_TOKEN = "admin-token-99ab01"
-
-
-@pytest.fixture
-async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
-    """A running daemon; `box.scan(text)` scans on the pty, `box.unix()`/`box.tcp()` connect."""
-    started: list[Daemon] = []
-    clients: list[RpcClient] = []
-
-    class Box:
-        sim = sim_server
-        scanner = pty_scanner
-        daemon: Daemon
-        events: EventRecorder
-
-        async def start(self, **sections: Any) -> "Box":
-            sections.setdefault("sources", {"counter": {"driver": "serial_scanner", "port": str(pty_scanner.path),
-                                                        "reconnect_max_s": 0.2}})
-            api = {"tcp": "127.0.0.1:0", "auth_timeout_s": 5,
-                   "clients": {"his": {"token": TOKEN, "scopes": ["read"]},
-                               "admin": {"token": ADMIN_TOKEN, "scopes": ["read", "admin"]}}}
-            api.update(sections.pop("api", {}))
-            config = make_config(sim_server, tmp_path, api=api, **sections)
-            self.daemon = Daemon(config)
-            self.events = EventRecorder()
-            self.daemon.hub.listen(self.events)
-            await self.daemon.start()
-            started.append(self.daemon)
-            if config.sources:
-                await self.events.wait("status", lambda d: d.get("source", {}).get("connected") is True)
-            return self
-
-        async def unix(self) -> RpcClient:
-            client = await RpcClient.unix(self.daemon.stream.unix_path)
-            clients.append(client)
-            return client
-
-        async def tcp(self, token: str | None = TOKEN) -> RpcClient:
-            client = await RpcClient.tcp(*self.daemon.stream.tcp_address)
-            clients.append(client)
-            if token:
-                await client.call("auth", {"token": token})
-            return client
-
-        def scan(self, text: str) -> None:
-            pty_scanner.scan(text)
-
-        def resident(self, index: int = 0):
-            return list(sim_server.sim.residents.values())[index]
-
-        async def waiting(self, n: int) -> None:
-            """Until n read_card calls wait (so they are registered before the hub sees a scan)."""
-            await until(lambda: self.daemon.hub.waiting >= n)
-
-    yield Box()
-    for client in clients:
-        await client.close()
-    for daemon in started:
-        await daemon.stop()
-
+from agent.simulator.soap import Fault
+from tests.conftest import ADMIN_TOKEN, TOKEN, RpcClient, until
 
 async def read_card_task(client: RpcClient, **params: Any) -> asyncio.Task[dict[str, Any]]:
     return asyncio.get_running_loop().create_task(client.request("read_card", params, timeout=15))
