@@ -61,6 +61,26 @@ def _parser() -> argparse.ArgumentParser:
     rhc.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
     rhc.set_defaults(func=_simulate_rhc)
 
+    outbox = sub.add_parser("outbox", help="usage records waiting for the platform")
+    where = outbox.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, help="find the state directory in this config "
+                       "(default %s)" % configuration.DEFAULT_CONFIG)
+    where.add_argument("--state-dir", type=Path, help="the state directory itself")
+    actions = outbox.add_subparsers(metavar="ACTION")
+    actions.add_parser("stats", help="counts and the oldest pending record's age").set_defaults(func=_outbox,
+                                                                                               action="stats")
+    listing = actions.add_parser("list", help="records in a state")
+    listing.add_argument("--state", choices=("pending", "dead", "sent"), default="pending")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=_outbox, action="list")
+    show = actions.add_parser("show", help="one record, with its message")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=_outbox, action="show")
+    retry = actions.add_parser("retry", help="send a dead (or waiting) record again")
+    retry.add_argument("id", type=int)
+    retry.set_defaults(func=_outbox, action="retry")
+    actions.add_parser("purge-dead", help="delete every dead record").set_defaults(func=_outbox, action="purge-dead")
+
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
     target = api.add_mutually_exclusive_group()
     target.add_argument("--socket", type=Path, help="Unix socket (default /run/scanbox/api.sock)")
@@ -149,6 +169,63 @@ def _simulate_rhc(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from agent.outbox import Store, StoreUnavailable
+
+    if args.state_dir is not None:
+        state_dir = args.state_dir
+    else:
+        config = _load(args.config or configuration.DEFAULT_CONFIG, None)
+        if config is None:
+            return 1
+        state_dir = config.state_dir()
+    path = state_dir / "outbox.db"
+    if not path.exists():
+        print("no outbox at %s" % path, file=sys.stderr)
+        return 1
+
+    async def act() -> int:
+        store = Store(path)
+        await store.open()
+        try:
+            if args.action == "stats":
+                print(json.dumps(await store.stats(), indent=2))
+            elif args.action == "list":
+                rows = await store.list(args.state, args.limit)
+                for row in rows:
+                    print("%6d  %-9s %-7s %s  attempts %d  %s" % (
+                        row.id, row.operation, row.state, _when(row.created_at), row.attempts,
+                        "%s %s" % (row.platform_code or "", row.platform_message or row.last_error or "")))
+                print("%d %s record%s" % (len(rows), args.state, "" if len(rows) == 1 else "s"))
+            elif args.action == "show":
+                row = await store.get(args.id)
+                if row is None:
+                    print("no record %d" % args.id, file=sys.stderr)
+                    return 1
+                print(json.dumps(row.to_json(), ensure_ascii=False, indent=2))
+            elif args.action == "retry":
+                if not await store.retry(args.id):
+                    print("no pending or dead record %d" % args.id, file=sys.stderr)
+                    return 1
+                print("record %d will be sent again (a running daemon picks it up within a minute)" % args.id)
+            elif args.action == "purge-dead":
+                print("deleted %d dead records" % await store.purge_dead())
+        except StoreUnavailable as exc:
+            print("outbox unavailable: %s" % exc, file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+        return 0
+
+    return asyncio.run(act())
+
+
+def _when(ts: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _api(args: argparse.Namespace) -> int:

@@ -22,15 +22,18 @@ from agent.api.stream import StreamServer
 from agent.config import Config, parse_hostport
 from agent.hub import Hub, HubSink
 from agent.model import device_id_default
+from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
 from agent.qr import Classifier
 from agent.sdnotify import Notifier
 from agent.verifier import Verifier
-from drivers.base import Source
+from drivers.base import Backoff, Source
 
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 1.0
+HOUSEKEEPING_S = 600.0
+OUTBOX_EVENT_DELAY_S = 0.1
 
 
 class Daemon:
@@ -40,13 +43,17 @@ class Daemon:
         self.device_id = config.device.id or device_id_default()
         self.state_dir = config.state_dir()
         self.platform = platform or platforms.create(config, self.state_dir)
+        self.store = Store(self.state_dir / "outbox.db")
+        self.uploader = Uploader(self.store, self.platform, max_in_flight=config.outbox.max_in_flight,
+                                 backoff=Backoff(config.outbox.backoff_initial, config.outbox.backoff_max))
         self.verifier = Verifier(self.platform, Classifier.from_rules(config.platform.qr),
-                                 config.site.medstep, config.site.channel)
+                                 config.site.medstep, config.site.channel, store=self.store,
+                                 uploader=self.uploader, cache_ttl_s=config.cache.ttl)
         self.hub = Hub(self.verifier, dedupe_s=config.scans.dedupe_s, hold_s=config.scans.hold_s)
         self.sources = sources if sources is not None else [
             drivers.source_module(options.driver).create(name, options)
             for name, options in config.sources.items()]
-        self.api = Api(self.hub, self.platform, self.status, config.api.clients)
+        self.api = Api(self.hub, self.platform, self.status, config.api.clients, self.store, self.uploader)
         self.stream = StreamServer(Dispatcher(self.api.methods()), config.api)
         self.notifier = notifier or Notifier()
         self.started_at = time.monotonic()
@@ -54,16 +61,28 @@ class Daemon:
         self._api_alarms: list[dict[str, Any]] = []
         self._platform_reachable: bool | None = None
         self._status_pending = False
+        self._outbox_event_pending = False
+        self.uploader.on_change = self._outbox_changed
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self._stopped = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # past a file-size limit, writes fail with EFBIG (the store reports it) instead of the
+        # signal killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            logger.error("state directory %s: %s", self.state_dir, exc)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
+        await self.store.open()
+        self._tasks.append(loop.create_task(self.uploader.run(), name="uploader"))
+        self._tasks.append(loop.create_task(self._housekeeping(), name="housekeeping"))
         sink = HubSink(self.hub, loop)
         for source in self.sources:
             try:
@@ -78,7 +97,7 @@ class Daemon:
             self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
         self.ready_at = time.monotonic()
         self.ready.set()
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.status_line(await self._outbox_stats()))
         logger.info("scanbox %s ready as %s in %.0f ms", __version__, self.device_id,
                     (self.ready_at - self.started_at) * 1000)
 
@@ -101,6 +120,9 @@ class Daemon:
                                % "; ".join(a["text"] for a in self._api_alarms))
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.notifier.stopping()
         await self.stream.close()
         await self.hub.close()
@@ -109,6 +131,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.verifier.drain()
+        await self.store.close()
         await self.platform.close()
         self.notifier.close()
         logger.info("scanbox stopped")
@@ -140,6 +164,19 @@ class Daemon:
     def _alive(self) -> bool:
         return self.stream.serving()
 
+    async def _housekeeping(self) -> None:
+        """Personal data does not outstay its use: sent records after `outbox.retention`,
+        cached identities after `cache.ttl`."""
+        while True:
+            try:
+                sent, cached = await self.store.housekeeping(self.config.outbox.retention)
+                if sent or cached:
+                    logger.info("outbox: deleted %d uploaded records and %d expired identities", sent, cached)
+                    self._outbox_changed()
+            except StoreUnavailable:
+                pass  # an alarm already says so
+            await asyncio.sleep(HOUSEKEEPING_S)
+
     # --- status ----------------------------------------------------------------------------
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -153,11 +190,39 @@ class Daemon:
             self._status_pending = True
             asyncio.get_running_loop().call_later(STATUS_INTERVAL_S, self._send_status)
 
+    def _outbox_changed(self) -> None:
+        """Publish the outbox's counts (the display's pending badge, kiosks, tests), coalesced."""
+        if not self._outbox_event_pending:
+            self._outbox_event_pending = True
+            asyncio.get_running_loop().call_later(OUTBOX_EVENT_DELAY_S, self._spawn_outbox_event)
+
+    def _spawn_outbox_event(self) -> None:
+        self._outbox_event_pending = False
+        task = asyncio.get_running_loop().create_task(self._publish_outbox())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _publish_outbox(self) -> None:
+        stats = await self._outbox_stats()
+        self.hub.publish("status", {"outbox": dict(stats, available=True) if stats
+                                    else {"available": False, "error": self.store.error}})
+
     def _send_status(self) -> None:
         self._status_pending = False
-        self.notifier.status(self.status_line())
+        task = asyncio.get_running_loop().create_task(self._notify_status())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
-    def alarms(self) -> list[dict[str, Any]]:
+    async def _notify_status(self) -> None:
+        self.notifier.status(self.status_line(await self._outbox_stats()))
+
+    async def _outbox_stats(self) -> dict[str, Any] | None:
+        try:
+            return await self.store.stats()
+        except StoreUnavailable:
+            return None
+
+    def alarms(self, outbox: dict[str, Any] | None) -> list[dict[str, Any]]:
         out = list(self._api_alarms)
         for state in self.hub.sources.values():
             if not state.connected:
@@ -167,9 +232,22 @@ class Daemon:
             out.append(_alarm("PLATFORM_UNREACHABLE", health.kind, health.last_error or "unreachable"))
         elif health.last_error:
             out.append(_alarm("PLATFORM_ERROR", health.kind, health.last_error))
+        if self.store.error:
+            out.append(_alarm("OUTBOX_UNAVAILABLE", "outbox", self.store.error))
+        if self.store.recovered:
+            out.append(_alarm("OUTBOX_RECOVERED", "outbox", self.store.recovered))
+        if self.store.unrecorded:
+            out.append(_alarm("USES_UNRECORDED", "outbox", "%d uses answered from the cache could not be "
+                              "recorded for upload" % self.store.unrecorded))
+        if self.uploader.blocked:
+            out.append(_alarm("OUTBOX_BLOCKED", "outbox", self.uploader.blocked))
+        if outbox and outbox["dead"]:
+            out.append(_alarm("OUTBOX_DEAD", "outbox", "%d records the platform refused; see `scanbox outbox "
+                              "list --state dead`" % outbox["dead"]))
         return out
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        outbox = await self._outbox_stats()
         return {
             "device_id": self.device_id,
             "version": __version__,
@@ -178,20 +256,20 @@ class Daemon:
             "sources": [s.to_json() for s in self.hub.sources.values()],
             # no display driver in this build: issue 6 adds it
             "display": {"configured": False, "connected": False},
-            # no outbox in this build: verifications happen online only (issue 3 adds it)
-            "outbox": None,
-            "alarms": self.alarms(),
+            "outbox": dict(outbox, available=True) if outbox else {"available": False, "error": self.store.error},
+            "alarms": self.alarms(outbox),
             "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting},
             "scans": self.hub.scans_total,
         }
 
-    def status_line(self) -> str:
+    def status_line(self, outbox: dict[str, Any] | None = None) -> str:
         health = self.platform.health()
-        platform = {True: "platform ok", False: "platform unreachable",
+        platform = {True: "platform ok", False: "OFFLINE",
                     None: "platform not yet asked"}[health.reachable]
         connected = sum(1 for s in self.hub.sources.values() if s.connected)
-        return "%s; %d/%d sources; %d alarms; %d scans" % (
-            platform, connected, len(self.sources), len(self.alarms()), self.hub.scans_total)
+        pending = "%d pending" % outbox["pending"] if outbox else "outbox unavailable"
+        return "%s; %s; %d/%d sources; %d alarms; %d scans" % (
+            platform, pending, connected, len(self.sources), len(self.alarms(outbox)), self.hub.scans_total)
 
 
 def _alarm(code: str, where: str, text: str) -> dict[str, Any]:

@@ -1,16 +1,28 @@
-"""Scan -> verification -> result (DESIGN.md "Data flow").
+"""Scan -> verification -> result (DESIGN.md "Data flow", "Offline").
 
 Classification first (length, charset, shape), so noise never reaches the platform; then the
-platform adapter with its deadline. Every outcome is a Result the HIS receives with the scan:
-a code the box does not verify is delivered raw with reason QR_UNKNOWN, never dropped.
+platform, with its deadline. Online, the verification itself is the platform's use record
+(RHC_E0003 carries the scan's time and place), acknowledged before the HIS hears of it.
+
+When the platform cannot be asked (connect error, deadline, 5xx, nonsense), a static code
+verified online within `cache.ttl` is answered from the identity cache, marked `offline`, and
+its use goes to the outbox under the msgGuid of the attempt that failed, committed before the
+answer; the uploader delivers it later, and if the failed attempt did reach the platform after
+all, the shared msgGuid lets the platform tell. Any other code gets PLATFORM_UNAVAILABLE with
+the scan. Every outcome is a Result the HIS receives with the scan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from datetime import datetime
+from typing import Any
 
-from agent.model import Reason, Result, Scan, ScanboxError, ScanKind, Verification
+from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
+                         ScanKind, UsageRecord, Verification)
+from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform, PlatformError, VerifyRequest
 from agent.privacy import mask_qr
 from agent.qr import Classifier, QrKind
@@ -19,11 +31,16 @@ logger = logging.getLogger(__name__)
 
 
 class Verifier:
-    def __init__(self, platform: Platform, classifier: Classifier, default_step: str, default_channel: str) -> None:
+    def __init__(self, platform: Platform, classifier: Classifier, default_step: str, default_channel: str,
+                 *, store: Store | None = None, uploader: Uploader | None = None, cache_ttl_s: float = 0.0) -> None:
         self.platform = platform
         self.classifier = classifier
         self.default_step = default_step
         self.default_channel = default_channel
+        self.store = store
+        self.uploader = uploader
+        self.cache_ttl_s = cache_ttl_s if store is not None else 0.0
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def verify(self, scan: Scan, step: str | None = None, channel: str | None = None) -> Result:
         started = time.monotonic()
@@ -46,14 +63,96 @@ class Verifier:
         request = VerifyRequest(scan.payload, kind, scan.at, step or self.default_step,
                                 channel or self.default_channel)
         try:
-            answer = await self.platform.verify_qr(request)
+            record = self.platform.verify_record(request, scan.id)
+            answer = await self.platform.verify(record)
         except PlatformError as exc:
+            if exc.transient:
+                return await self._offline(scan, kind, record, exc, elapsed)
             logger.info("scan %s (%s %s): %s", scan.id, kind.value, mask_qr(scan.payload), exc.message)
-            return Result(scan, None, Verification.failed(exc, elapsed(), offline=exc.transient))
+            if kind is QrKind.STATIC:
+                self._background_task(self._forget(scan.payload))
+            return Result(scan, None, Verification.failed(exc, elapsed(), msg_guid=record.guid))
         except ScanboxError as exc:
             return Result(scan, None, Verification.failed(exc, elapsed()))
         verification = Verification(True, platform_code=answer.platform_code,
-                                    platform_message=answer.platform_message, elapsed_ms=elapsed())
+                                    platform_message=answer.platform_message, elapsed_ms=elapsed(),
+                                    msg_guid=record.guid)
         logger.info("scan %s (%s %s) verified: %r in %.1f ms", scan.id, kind.value, mask_qr(scan.payload),
                     answer.identity, verification.elapsed_ms)
+        if self.uploader is not None:
+            self.uploader.platform_back()
+        if kind is QrKind.STATIC and self.cache_ttl_s > 0:
+            self._background_task(self._remember(scan.payload, answer.identity))
         return Result(scan, answer.identity, verification)
+
+    async def _offline(self, scan: Scan, kind: QrKind, record: UsageRecord, error: PlatformError,
+                       elapsed: Any) -> Result:
+        cached = await self._cached(scan.payload) if kind is QrKind.STATIC and self.cache_ttl_s > 0 else None
+        if cached is None:
+            logger.info("scan %s (%s %s): %s; not in the cache", scan.id, kind.value, mask_qr(scan.payload),
+                        error.message)
+            return Result(scan, None, Verification.failed(error, elapsed(), offline=True))
+        identity, verified_at = cached
+        guid = await self._record(record, error)
+        age = datetime.fromtimestamp(verified_at).astimezone().isoformat(timespec="seconds")
+        verification = Verification(True, message="answered from the cache (verified online %s): %s"
+                                    % (age, error.message), elapsed_ms=elapsed(), offline=True, msg_guid=guid)
+        logger.info("scan %s (%s %s) answered from the cache: %r; its use is %s", scan.id, kind.value,
+                    mask_qr(scan.payload), identity, "queued" if guid else "NOT RECORDED (outbox unavailable)")
+        return Result(scan, identity, verification)
+
+    async def _record(self, record: UsageRecord, error: PlatformError) -> str | None:
+        """The use goes to the outbox, on disk before the HIS hears of it. A box whose disk is
+        full still answers (availability first), and counts the use it could not record."""
+        if self.store is None:
+            return None
+        resume = self.uploader.resume_at if self.uploader is not None else 0.0
+        try:
+            await self.store.enqueue(record, attempts=1, next_attempt_at=resume, last_error=error.message)
+        except StoreUnavailable as exc:
+            self.store.unrecorded += 1
+            logger.error("outbox: a use could not be recorded (%s); %d unrecorded so far", exc, self.store.unrecorded)
+            return None
+        if self.uploader is not None:
+            self.uploader.wake()
+        return record.guid
+
+    async def _cached(self, qr: str) -> tuple[Identity, float] | None:
+        if self.store is None:
+            return None
+        try:
+            found = await self.store.cache_get(qr)
+        except StoreUnavailable:
+            return None
+        if found is None:
+            return None
+        data, verified_at = found
+        fields = {k: data.get(k) for k in IDENTITY_FIELDS}
+        return Identity(source=IdentitySource.CACHE, **fields), verified_at
+
+    async def _remember(self, qr: str, identity: Identity) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.cache_put(qr, {k: getattr(identity, k) for k in IDENTITY_FIELDS}, self.cache_ttl_s)
+        except StoreUnavailable as exc:
+            logger.warning("identity cache: not updated: %s", exc)
+
+    async def _forget(self, qr: str) -> None:
+        """The platform refused this code (cancelled, unknown): never answer it from the cache."""
+        if self.store is None:
+            return
+        try:
+            await self.store.cache_forget(qr)
+        except StoreUnavailable as exc:
+            logger.warning("identity cache: could not forget a refused code: %s", exc)
+
+    def _background_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for cache updates in flight (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Awaitable, Callable, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -15,6 +15,7 @@ from agent.codes import member_of, qwb002
 from agent.config import ClientConfig
 from agent.hub import EVENT_TYPES, Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
+from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ class VerifyQrParams(Params):
 
 class SubscribeParams(Params):
     events: list[Literal["scan", "verification", "status"]] = Field(default_factory=lambda: list(EVENT_TYPES))
+
+
+class OutboxListParams(Params):
+    state: Literal["pending", "dead", "sent"] = "pending"
+    limit: int = Field(50, ge=1, le=1000)
+
+
+class OutboxRetryParams(Params):
+    id: int = Field(..., ge=1)
 
 
 class PlatformCallParams(Params):
@@ -85,10 +95,12 @@ class AuthGuard:
 
 
 class Api:
-    def __init__(self, hub: Hub, platform: Platform, status: Callable[[], dict[str, Any]],
-                 clients: dict[str, ClientConfig]) -> None:
+    def __init__(self, hub: Hub, platform: Platform, status: Callable[[], Awaitable[dict[str, Any]]],
+                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader) -> None:
         self.hub = hub
         self.platform = platform
+        self.store = store
+        self.uploader = uploader
         self.status_provider = status
         self.guard = AuthGuard(clients)
 
@@ -100,6 +112,10 @@ class Api:
             Method("verify_qr", VerifyQrParams, self.verify_qr),
             Method("subscribe", SubscribeParams, self.subscribe),
             Method("platform.call", PlatformCallParams, self.platform_call, scope="admin"),
+            Method("outbox.stats", NoParams, self.outbox_stats),
+            # records hold personal data (a physical card's use record has the holder's name)
+            Method("outbox.list", OutboxListParams, self.outbox_list, scope="admin"),
+            Method("outbox.retry", OutboxRetryParams, self.outbox_retry, scope="admin"),
         ]
 
     async def auth(self, session: Session, params: AuthParams) -> dict[str, Any]:
@@ -116,7 +132,7 @@ class Api:
         return {"ok": True, "client": found[0], "scopes": sorted(found[1])}
 
     async def status(self, session: Session, params: NoParams) -> dict[str, Any]:
-        return self.status_provider()
+        return await self.status_provider()
 
     async def read_card(self, session: Session, params: ReadCardParams) -> dict[str, Any]:
         result = await self.hub.read_card(params.kinds, params.timeout_s, params.step, params.verify)
@@ -142,6 +158,27 @@ class Api:
 
         session.cleanups.append(self.hub.listen(deliver))
         return {"subscribed": sorted(wanted)}
+
+    async def outbox_stats(self, session: Session, params: NoParams) -> dict[str, Any]:
+        return await self._store(self.store.stats())
+
+    async def outbox_list(self, session: Session, params: OutboxListParams) -> dict[str, Any]:
+        rows = await self._store(self.store.list(params.state, params.limit))
+        return {"state": params.state, "records": [r.to_json() for r in rows]}
+
+    async def outbox_retry(self, session: Session, params: OutboxRetryParams) -> dict[str, Any]:
+        if not await self._store(self.store.retry(params.id)):
+            raise ScanboxError(Reason.BAD_REQUEST, "no pending or dead record %d" % params.id)
+        logger.info("api: %s retries outbox record %d", session.client or session.transport, params.id)
+        self.uploader.wake()
+        return {"ok": True, "id": params.id}
+
+    @staticmethod
+    async def _store(call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            raise ScanboxError(Reason.DEVICE_ERROR, "the outbox is unavailable: %s" % exc) from None
 
     async def platform_call(self, session: Session, params: PlatformCallParams) -> dict[str, Any]:
         logger.info("api: %s calls platform operation %s", session.client or session.transport, params.operation)
