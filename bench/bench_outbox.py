@@ -1,0 +1,236 @@
+"""Outbox figures: durable enqueues per second, drain rate, and platform-back to empty backlog.
+
+    .venv/bin/python bench/bench_outbox.py [--records 10000]
+
+- enqueue: records committed (WAL, synchronous=FULL, fsync) one at a time, and from 64
+  concurrent producers (commits are grouped: one fsync for all that arrived together);
+- drain: a backlog uploaded by the real uploader and adapter to the RHC simulator running in its
+  own process at zero latency; beside it, the same adapter without the outbox, and the rate the
+  simulator takes from a lean raw client, so it can be read off which side limits the drain;
+- platform back: the backlog waits while the platform is down (the uploader backs off), then the
+  simulator starts; time to the first upload and to an empty outbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+from agent.config import validate  # noqa: E402
+from agent.model import UsageRecord, now_local  # noqa: E402
+from agent.outbox import Store, Uploader  # noqa: E402
+from agent.platforms.base import VerifyRequest  # noqa: E402
+from agent.platforms.rhc import RhcPlatform  # noqa: E402
+from agent.qr import QrKind  # noqa: E402
+from agent.simulator.rhc import default_residents  # noqa: E402
+from drivers.base import Backoff  # noqa: E402
+from tests.conftest import config_dict  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_simulator(port: int) -> subprocess.Popen:
+    sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "rhc", "--listen", "127.0.0.1:%d" % port],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sim.stdout.readline()  # printed once it listens
+    return sim
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def platform_for(port: int, tmp: Path) -> RhcPlatform:
+    data = config_dict(None, tmp)
+    data["platform"]["endpoint"] = "http://127.0.0.1:%d/healthCard/services/elecHealthCardWebSevice" % port
+    config = validate(data)
+    return RhcPlatform(config.platform, config.site, tmp)
+
+
+def records(platform: RhcPlatform, n: int) -> list[UsageRecord]:
+    codes = [r.static_qr for r in default_residents() if r.status == "1"]
+    return [platform.verify_record(VerifyRequest(codes[i % len(codes)], QrKind.STATIC, now_local(), "010101", "01"),
+                                   "scan-%d" % i) for i in range(n)]
+
+
+async def enqueue_rates(tmp: Path) -> tuple[float, float]:
+    store = Store(tmp / "enqueue.db")
+    await store.open()
+    one = [UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": "Q" * 66, "time": "2026-11-22 10:00:00"})
+           for _ in range(2000)]
+    started = time.perf_counter()
+    for r in one:
+        await store.enqueue(r)
+    sequential = len(one) / (time.perf_counter() - started)
+    many = [UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": "Q" * 66, "time": "2026-11-22 10:00:00"})
+            for _ in range(10000)]
+    queue = list(many)
+
+    async def producer() -> None:
+        while queue:
+            await store.enqueue(queue.pop())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(producer() for _ in range(64)))
+    concurrent = len(many) / (time.perf_counter() - started)
+    await store.close()
+    return sequential, concurrent
+
+
+async def drain(port: int, tmp: Path, n: int, in_flight: int) -> float:
+    platform = platform_for(port, tmp)
+    store = Store(tmp / ("drain-%d.db" % in_flight))
+    await store.open()
+    for r in records(platform, n):
+        await store.enqueue(r)
+    await platform.start()
+    uploader = Uploader(store, platform, max_in_flight=in_flight, backoff=Backoff(1, 300))
+    done = asyncio.Event()
+    uploader.on_change = lambda: done.set() if uploader.sent + uploader.dead >= n else None
+    started = time.perf_counter()
+    task = asyncio.get_running_loop().create_task(uploader.run())
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    task.cancel()
+    await store.close()
+    await platform.close()
+    if uploader.dead:
+        raise RuntimeError("%d records refused" % uploader.dead)
+    return n / elapsed
+
+
+async def adapter_alone(port: int, tmp: Path, n: int, concurrency: int) -> float:
+    """The same uploads through the same adapter, without the outbox: what the client side of
+    scanbox (zeep, httpx, the message checks) can push at this concurrency."""
+    platform = platform_for(port, tmp)
+    await platform.start()
+    todo = records(platform, n)
+
+    async def worker() -> None:
+        while todo:
+            await platform.upload(todo.pop())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    rate = n / (time.perf_counter() - started)
+    await platform.close()
+    return rate
+
+
+async def simulator_capacity(port: int, tmp: Path, n: int) -> float:
+    """Pre-built SOAP requests posted with aiohttp's lean client: the simulator's own limit."""
+    import aiohttp
+    from lxml import etree
+
+    from agent.platforms.rhc import build_xml
+    from agent.platforms.rhc_schema import OPERATIONS
+    from agent.simulator.soap import DEFAULT_NAMESPACE, SOAP_ENV
+
+    platform = platform_for(port, tmp)
+    bodies = []
+    for r in records(platform, n):
+        env = etree.Element("{%s}Envelope" % SOAP_ENV)
+        body = etree.SubElement(env, "{%s}Body" % SOAP_ENV)
+        call = etree.SubElement(body, "{%s}RHCMessageServer" % DEFAULT_NAMESPACE)
+        etree.SubElement(call, "action").text = platform.build_action(r.operation, r.guid)
+        etree.SubElement(call, "message").text = build_xml(OPERATIONS[r.operation].request, r.values)
+        bodies.append(etree.tostring(env))
+    await platform.close()
+    url = platform.endpoint
+
+    async with aiohttp.ClientSession() as session:
+        async def worker() -> None:
+            while bodies:
+                async with session.post(url, data=bodies.pop(), headers={"Content-Type": "text/xml"}) as response:
+                    if b"3005" not in await response.read():
+                        raise RuntimeError("the simulator did not verify a pre-built request")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(8)))
+        return n / (time.perf_counter() - started)
+
+
+async def platform_back(tmp: Path, n: int, outage_s: float) -> tuple[float, float, float]:
+    port = free_port()
+    platform = platform_for(port, tmp)
+    store = Store(tmp / "back.db")
+    await store.open()
+    for r in records(platform, n):
+        await store.enqueue(r)
+    uploader = Uploader(store, platform, max_in_flight=4, backoff=Backoff(1, 300))  # the default backoff
+    task = asyncio.get_running_loop().create_task(uploader.run())
+    await asyncio.sleep(outage_s)  # the platform is down this long
+    waited = uploader.resume_at - time.time()
+    sim = start_simulator(port)
+    back = time.perf_counter()
+    first = asyncio.Event()
+    done = asyncio.Event()
+
+    def changed() -> None:
+        if uploader.sent:
+            first.set()
+        if uploader.sent >= n:
+            done.set()
+
+    uploader.on_change = changed
+    await first.wait()
+    first_at = time.perf_counter() - back
+    await done.wait()
+    empty_at = time.perf_counter() - back
+    task.cancel()
+    await store.close()
+    await platform.close()
+    stop(sim)
+    return max(waited, 0.0), first_at, empty_at
+
+
+async def main(n: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="scanbox-bench-outbox-"))
+    sequential, concurrent = await enqueue_rates(tmp)
+    print("outbox benchmark (%s)" % tmp)
+    print("  durable enqueue, one at a time     %8.0f records/s  (target >= 500)" % sequential)
+    print("  durable enqueue, 64 producers      %8.0f records/s  (grouped commits)" % concurrent)
+    port = free_port()
+    sim = start_simulator(port)
+    try:
+        for in_flight in (1, 4, 8):
+            rate = await drain(port, tmp, n, in_flight)
+            alone = await adapter_alone(port, tmp, n, in_flight)
+            print("  drain, %d in flight                 %8.0f records/s  (the adapter without the outbox: "
+                  "%.0f/s)" % (in_flight, rate, alone))
+        raw = await simulator_capacity(port, tmp, n)
+        print("  the simulator itself, raw HTTP      %8.0f requests/s  (pre-built SOAP, 8 at once: what it "
+              "can take)" % raw)
+    finally:
+        stop(sim)
+    outage = float(os.environ.get("BENCH_OUTAGE_S", "20"))
+    waited, first, empty = await platform_back(tmp, n, outage)
+    print("  platform back after a %.0f s outage: backoff had %.1f s to go; first upload after %.1f s, "
+          "%d records uploaded after %.1f s" % (outage, waited, first, n, empty))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=10000)
+    asyncio.run(main(parser.parse_args().records))
