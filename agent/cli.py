@@ -132,7 +132,7 @@ def _config_check(args: argparse.Namespace) -> int:
         return 1
     if not args.quiet:
         print("%s: OK" % args.file)
-        print(_toml(configuration.dump(config)))
+        print(configuration.to_toml(configuration.dump(config)))
     return 0
 
 
@@ -263,26 +263,3 @@ def _api(args: argparse.Namespace) -> int:
             if response.get("id") in (1, "auth"):
                 return 1 if "error" in response else 0
     return 1
-
-
-def _toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A plain TOML rendering for `config check` (tomllib only reads)."""
-    lines: list[str] = []
-    tables = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif value is not None:
-            lines.append("%s = %s" % (key, json.dumps(value, ensure_ascii=False)))
-    out = []
-    if lines:
-        if prefix:
-            out.append("[%s]" % prefix)
-        out.extend(lines)
-        out.append("")
-    for key, value in tables:
-        rendered = _toml(value, "%s.%s" % (prefix, key) if prefix else key)
-        if rendered:
-            out.append(rendered)
-    return "\n".join(out).rstrip() + "\n" if out else ""
-

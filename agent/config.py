@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -350,6 +351,53 @@ def dump(config: Config) -> dict[str, Any]:
     out = config.model_dump(mode="json", exclude={"sources"})
     out["sources"] = {name: opts.model_dump(mode="json") for name, opts in config.sources.items()}
     return out
+
+
+def split_secrets(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A config mapping as (the config file's part, the secrets file's part)."""
+    secret = set(_secret_paths(Config, data))
+
+    def split(node: Mapping[str, Any], prefix: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        public: dict[str, Any] = {}
+        private: dict[str, Any] = {}
+        for key, value in node.items():
+            path = prefix + (key,)
+            if isinstance(value, Mapping):
+                pub, priv = split(value, path)
+                if pub or not priv:
+                    public[key] = pub
+                if priv:
+                    private[key] = priv
+            elif _join(path) in secret:
+                private[key] = value
+            else:
+                public[key] = value
+        return public, private
+
+    return split(data, ())
+
+
+def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """TOML text for a config mapping (tomllib only reads): what `config check` prints and what
+    provisioning writes. Values are strings, numbers, booleans and lists of them."""
+    lines: list[str] = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append("%s = %s" % (key, json.dumps(value, ensure_ascii=False)))
+    out = []
+    if lines:
+        if prefix:
+            out.append("[%s]" % prefix)
+        out.extend(lines)
+        out.append("")
+    for key, value in tables:
+        rendered = to_toml(value, "%s.%s" % (prefix, key) if prefix else key)
+        if rendered:
+            out.append(rendered)
+    return "\n".join(out).rstrip() + "\n" if out else ""
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -198,9 +198,7 @@ class Daemon:
 
     def _spawn_outbox_event(self) -> None:
         self._outbox_event_pending = False
-        task = asyncio.get_running_loop().create_task(self._publish_outbox())
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._spawn(self._publish_outbox())
 
     async def _publish_outbox(self) -> None:
         stats = await self._outbox_stats()
@@ -209,7 +207,11 @@ class Daemon:
 
     def _send_status(self) -> None:
         self._status_pending = False
-        task = asyncio.get_running_loop().create_task(self._notify_status())
+        self._spawn(self._notify_status())
+
+    def _spawn(self, coro: Any) -> None:
+        """A short task that stop() waits for (or cancels)."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 

@@ -14,6 +14,7 @@ the problem (an alarm), the caller carries on without it, and the next write tri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -417,11 +418,9 @@ class Store:
     def _space_hint(self) -> str:
         """SQLite says "disk I/O error" or "database or disk is full": say what the disk says."""
         hints = []
-        try:
+        with contextlib.suppress(OSError):
             st = os.statvfs(self.path.parent)
             hints.append("%.1f MB free" % (st.f_bavail * st.f_frsize / 1e6))
-        except OSError:
-            pass
         soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
         if soft != resource.RLIM_INFINITY:
             hints.append("file size limit %d bytes" % soft)
@@ -429,10 +428,8 @@ class Store:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
-            except sqlite3.Error:
-                pass
             self._conn = None
 
 
@@ -450,10 +447,8 @@ class _Job:
         self._reply(None, exc)
 
     def _reply(self, value: Any, exc: BaseException | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon stopped while this ran
             self.loop.call_soon_threadsafe(_resolve, self.future, value, exc)
-        except RuntimeError:  # the loop is gone: the daemon stopped while this ran
-            pass
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -529,11 +524,9 @@ class Uploader:
             except StoreUnavailable:
                 wait = REOPEN_AFTER_S
             if wait:
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
-                except TimeoutError:
-                    pass
 
     async def _until_due(self) -> float:
         # never more than a minute: a retry from the CLI (another process) is seen within it

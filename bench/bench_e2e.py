@@ -30,37 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.simulator.rhc import default_residents  # noqa: E402
-
-CONFIG = """\
-[device]
-id = "bench"
-state_dir = "{state}"
-log_level = "warning"
-[site]
-org_code = "45600001X"
-department = "5500"
-hospital_code = "QH0001"
-hospital_name = "西宁市第一人民医院"
-city_code = "630100"
-city_name = "西宁市"
-[platform]
-kind = "rhc"
-endpoint = "http://127.0.0.1:{port}/healthCard/services/elecHealthCardWebSevice"
-timeout_s = 5
-[platform.rhc]
-org_id = "QH0001"
-user_name = "scanbox"
-[api]
-unix = "{sock}"
-unix_group = ""
-[scans]
-dedupe_s = 0
-hold_s = 0
-[sources.counter]
-driver = "serial_scanner"
-port = "{tty}"
-"""
-
+from tests.conftest import config_dict, write_config  # noqa: E402
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,10 +77,10 @@ async def run(scans: int, children: list[subprocess.Popen]) -> None:
     tty.setraw(master)
     tty_path = os.ttyname(slave)
     os.close(slave)
-    (tmp / "scanbox.toml").write_text(CONFIG.format(state=tmp / "state", port=port, sock=tmp / "api.sock",
-                                                    tty=tty_path), encoding="utf-8")
-    (tmp / "secrets.toml").write_text('[platform.rhc]\nuser_pwd = "scanbox-secret"\n')
-    (tmp / "secrets.toml").chmod(0o600)
+    data = config_dict(None, tmp, device={"id": "bench", "log_level": "warning"},
+                       sources={"counter": {"driver": "serial_scanner", "port": tty_path}})
+    data["platform"]["endpoint"] = "http://127.0.0.1:%d/healthCard/services/elecHealthCardWebSevice" % port
+    write_config(tmp, data)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify.sock"))
     started = time.perf_counter()

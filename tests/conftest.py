@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.config import Config, validate
+from agent.config import Config, split_secrets, to_toml, validate
 from agent.daemon import Daemon
 from agent.demo import DEMO_SITE
 from agent.simulator.rhc import RhcSimulator
@@ -65,6 +65,17 @@ def config_dict(sim_server: SimServer | None, tmp_path: Path, **sections: Any) -
 
 def make_config(sim_server: SimServer | None, tmp_path: Path, **sections: Any) -> Config:
     return validate(config_dict(sim_server, tmp_path, **sections))
+
+
+def write_config(directory: Path, data: dict[str, Any]) -> tuple[Path, Path]:
+    """The files a box has: scanbox.toml and secrets.toml (0600), secrets split out."""
+    public, secrets = split_secrets(data)
+    config = directory / "scanbox.toml"
+    config.write_text(to_toml(public), encoding="utf-8")
+    secrets_file = directory / "secrets.toml"
+    secrets_file.write_text(to_toml(secrets), encoding="utf-8")
+    secrets_file.chmod(0o600)
+    return config, secrets_file
 
 
 class RpcClient:

@@ -551,3 +551,22 @@ def test_custom_qr_regexes_that_compile_are_kept(tmp_path: Path) -> None:
 def test_config_from_conftest_site_is_valid(tmp_path: Path) -> None:
     cfg = validate(config_dict(None, tmp_path))
     assert cfg.site.model_dump() == SITE
+
+
+def test_to_toml_round_trips_a_config_and_split_secrets_separates_them(tmp_path: Path) -> None:
+    from agent.config import split_secrets, to_toml
+    from tests.conftest import write_config
+
+    data = config_dict(None, tmp_path, api={"clients": {"his": {"token": "t0k", "scopes": ["read"]}}},
+                       sources={"counter": {"driver": "serial_scanner", "port": "/dev/ttyACM0",
+                                            "terminator": ["\r", "\n"], "charset": "gbk"}})
+    public, secrets = split_secrets(data)
+    assert secrets == {"platform": {"rhc": {"user_pwd": "scanbox-secret"}},
+                       "api": {"clients": {"his": {"token": "t0k"}}}}
+    assert "user_pwd" not in to_toml(public) and "t0k" not in to_toml(public)
+    config_file, secrets_file = write_config(tmp_path, data)
+    loaded = load(config_file, secrets_file)
+    assert loaded.sources["counter"].terminator == ["\r", "\n"]
+    assert loaded.site.hospital_name == "西宁市第一人民医院"
+    assert loaded.api.clients["his"].token.get_secret_value() == "t0k"
+    assert tomllib.loads(to_toml(dump(loaded)))["site"] == dump(loaded)["site"]

@@ -23,37 +23,16 @@ import pytest
 
 from agent.simulator.rhc import RhcSimulator
 from agent.simulator.soap import SimServer
-from tests.conftest import RpcClient
+from tests.conftest import RpcClient, config_dict, write_config
 
 KILLS = int(os.environ.get("SCANBOX_CRASH_KILLS", "200"))
 
-CONFIG = """\
-[device]
-id = "crash-box"
-state_dir = "{state}"
-log_level = "info"
-[site]
-org_code = "45600001X"
-department = "5500"
-hospital_code = "QH0001"
-hospital_name = "西宁市第一人民医院"
-city_code = "630100"
-city_name = "西宁市"
-[platform]
-kind = "rhc"
-endpoint = "{endpoint}"
-timeout_s = 2
-[platform.rhc]
-org_id = "QH0001"
-user_name = "scanbox"
-[api]
-unix = "{socket}"
-unix_group = ""
-[outbox]
-backoff_initial = "20ms"
-backoff_max = "100ms"
-max_in_flight = 2
-"""
+def box_config(tmp_path: Path, endpoint: str) -> dict:
+    """A box whose outbox retries quickly, so one short life sees several uploads."""
+    data = config_dict(None, tmp_path, device={"id": "crash-box", "log_level": "info"},
+                       outbox={"backoff_initial": "20ms", "backoff_max": "100ms", "max_in_flight": 2})
+    data["platform"]["endpoint"] = endpoint
+    return data
 
 
 class Box:
@@ -62,12 +41,7 @@ class Box:
     def __init__(self, tmp_path: Path, endpoint: str) -> None:
         self.tmp_path = tmp_path
         self.socket = tmp_path / "api.sock"
-        self.config = tmp_path / "scanbox.toml"
-        self.config.write_text(CONFIG.format(state=tmp_path / "state", endpoint=endpoint, socket=self.socket),
-                               encoding="utf-8")
-        self.secrets = tmp_path / "secrets.toml"
-        self.secrets.write_text('[platform.rhc]\nuser_pwd = "scanbox-secret"\n')
-        self.secrets.chmod(0o600)
+        self.config, self.secrets = write_config(tmp_path, box_config(tmp_path, endpoint))
         self.log = open(tmp_path / "daemon.log", "ab")
         self.proc: asyncio.subprocess.Process | None = None
         self.notify_path = tmp_path / "notify.sock"

@@ -14,47 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.simulator.soap import SimServer
-from tests.conftest import PtyScanner, RpcClient
-
-CONFIG = """\
-[device]
-id = "counter-3"
-state_dir = "{state}"
-log_level = "debug"
-
-[site]
-org_code = "45600001X"
-department = "5500"
-hospital_code = "QH0001"
-hospital_name = "西宁市第一人民医院"
-city_code = "630100"
-city_name = "西宁市"
-
-[platform]
-kind = "rhc"
-endpoint = "{endpoint}"
-wsdl = "{wsdl}"
-timeout_s = 3
-
-[platform.rhc]
-org_id = "QH0001"
-user_name = "scanbox"
-
-[api]
-unix = "{socket}"
-unix_group = ""
-
-[sources.counter]
-driver = "serial_scanner"
-port = "{port}"
-reconnect_max_s = 0.2
-"""
-
-SECRETS = """\
-[platform.rhc]
-user_pwd = "scanbox-secret"
-"""
-
+from tests.conftest import PtyScanner, RpcClient, config_dict, write_config
 
 class NotifyListener:
     """The systemd side of sd_notify: a datagram socket the daemon reports to."""
@@ -83,14 +43,12 @@ class NotifyListener:
 
 @pytest.fixture
 def files(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
-    config = tmp_path / "scanbox.toml"
-    config.write_text(CONFIG.format(state=tmp_path / "state", endpoint=sim_server.endpoint,
-                                    wsdl=sim_server.wsdl_url, socket=tmp_path / "api.sock",
-                                    port=pty_scanner.path), encoding="utf-8")
-    secrets = tmp_path / "secrets.toml"
-    secrets.write_text(SECRETS)
-    secrets.chmod(0o600)
-    return config, secrets
+    data = config_dict(sim_server, tmp_path,
+                       device={"id": "counter-3", "log_level": "debug"},
+                       platform={"wsdl": sim_server.wsdl_url, "timeout_s": 3},
+                       sources={"counter": {"driver": "serial_scanner", "port": str(pty_scanner.path),
+                                            "reconnect_max_s": 0.2}})
+    return write_config(tmp_path, data)
 
 
 async def test_the_daemon_process_from_ready_to_sigterm(tmp_path, files, sim_server, pty_scanner):

@@ -13,17 +13,12 @@ import sys
 from pathlib import Path
 
 from agent.simulator.soap import Fault, SimServer
-from tests.conftest import RpcClient
-from tests.test_crash_safety import CONFIG
+from tests.conftest import RpcClient, write_config
+from tests.test_crash_safety import box_config
 
 
 async def test_a_full_disk_is_an_alarm_and_enqueueing_resumes_when_space_returns(tmp_path: Path, sim_server: SimServer):
-    config = tmp_path / "scanbox.toml"
-    config.write_text(CONFIG.format(state=tmp_path / "state", endpoint=sim_server.endpoint,
-                                    socket=tmp_path / "api.sock"), encoding="utf-8")
-    secrets = tmp_path / "secrets.toml"
-    secrets.write_text('[platform.rhc]\nuser_pwd = "scanbox-secret"\n')
-    secrets.chmod(0o600)
+    config, secrets = write_config(tmp_path, box_config(tmp_path, sim_server.endpoint))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.setblocking(False)
