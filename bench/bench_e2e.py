@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -26,22 +25,12 @@ import tty
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import free_port, percentile, start_simulator, stop  # noqa: E402
 
 from agent.simulator.rhc import default_residents  # noqa: E402
 from tests.conftest import config_dict, write_config  # noqa: E402
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
 
 def rss_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as fh:
@@ -57,21 +46,14 @@ async def main(scans: int) -> None:
         await run(scans, children)
     finally:
         for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop(child)
 
 
 async def run(scans: int, children: list[subprocess.Popen]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="scanbox-bench-"))
     port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "rhc", "--listen", "127.0.0.1:%d" % port],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sim = start_simulator(port)
     children.append(sim)
-    sim.stdout.readline()  # the simulator prints its endpoint once it listens
 
     master, slave = os.openpty()
     tty.setraw(master)

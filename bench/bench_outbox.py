@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import free_port, start_simulator, stop  # noqa: E402
 
 
 from agent.config import validate  # noqa: E402
@@ -38,27 +36,6 @@ from agent.qr import QrKind  # noqa: E402
 from agent.simulator.rhc import default_residents  # noqa: E402
 from drivers.base import Backoff  # noqa: E402
 from tests.conftest import config_dict  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_simulator(port: int) -> subprocess.Popen:
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "rhc", "--listen", "127.0.0.1:%d" % port],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    sim.stdout.readline()  # printed once it listens
-    return sim
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def platform_for(port: int, tmp: Path) -> RhcPlatform:
