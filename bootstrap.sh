@@ -6,7 +6,8 @@ set -eu
 cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
-PACKAGES="python3 python3-venv python3-dev gcc"
+# fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
+PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei"
 
 missing=""
 for p in $PACKAGES; do

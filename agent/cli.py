@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     retry.set_defaults(func=_outbox, action="retry")
     actions.add_parser("purge-dead", help="delete every dead record").set_defaults(func=_outbox, action="purge-dead")
 
+    display = sub.add_parser("display", help="the OLED screens").add_subparsers(metavar="ACTION")
+    preview = display.add_parser("preview", help="write a screen as PNG, scaled up")
+    preview.add_argument("--screen", default="all", help="a screen name, or all (default)")
+    preview.add_argument("--size", default="128x64", choices=("128x64", "128x32"))
+    preview.add_argument("--out", type=Path, help="file (one screen) or directory (all); default: here")
+    preview.add_argument("--scale", type=int, default=4)
+    preview.add_argument("--font", type=Path, help="a CJK font file (default: WenQuanYi Zen Hei)")
+    preview.set_defaults(func=_display_preview)
+
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
     target = api.add_mutually_exclusive_group()
     target.add_argument("--socket", type=Path, help="Unix socket (default /run/scanbox/api.sock)")
@@ -168,6 +177,30 @@ def _simulate_rhc(args: argparse.Namespace) -> int:
         await server.close()
 
     asyncio.run(serve())
+    return 0
+
+
+def _display_preview(args: argparse.Namespace) -> int:
+    from agent.ui import Fonts, preview, samples
+
+    fonts = Fonts(args.font)
+    if not fonts.cjk:
+        print("no Chinese font found: showing the English screens (install fonts-wqy-zenhei)", file=sys.stderr)
+    screens = samples(fonts)
+    width, height = (int(v) for v in args.size.split("x"))
+    names = list(screens) if args.screen == "all" else [args.screen]
+    unknown = [n for n in names if n not in screens]
+    if unknown:
+        print("unknown screen %s; screens: %s" % (", ".join(unknown), ", ".join(screens)), file=sys.stderr)
+        return 2
+    for name in names:
+        if args.out is not None and args.screen != "all":
+            path = args.out
+        else:
+            path = (args.out or Path(".")) / ("%s-%dx%d.png" % (name, width, height))
+            path.parent.mkdir(parents=True, exist_ok=True)
+        preview(screens[name], (width, height), fonts, args.scale).save(path)
+        print(path)
     return 0
 
 

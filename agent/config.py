@@ -23,6 +23,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 import drivers
 from agent.codes import member_of, qwb002
+from drivers.display import Options as DisplayOptions
 
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
 DEFAULT_SECRETS = Path("/etc/scanbox/secrets.toml")
@@ -225,6 +226,7 @@ class Config(Section):
     scans: ScansConfig = ScansConfig()
     outbox: OutboxConfig = OutboxConfig()
     cache: CacheConfig = CacheConfig()
+    display: DisplayOptions | None = None  # the OLED; none configured: no screen
     # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
     sources: dict[str, Any] = {}
 

@@ -9,6 +9,7 @@ missing scanner is an alarm, not an exit (STYLE.md item 8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -26,14 +27,36 @@ from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
 from agent.qr import Classifier
 from agent.sdnotify import Notifier
+from agent.ui import Fonts, Ui
 from agent.verifier import Verifier
 from drivers.base import Backoff, Source
+from drivers.display import Display
 
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 1.0
 HOUSEKEEPING_S = 600.0
 OUTBOX_EVENT_DELAY_S = 0.1
+NETWORK_CHECK_S = 10.0
+
+
+def network_up(route_files: tuple[str, ...] = ("/proc/net/route", "/proc/net/ipv6_route")) -> bool:
+    """A default route on an interface other than loopback, IPv4 or IPv6."""
+    for path in route_files:
+        try:
+            with open(path, encoding="ascii") as fh:
+                lines = fh.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if path.endswith("ipv6_route"):
+                # destination, prefix length ... device last
+                if len(fields) >= 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[-1] != "lo":
+                    return True
+            elif len(fields) >= 4 and fields[1] == "00000000" and fields[0] != "lo" and int(fields[3], 16) & 1:
+                return True  # Destination 0.0.0.0 and flags RTF_UP
+    return False
 
 
 class Daemon:
@@ -53,7 +76,14 @@ class Daemon:
         self.sources = sources if sources is not None else [
             drivers.source_module(options.driver).create(name, options)
             for name, options in config.sources.items()]
-        self.api = Api(self.hub, self.platform, self.status, config.api.clients, self.store, self.uploader)
+        self.display: Display | None = None
+        self.ui: Ui | None = None
+        if config.display is not None:
+            self.display = Display(config.display, on_change=self._display_changed)
+            self.ui = Ui(self.display.show, config.display.size, Fonts(config.display.font),
+                         result_s=config.display.result_s)
+        self.api = Api(self.hub, self.platform, self.status, config.api.clients, self.store, self.uploader,
+                       ui=self.ui)
         self.stream = StreamServer(Dispatcher(self.api.methods()), config.api)
         self.notifier = notifier or Notifier()
         self.started_at = time.monotonic()
@@ -62,6 +92,7 @@ class Daemon:
         self._platform_reachable: bool | None = None
         self._status_pending = False
         self._outbox_event_pending = False
+        self.network_up: bool | None = None
         self.uploader.on_change = self._outbox_changed
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
@@ -79,10 +110,17 @@ class Daemon:
         except OSError as exc:
             logger.error("state directory %s: %s", self.state_dir, exc)
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self.ui is not None and self.display is not None:
+            # first, so the screen hears of every source and scan from the start
+            self.hub.listen(self.ui.on_event)
+            self.display.start()
+            self._tasks.append(loop.create_task(self.ui.run(), name="ui"))
         self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
         await self.store.open()
         self._tasks.append(loop.create_task(self.uploader.run(), name="uploader"))
         self._tasks.append(loop.create_task(self._housekeeping(), name="housekeeping"))
+        self._tasks.append(loop.create_task(self._watch_network(), name="network"))
         sink = HubSink(self.hub, loop)
         for source in self.sources:
             try:
@@ -127,7 +165,10 @@ class Daemon:
         await self.stream.close()
         await self.hub.close()
         # drivers block while they release their devices: off the loop
-        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self.sources), return_exceptions=True)
+        stopping = [asyncio.to_thread(s.stop) for s in self.sources]
+        if self.display is not None:
+            stopping.append(asyncio.to_thread(self.display.stop))
+        await asyncio.gather(*stopping, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,6 +205,17 @@ class Daemon:
     def _alive(self) -> bool:
         return self.stream.serving()
 
+    async def _watch_network(self) -> None:
+        """Whether the box is on a network at all (a default route), apart from whether the
+        platform answers: the two tell a technician different things. Published on change."""
+        while True:
+            up = await asyncio.to_thread(network_up)
+            if up != self.network_up:
+                self.network_up = up
+                logger.info("network: %s", "up (default route)" if up else "DOWN: no default route")
+                self.hub.publish("status", {"network": {"up": up}})
+            await asyncio.sleep(NETWORK_CHECK_S)
+
     async def _housekeeping(self) -> None:
         """Personal data does not outstay its use: sent records after `outbox.retention`,
         cached identities after `cache.ttl`."""
@@ -190,6 +242,18 @@ class Daemon:
             self._status_pending = True
             asyncio.get_running_loop().call_later(STATUS_INTERVAL_S, self._send_status)
 
+    def _display_changed(self, connected: bool, error: str | None) -> None:
+        """From the display's thread: tell status subscribers (and kiosks) on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self.hub.publish, "status", {"display": self._display_status()})
+
+    def _display_status(self) -> dict[str, Any]:
+        if self.display is None or self.ui is None:
+            return {"configured": False, "connected": False}
+        return {"configured": True, "connected": self.display.connected, "model": self.display.options.describe(),
+                "error": self.display.error, "cjk_font": self.ui.fonts.cjk,
+                "screen": self.ui.screen.kind if self.ui.screen else None}
+
     def _outbox_changed(self) -> None:
         """Publish the outbox's counts (the display's pending badge, kiosks, tests), coalesced."""
         if not self._outbox_event_pending:
@@ -198,6 +262,7 @@ class Daemon:
 
     def _spawn_outbox_event(self) -> None:
         self._outbox_event_pending = False
+        self.network_up: bool | None = None
         self._spawn(self._publish_outbox())
 
     async def _publish_outbox(self) -> None:
@@ -243,6 +308,12 @@ class Daemon:
                               "recorded for upload" % self.store.unrecorded))
         if self.uploader.blocked:
             out.append(_alarm("OUTBOX_BLOCKED", "outbox", self.uploader.blocked))
+        if self.display is not None and not self.display.connected:
+            out.append(_alarm("DISPLAY_MISSING", self.display.options.describe(),
+                              self.display.error or "not connected"))
+        if self.ui is not None and not self.ui.fonts.cjk:
+            out.append(_alarm("DISPLAY_NO_CJK_FONT", "display", "no Chinese font (install fonts-wqy-zenhei): "
+                              "the screen shows English"))
         if outbox and outbox["dead"]:
             out.append(_alarm("OUTBOX_DEAD", "outbox", "%d records the platform refused; see `scanbox outbox "
                               "list --state dead`" % outbox["dead"]))
@@ -254,10 +325,10 @@ class Daemon:
             "device_id": self.device_id,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "network": {"up": self.network_up},
             "platform": self.platform.health().to_json(),
             "sources": [s.to_json() for s in self.hub.sources.values()],
-            # no display driver in this build: issue 6 adds it
-            "display": {"configured": False, "connected": False},
+            "display": self._display_status(),
             "outbox": dict(outbox, available=True) if outbox else {"available": False, "error": self.store.error},
             "alarms": self.alarms(outbox),
             "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting},

@@ -17,6 +17,7 @@ from agent.hub import EVENT_TYPES, Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
+from agent.ui import Ui
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class OutboxListParams(Params):
 
 class OutboxRetryParams(Params):
     id: int = Field(..., ge=1)
+
+
+class DisplayShowParams(Params):
+    lines: list[Annotated[str, Field(max_length=64)]] = Field(..., min_length=1, max_length=4)
+    seconds: float = Field(5.0, gt=0, le=300)
 
 
 class PlatformCallParams(Params):
@@ -96,8 +102,9 @@ class AuthGuard:
 
 class Api:
     def __init__(self, hub: Hub, platform: Platform, status: Callable[[], Awaitable[dict[str, Any]]],
-                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader) -> None:
+                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader, ui: Ui | None = None) -> None:
         self.hub = hub
+        self.ui = ui
         self.platform = platform
         self.store = store
         self.uploader = uploader
@@ -112,6 +119,7 @@ class Api:
             Method("verify_qr", VerifyQrParams, self.verify_qr),
             Method("subscribe", SubscribeParams, self.subscribe),
             Method("platform.call", PlatformCallParams, self.platform_call, scope="admin"),
+            Method("display.show", DisplayShowParams, self.display_show),
             Method("outbox.stats", NoParams, self.outbox_stats),
             # records hold personal data (a physical card's use record has the holder's name)
             Method("outbox.list", OutboxListParams, self.outbox_list, scope="admin"),
@@ -158,6 +166,12 @@ class Api:
 
         session.cleanups.append(self.hub.listen(deliver))
         return {"subscribed": sorted(wanted)}
+
+    async def display_show(self, session: Session, params: DisplayShowParams) -> dict[str, Any]:
+        if self.ui is None:
+            raise ScanboxError(Reason.NOT_SUPPORTED, "this box has no display configured")
+        self.ui.show_message(params.lines, params.seconds)
+        return {"shown": True, "seconds": params.seconds}
 
     async def outbox_stats(self, session: Session, params: NoParams) -> dict[str, Any]:
         return await self._store(self.store.stats())
