@@ -13,6 +13,7 @@ CJK font (a box built without fonts-wqy-zenhei) the same screens appear in Engli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -381,8 +382,6 @@ class Ui:
             self._wake.clear()
             until = self.refresh()
             delay = None if until is None else max(0.0, until - self.clock())
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
-            except TimeoutError:
-                pass
