@@ -132,8 +132,9 @@ async def test_backoff_delays_grow_and_are_capped(harness):
     assert len(gaps) == 6
     # jitter takes 50-100% of each delay: 0.04, 0.08, 0.16, then capped at 0.16
     assert gaps[0] >= 0.02 and gaps[2] >= 0.08
-    assert all(g < 0.16 + 0.1 for g in gaps)  # capped (plus scheduling slack)
-    assert max(gaps[3:]) < 0.26
+    # uncapped, the sixth delay would be 1.28 s (at least 0.64 with jitter); capped it is at most
+    # 0.16 s, and the margin below 0.64 is for a slow machine's scheduling
+    assert gaps[5] < 0.6
 
 
 async def test_a_permanent_rejection_goes_to_dead_letter_with_the_platforms_code(harness):
