@@ -93,8 +93,10 @@ class Fonts:
         self.path = next((p for p in candidates if p and p.is_file()), None)
         if self.path is not None:
             index = SHARP_INDEX if self.path.suffix == ".ttc" else 0
-            self.small = ImageFont.truetype(str(self.path), 12, index=index)
-            self.large = ImageFont.truetype(str(self.path), 16, index=index)
+            # BASIC layout: Pillow otherwise uses raqm when libfribidi happens to be installed,
+            # and glyphs land differently; horizontal Chinese needs no complex shaping
+            self.small = ImageFont.truetype(str(self.path), 12, index=index, layout_engine=ImageFont.Layout.BASIC)
+            self.large = ImageFont.truetype(str(self.path), 16, index=index, layout_engine=ImageFont.Layout.BASIC)
             self.cjk = True
         else:
             self.small = ImageFont.load_default(11)

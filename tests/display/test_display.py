@@ -327,3 +327,12 @@ def test_the_header_tells_network_down_from_platform_down(fonts):
     # the glyph left of "离线" changed from bars to a cross: the pictures differ in the header only
     changed = ImageChops.difference(platform_down.convert("L"), frames[-1].convert("L")).getbbox()
     assert changed is not None and changed[3] <= 14
+
+
+def test_text_layout_does_not_depend_on_which_system_libraries_are_installed(fonts):
+    """With libfribidi present Pillow would lay text out with raqm and put glyphs elsewhere:
+    the screens (and these references) would then differ from box to box."""
+    from PIL import ImageFont
+
+    assert fonts.small.layout_engine == ImageFont.Layout.BASIC
+    assert fonts.large.layout_engine == ImageFont.Layout.BASIC
