@@ -161,7 +161,7 @@ class Store:
                 (record.guid, record.operation, json.dumps(record.values, ensure_ascii=False),
                  record.scan_id, record.created_at, attempts, next_attempt_at, last_error))
             return int(cur.lastrowid or 0)
-        return await self._submit(insert)
+        return await self._submit(insert, stores=True)
 
     async def due(self, limit: int) -> list[Row]:
         """Pending records whose time has come, oldest first."""
@@ -275,11 +275,14 @@ class Store:
 
     # --- the database thread ---------------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], Any], write: bool = True) -> Any:
+    async def _submit(self, fn: Callable[[sqlite3.Connection], Any], write: bool = True,
+                      stores: bool = False) -> Any:
+        """Run `fn` in the store's thread. `stores`: it adds a record, and its success proves the
+        store can take records again (an update may succeed in WAL space a full disk still has)."""
         if self._thread is None:
             raise StoreUnavailable("the outbox is not open")
         loop = asyncio.get_running_loop()
-        job = _Job(fn, write, loop, loop.create_future())
+        job = _Job(fn, write, loop, loop.create_future(), stores)
         self._queue.put(job)
         return await job.future
 
@@ -346,7 +349,8 @@ class Store:
             for job in writes:
                 job.fail(error)
             return
-        self.error = None
+        if any(job.stores and exc is None for job, _, exc in results):
+            self.error = None
         for job, value, exc in results:
             if exc is None:
                 job.done(value)
@@ -439,6 +443,7 @@ class _Job:
     write: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    stores: bool = False
 
     def done(self, value: Any) -> None:
         self._reply(value, None)

@@ -215,3 +215,29 @@ async def test_a_full_database_fails_writes_and_recovers_when_space_returns(tmp_
 async def test_a_store_that_was_never_opened_refuses_plainly(tmp_path):
     with pytest.raises(StoreUnavailable):
         await Store(tmp_path / "x.db").enqueue(record(1))
+
+
+async def test_only_storing_a_record_clears_the_alarm_not_an_update_that_fits(tmp_path, monkeypatch):
+    """A full disk may still take an UPDATE in WAL space it already has: that is no sign that a
+    new record can be stored, so the alarm stays until one is."""
+    store = Store(tmp_path / "outbox.db")
+    connect = store._connect
+
+    def small(self_connect=connect):
+        conn = self_connect()
+        conn.execute("PRAGMA max_page_count = 12")
+        return conn
+
+    monkeypatch.setattr(store, "_connect", small)
+    await store.open()
+    first = await store.enqueue(record(0))
+    with pytest.raises(StoreUnavailable):
+        for i in range(1, 10000):
+            await store.enqueue(record(i, qr_code="Q" * 200, time=str(i)))
+    assert not store.available
+    await store.attempt_failed(first, "platform down", 0)  # an update in place succeeds...
+    assert not store.available  # ...and the alarm stays
+    await store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 100000"), write=False)
+    await store.enqueue(record(99999))
+    assert store.available
+    await store.close()
