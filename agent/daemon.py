@@ -191,9 +191,6 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self.stop()
 
-    def request_stop(self) -> None:
-        self._stopping.set()
-
     async def _watchdog(self, interval: float) -> None:
         while True:
             if self._alive():

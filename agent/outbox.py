@@ -62,7 +62,6 @@ CREATE TABLE IF NOT EXISTS identity_cache (
 );
 CREATE INDEX IF NOT EXISTS identity_cache_expiry ON identity_cache (expires_at);
 """
-STATES = ("pending", "sent", "dead")
 # after a failed open, wait this long before trying again (a full disk, a missing directory)
 REOPEN_AFTER_S = 10.0
 MAX_BATCH = 256

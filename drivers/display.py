@@ -94,7 +94,6 @@ class Display:
         self.on_change = on_change
         self.connected = False
         self.error: str | None = None
-        self.frames_drawn = 0
         self.device: Any = None  # the open luma device (its .image on the dummy: the last frame)
         self._frame: Any = None
         self._fresh = False
@@ -155,7 +154,6 @@ class Display:
                 continue
             try:
                 device.display(frame)
-                self.frames_drawn += 1
             except Exception as exc:  # luma.core.error.Error, OSError (EREMOTEIO when unplugged)
                 self._report(False, "lost while drawing: %s" % (exc or type(exc).__name__))
                 device = self.device = None
