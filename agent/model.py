@@ -119,15 +119,19 @@ class Scan:
     """One reading from one source: a QR code or a card.
 
     `payload` is the QR text for `qr` (decoded with the source's charset) and the card's fields
-    for cards. `raw` keeps the bytes as they came from the device. `decode_error` says why the
-    bytes could not be decoded; the scan is still delivered so nothing a patient shows is lost.
+    for cards (a JSON-able dict). `raw` keeps the bytes as they came from the device. `decode_error`
+    says why the bytes could not be decoded; the scan is still delivered so nothing a patient
+    shows is lost. A card reader also fills `identity` (source `card`): a card needs no platform
+    to say who it belongs to. Payload, raw bytes and identity are personal data and stay out of
+    the repr.
     """
 
     source: str
     kind: ScanKind
-    payload: Any
-    raw: bytes | None = None
+    payload: Any = field(repr=False)
+    raw: bytes | None = field(default=None, repr=False)
     decode_error: str | None = None
+    identity: "Identity | None" = field(default=None, repr=False)
     id: str = field(default_factory=new_scan_id)
     at: datetime = field(default_factory=now_local)
     monotonic: float = field(default_factory=time.monotonic)
@@ -148,6 +152,14 @@ class Scan:
         except LookupError as exc:
             raise ValueError("unknown charset %r" % charset) from exc
         return cls(source=source, kind=ScanKind.QR, payload=text, raw=data)
+
+    @classmethod
+    def from_card(cls, source: str, kind: ScanKind, identity: "Identity", fields: Mapping[str, Any],
+                  raw: bytes | None = None) -> "Scan":
+        """A card read: `fields` as the card holds them (JSON-able), `identity` mapped from them."""
+        if kind is ScanKind.QR:
+            raise ValueError("a card scan needs a card kind, not qr")
+        return cls(source=source, kind=kind, payload=dict(fields), raw=raw, identity=identity)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -420,3 +420,28 @@ async def test_a_second_daemon_does_not_steal_the_socket(box, tmp_path):
     await other.stop()
     client = await box.unix()
     assert (await client.call("status"))["device_id"] == "test-box"
+
+
+# --- cards: the reader says who it is; no platform round trip ----------------------------------
+
+async def test_a_card_scan_answers_read_card_with_the_cards_identity_and_only_for_its_kind(box):
+    from agent.model import Identity, IdentitySource, Scan, ScanKind
+
+    await box.start()
+    client = await box.unix()
+    qr_only = await read_card_task(client, timeout_s=10, kinds=["qr"])
+    cards = await read_card_task(client, timeout_s=10, kinds=["id_card"])
+    await box.waiting(2)
+    identity = Identity(IdentitySource.CARD, name="张三", sex="1", nation="01", id_type="01",
+                        id_number="110101199003071234", birthday="1990-03-07")
+    scan = Scan.from_card("idcard:desk", ScanKind.ID_CARD, identity,
+                          {"name": "张三", "id_number": "110101199003071234"}, raw=b"\x00" * 256)
+    assert "张三" not in repr(scan) and "110101199003071234" not in repr(scan)
+    box.daemon.hub.accept(scan)
+    result = (await cards)["result"]
+    assert result["scan"]["kind"] == "id_card" and result["scan"]["payload"]["name"] == "张三"
+    assert result["identity"]["source"] == "card" and result["identity"]["id_number"] == "110101199003071234"
+    assert result["verification"]["ok"] is True and result["verification"]["reason"] is None
+    assert not qr_only.done()
+    assert box.sim.sim.journal_for("RHC_E0003") == []
+    qr_only.cancel()
