@@ -165,7 +165,10 @@ class FsjsonConfig(Section):
     app_package_name: str = Field("scanbox", max_length=64)
     digest_type: str = Field("", max_length=32)
     enc_type: str = Field("", max_length=32)
-    qr_type: Literal["0"] = "0"  # 二维码类型: the spec defines only 0, dynamic
+    qr_type: str = Field("0", pattern=r"^[0-9]$")  # 二维码类型: the spec defines 0, dynamic
+    # "md5(appId|appSecret|timestamp)": scanbox reads "|" as a literal separator; "" signs the
+    # plain concatenation, for a platform that reads the formula that way
+    sign_separator: Literal["|", ""] = "|"
 
 
 class PlatformConfig(Section):

@@ -99,11 +99,13 @@ DEVICE_CODES = ReturnCodeTable("WSCallDLL.dll 返回值", [
     _rc("-102", "写配置文件失败", _T, Reason.INTERNAL),
 ])
 
-# Spec 003 2.2: the same list (it writes "认证字符串无效" for 10105), without the DLL's codes,
-# plus 10157; it has no 1020.
+# Spec 003 2.2: the same 10xxx list (it writes "认证字符串无效" for 10105) plus 10157. Its card
+# states differ: 1010 已挂失 and 1040 已注销 (spec 001: 1040 卡已作废, 1020 卡已注销); no 1020.
 FSJSON_RETURN_CODES = ReturnCodeTable("Foshan 电子健康卡接口返回代码", [
-    *(rc for rc in _SERVICE_CODES if rc.code != "1020"),
+    *(rc for rc in _SERVICE_CODES if not rc.code.startswith("10") or len(rc.code) == 5),
     _rc("10157", "绑定信息不匹配", _R, Reason.PLATFORM_REJECTED),
+    _rc("1010", "已挂失", _R, Reason.CARD_INACTIVE),
+    _rc("1040", "已注销", _R, Reason.CARD_INACTIVE),
 ])
 
 # 12.1 数据代码对照表, the dictionaries useCardInfo's fields are checked against.

@@ -29,8 +29,8 @@ class Credential:
     # another account or platform is not used
     scope: Mapping[str, str]
 
-    def age_s(self) -> float:
-        return max(0.0, time.time() - self.obtained_at)
+    def age_s(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.obtained_at)
 
 
 class CredentialCache:
@@ -38,11 +38,13 @@ class CredentialCache:
 
     def __init__(self, path: Path, scope: Mapping[str, str],
                  fetch: Callable[[], Awaitable[str]],
-                 still_valid: Callable[[Credential], bool] = lambda c: True) -> None:
+                 still_valid: Callable[[Credential], bool] = lambda c: True,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.scope = dict(scope)
         self._fetch = fetch
         self._still_valid = still_valid
+        self._clock = clock
         self._current: Credential | None = None
         self._lock = asyncio.Lock()
         self.refreshes = 0  # credentials fetched from the platform by this process
@@ -79,7 +81,7 @@ class CredentialCache:
             if current is not None:
                 return current.value  # refreshed by the caller we waited for
             value = await self._fetch()
-            credential = Credential(value, time.time(), self.scope)
+            credential = Credential(value, self._clock(), self.scope)
             self._current = credential
             self.refreshes += 1
             await asyncio.to_thread(self._save, credential)
