@@ -11,7 +11,8 @@ import pytest
 from agent.simulator.fsjson import FsjsonServer, FsjsonSimulator
 from agent.simulator.soap import Fault
 from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulator
-from tests.conftest import ADMIN_TOKEN
+from agent.config import ConfigError, validate
+from tests.conftest import ADMIN_TOKEN, config_dict
 from tests.platforms.test_fsjson import APP_ID, SECRET
 from tests.platforms.test_wondersgroup import ORG
 
@@ -81,3 +82,20 @@ async def test_fsjson_box_answers_not_supported_for_scans_and_keeps_serving(box,
     admin = await box.tcp(ADMIN_TOKEN)
     img = await admin.call("platform.call", {"operation": "getImg", "params": {"ehealthCardId": person.vuid}})
     assert img["resultCode"] == "10000" and img["data"]["QrCode"].startswith(person.vuid)
+
+
+@pytest.mark.parametrize("platform, where, text", [
+    ({"kind": "fsjson"}, "platform", "kind 'fsjson' needs a [platform.fsjson] section"),
+    ({"kind": "wondersgroup"}, "platform", "kind 'wondersgroup' needs a [platform.wondersgroup] section"),
+    ({"kind": "wondersgroup", "wondersgroup": {"org_code": "1", "user_name": "u", "pass_word": "p",
+                                              "med_stepcode": "020101"}},
+     "platform.wondersgroup.med_stepcode", "010105 收费"),
+    ({"kind": "fsjson", "fsjson": {"app_id": "a", "app_secret": "s", "sign_separator": ","}},
+     "platform.fsjson.sign_separator", ""),
+])
+def test_config_problems_name_their_key(tmp_path, platform, where, text):
+    data = config_dict(None, tmp_path)
+    data["platform"] = {"endpoint": "http://127.0.0.1:9/x", **platform}
+    with pytest.raises(ConfigError) as err:
+        validate(data)
+    assert any(p.path == where and text in p.message for p in err.value.problems), err.value.problems
