@@ -174,6 +174,12 @@ class FsjsonPlatform(Platform):
     async def start(self) -> None:
         if self.work_key.load() is not None:
             logger.info("platform fsjson: today's workKey from %s", self.work_key.path)
+            return
+        try:
+            await self.work_key.get()  # today's workKey now, not at the first request
+        except PlatformError as exc:
+            self._record_failure(exc)
+            logger.warning("platform fsjson not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -105,7 +105,9 @@ class WondersgroupPlatform(Platform):
                         self.auth.current.age_s() if self.auth.current else 0)
         try:
             await self.service.proxy()
-        except PlatformUnavailable as exc:
+            # an authKey now, so the first scan at the counter costs one round trip, not two
+            await self.auth.get()
+        except PlatformError as exc:
             self._record_failure(exc)
             logger.warning("platform wondersgroup not ready: %s (will retry when needed)", exc.message)
 

@@ -166,9 +166,18 @@ class Operation:
     required_nested: tuple[str, ...] = ()
 
 
+# the tables give qrCode "1Len", which no QR payload fits: taken as a slip for the 256 of spec
+# 000's ciphertext (static codes are 66 characters, dynamic ones 99)
 QR_CODE = Field("qrCode", "电子健康卡二维码内容", 256, True)
 
-# getAuthKey is the adapter's own business, not an operation a HIS calls
+# getAuthKey is the adapter's own business, not an operation a HIS calls. Spec text notes:
+# - syncCardInfo's input sample is cut off in the document (only its last lines, from
+#   terminalType, survive); the CardInfo table is followed.
+# - downQr's parameter table says szInput is "orgCode、userName、passWord" and szOutput has
+#   "authKey": copied from getAuthKey; its field table and sample (orgCode, authKey, name, zjlx,
+#   zjhm; empi, vuid, img) are followed.
+# - orgCode is 1-30 (getAuthKey), 1-50 (syncCardInfo, updateCardInfo) or 1-22 (virIdCardVerify,
+#   downQr) long by table; [platform.wondersgroup] org_code allows 30, what getAuthKey takes.
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("virIdCardVerify", "电子健康卡身份验证", (QR_CODE,), {"useCardInfo": USE_CARD_INFO}, ("useCardInfo",)),
     # cardInfo.peopleInfo is nested one level deeper; handled by check_operation

@@ -180,9 +180,9 @@ async def test_a_cached_key_of_another_account_is_not_used(wg_server, wg_sim, tm
     await p.close()
     wg_sim.user_name = "other"
     other = new_platform(wg_server, tmp_path, user_name="other")
+    assert other.auth.load() is None
     await other.start()
     try:
-        assert other.auth.current is None
         await other.verify_qr(scan(first(wg_sim, "袁宇阳").static_qr))
     finally:
         await other.close()
