@@ -18,6 +18,7 @@ import zeep.exceptions
 from lxml import etree
 from zeep.proxy import AsyncServiceProxy
 
+from agent.model import Reason, ScanboxError
 from agent.platforms import wsdl
 from agent.platforms.base import PlatformUnavailable
 from agent.platforms.rhc import _CheckedTransport, _http_error, _NotSoap, _preview
@@ -98,10 +99,13 @@ class SoapService:
             raise PlatformUnavailable("%s: %s" % (self.endpoint, _http_error(exc))) from None
         except _NotSoap as exc:
             raise PlatformUnavailable(str(exc)) from None
-        except (zeep.exceptions.Error, ValueError, TypeError) as exc:
-            # zeep refusing to build the request from our parameters: a bug or a site WSDL
-            # that does not match the spec
-            raise PlatformUnavailable("cannot build %s from the WSDL: %s" % (operation, exc)) from None
+        except (zeep.exceptions.ValidationError, ValueError, TypeError) as exc:
+            # zeep refusing to build the request from these parameters: a site WSDL that does
+            # not match the spec. Sending it again cannot help (an outbox record goes dead)
+            raise ScanboxError(Reason.BAD_REQUEST, "%s cannot be built from the platform's WSDL: %s"
+                               % (operation, exc)) from None
+        except zeep.exceptions.Error as exc:
+            raise PlatformUnavailable("%s: %s" % (operation, exc)) from None
         return parse_envelope(response.content, response.headers.get("content-type", ""), operation,
                               response.status_code)
 

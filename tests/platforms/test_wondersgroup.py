@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.config import validate
@@ -200,6 +201,38 @@ async def test_expired_auth_mid_traffic_20_concurrent_verifies_one_reauth(platfo
     verifies = wg_sim.journal_for("virIdCardVerify")
     assert sum(e.result_code == "10105" for e in verifies) == 20  # each heard "expired" once ...
     assert sum(e.result_code == "10000" for e in verifies) == 21  # ... and was answered on its retry
+
+
+async def test_expiry_through_the_control_api(platform, wg_server, wg_sim):
+    qr = first(wg_sim, "袁宇阳").static_qr
+    await platform.verify_qr(scan(qr))
+    async with httpx.AsyncClient() as http:
+        expired = (await http.post("http://%s:%d/_sim/expire_auth" % (wg_server.host, wg_server.port))).json()
+    assert expired == {"expired": 1}
+    assert (await platform.verify_qr(scan(qr))).platform_code == "10000"
+    assert [e.result_code for e in wg_sim.journal] == ["10000", "10000", "10105", "10000", "10000"]
+
+
+async def test_a_site_wsdl_that_cannot_carry_the_parameters_is_a_bad_request(wg_sim, tmp_path):
+    # a site whose useCardInfo has no machineCode: zeep cannot build the request; trying again
+    # later cannot help, so it is not "platform unavailable"
+    wsdl = (Path(__file__).resolve().parents[2] / "agent" / "platforms" / "wsdl" / "wondersgroup.wsdl")
+    text = wsdl.read_text(encoding="utf-8").replace('<xsd:element name="machineCode" type="xsd:string" '
+                                                    'minOccurs="0"/>', "")
+    (tmp_path / "site.wsdl").write_text(text, encoding="utf-8")
+    server = await WondersgroupServer(wg_sim).start("127.0.0.1", 0)
+    data = wg_config_dict(server, tmp_path)
+    data["platform"]["wsdl"] = str(tmp_path / "site.wsdl")  # a file, as config allows
+    config = validate(data)
+    p = WondersgroupPlatform(config.platform, config.site, tmp_path / "state")
+    await p.start()
+    try:
+        with pytest.raises(ScanboxError) as err:
+            await p.verify_qr(scan(first(wg_sim, "袁宇阳").static_qr))
+        assert err.value.reason is Reason.BAD_REQUEST and "WSDL" in err.value.message
+    finally:
+        await p.close()
+        await server.close()
 
 
 async def test_an_auth_key_refused_right_after_refresh_is_an_auth_error_not_a_loop(wg_server, wg_sim, tmp_path):
