@@ -46,7 +46,7 @@ class CredentialCache:
         self._still_valid = still_valid
         self._clock = clock
         self._current: Credential | None = None
-        self._lock = asyncio.Lock()
+        self._inflight: asyncio.Task[str] | None = None
         self.refreshes = 0  # credentials fetched from the platform by this process
 
     @property
@@ -72,20 +72,30 @@ class CredentialCache:
         return credential
 
     async def get(self, stale: str | None = None) -> str:
-        """A credential to use. `stale`: the one the platform just refused."""
+        """A credential to use. `stale`: the one the platform just refused.
+
+        Callers that need a new credential while one is being fetched wait for that fetch and
+        share its result, or its failure: twenty callers and a platform that does not answer
+        cost one request and one timeout, not twenty in a row."""
         current = self._usable(stale)
         if current is not None:
             return current.value
-        async with self._lock:
-            current = self._usable(stale)
-            if current is not None:
-                return current.value  # refreshed by the caller we waited for
+        if self._inflight is None:
+            self._inflight = asyncio.get_running_loop().create_task(self._refresh())
+            self._inflight.add_done_callback(_retrieve)
+        # shielded: a caller that gives up (its own deadline) does not cancel the others' fetch
+        return await asyncio.shield(self._inflight)
+
+    async def _refresh(self) -> str:
+        try:
             value = await self._fetch()
             credential = Credential(value, self._clock(), self.scope)
             self._current = credential
             self.refreshes += 1
-            await asyncio.to_thread(self._save, credential)
-            return value
+        finally:
+            self._inflight = None
+        await asyncio.to_thread(self._save, credential)
+        return value
 
     def forget(self, value: str) -> None:
         if self._current is not None and self._current.value == value:
@@ -113,3 +123,9 @@ class CredentialCache:
         except OSError as exc:
             # the credential still works for this run; the next start fetches a new one
             logger.warning("cannot keep the platform credential in %s: %s", self.path, exc)
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    """A failed fetch whose callers all gave up is not an "exception never retrieved"."""
+    if not task.cancelled():
+        task.exception()

@@ -203,6 +203,19 @@ async def test_expired_auth_mid_traffic_20_concurrent_verifies_one_reauth(platfo
     assert sum(e.result_code == "10000" for e in verifies) == 21  # ... and was answered on its retry
 
 
+async def test_callers_waiting_for_a_failing_auth_share_its_failure(wg_server, wg_sim, tmp_path):
+    p = new_platform(wg_server, tmp_path)  # not started: no authKey yet
+    try:
+        wg_server.faults.add(Fault("http500"))  # getAuthKey fails once
+        results = await asyncio.gather(*(p.verify_qr(scan(first(wg_sim, "袁宇阳").static_qr)) for _ in range(20)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, PlatformUnavailable) for r in results)
+        assert wg_server.requests == 1  # one getAuthKey for twenty callers, not twenty in a row
+        assert (await p.verify_qr(scan(first(wg_sim, "袁宇阳").static_qr))).platform_code == "10000"
+    finally:
+        await p.close()
+
+
 async def test_expiry_through_the_control_api(platform, wg_server, wg_sim):
     qr = first(wg_sim, "袁宇阳").static_qr
     await platform.verify_qr(scan(qr))
