@@ -61,6 +61,10 @@ class FsjsonSimulator:
     def people(self) -> dict[str, Person]:
         return self._cards.people
 
+    @property
+    def dynamic_ttl_s(self) -> float:  # read by soap.py's /_sim/dynamic
+        return self._cards.dynamic_ttl_s
+
     def issue_dynamic(self, id_card: str, ttl_s: float | None = None) -> str:
         return self._cards.issue_dynamic(id_card, ttl_s)
 

@@ -302,3 +302,15 @@ def test_simulator_needs_the_app_block_and_a_timestamp(fs_sim):
     answer = fs_sim.handle("getWorkKey", {"appId": APP_ID, "app": app, "data": {"timestamp": "123", "sign": "x"}})
     assert answer["resultCode"] == 10110 and "timestamp" in answer["message"]
     assert json.dumps(fs_sim.handle("nope.do", {}), ensure_ascii=False).count("10112") == 1
+
+
+async def test_control_api(fs_server, fs_sim):
+    base = "http://%s:%d/_sim" % (fs_server.host, fs_server.port)
+    person = first(fs_sim, "袁宇阳")
+    async with httpx.AsyncClient() as http:
+        residents = (await http.get(base + "/residents")).json()
+        dynamic = (await http.post(base + "/dynamic", json={"id_card": person.people["zjhm"]})).json()
+        expired = (await http.post(base + "/expire_auth")).json()
+    assert {r["xm"] for r in residents} >= {"袁宇阳", "欧阳喆"}
+    assert DYNAMIC.match(dynamic["qr"]) and dynamic["qr"].startswith(person.vuid)
+    assert expired == {"expired": 0}
