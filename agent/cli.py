@@ -60,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     rhc.add_argument("--external-schema", action="store_true", help="serve the schema from ?xsd=1")
     rhc.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
     rhc.set_defaults(func=_simulate_rhc)
+    for name, title in (("wondersgroup", "spec 001, the wondersgroup healthCardService (SOAP)"),
+                        ("fsjson", "spec 003, the Foshan electronic health card JSON interface")):
+        other = sim.add_parser(name, help=title)
+        other.add_argument("--listen", default="127.0.0.1:8781", help="HOST:PORT (default %(default)s)")
+        other.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+        other.add_argument("--encoding", default="UTF-8", choices=("UTF-8", "GBK"), help="charset of the answers")
+        other.set_defaults(func=_simulate_other, platform=name)
+
+    wscall = cfg.add_parser("import-wscall", help="turn a DLL-era WSCallConfig.ini (spec 001) into a config "
+                            "and secrets file for platform wondersgroup")
+    wscall.add_argument("ini", type=Path)
+    wscall.add_argument("--out", type=Path, default=Path("."), help="directory for scanbox.toml and "
+                        "secrets.toml (default: the current one)")
+    wscall.add_argument("--force", action="store_true", help="replace existing files")
+    wscall.set_defaults(func=_import_wscall)
 
     outbox = sub.add_parser("outbox", help="usage records waiting for the platform")
     where = outbox.add_mutually_exclusive_group()
@@ -177,6 +192,43 @@ def _simulate_rhc(args: argparse.Namespace) -> int:
         await server.close()
 
     asyncio.run(serve())
+    return 0
+
+
+def _simulate_other(args: argparse.Namespace) -> int:
+    logs.setup("info")
+    from agent.simulator import standalone
+
+    host, port = configuration.parse_hostport(args.listen)
+    getattr(standalone, args.platform)(host, port, args.latency_ms, args.encoding)
+    return 0
+
+
+def _import_wscall(args: argparse.Namespace) -> int:
+    from agent import wscall
+
+    try:
+        imported = wscall.convert(args.ini.read_bytes())
+        config_path, secrets_path = wscall.write(imported, args.out, args.force)
+    except OSError as exc:
+        print("%s: %s" % (args.ini, exc.strerror or exc), file=sys.stderr)
+        return 1
+    except wscall.WscallError as exc:
+        print("%s: %s" % (args.ini, exc), file=sys.stderr)
+        return 1
+    except configuration.ConfigError as exc:
+        print("%s (%s): cannot make a valid config, %d problem%s:" % (
+            args.ini, imported.encoding, len(exc.problems), "" if len(exc.problems) == 1 else "s"), file=sys.stderr)
+        for problem in exc.problems:
+            print("  %s" % problem, file=sys.stderr)
+        return 1
+    print("%s (%s) -> %s, %s" % (args.ini, imported.encoding, config_path, secrets_path))
+    for line in imported.carried:
+        print("  carried over: %s" % line)
+    for line in imported.not_carried:
+        print("  NOT carried over: %s" % line)
+    print("Next: add [site], [sources.*] and [api] sections, then: scanbox config check %s --secrets %s"
+          % (config_path, secrets_path))
     return 0
 
 

@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       SecretStr, ValidationError, field_validator, model_validator)
 
 import drivers
-from agent.codes import member_of, qwb002
+from agent.codes import member_of, qwb002, wondersgroup
 from drivers.display import Options as DisplayOptions
 
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
@@ -134,13 +134,52 @@ class RhcConfig(Section):
         return self
 
 
+class WondersgroupConfig(Section):
+    """Credentials and useCardInfo defaults for spec 001 (wondersgroup healthCardService).
+    getAuthKey takes org_code/user_name/pass_word; the authKey it answers is kept in the state
+    directory, not here."""
+
+    org_code: str = Field(..., min_length=1, max_length=30)
+    user_name: str = Field(..., min_length=1, max_length=16)
+    pass_word: Secret
+    # useCardInfo of every virIdCardVerify (spec 001 6.3, dictionaries 12.1.x)
+    issuing_mode: Annotated[str, AfterValidator(member_of(wondersgroup.QR_CHANNEL, "spec 001 12.1.19"))] = "2"
+    dep_code: str = Field("5500", pattern=r"^[0-9]{4}$")
+    dep_type: Annotated[str, AfterValidator(member_of(wondersgroup.DEPARTMENT_TYPE, "spec 001 12.1.14"))] = "1"
+    # 机具号; the spec's fixed value when a scanner has no number of its own
+    machine_code: str = Field("SweepBlock", min_length=1, max_length=64)
+    med_stepcode: Annotated[str, AfterValidator(member_of(wondersgroup.MEDICAL_STEP, "spec 001 12.1.15"))] = "010101"
+    med_type: Annotated[str, AfterValidator(member_of(wondersgroup.MEDICAL_TYPE, "spec 001 12.1.18"))] = "2"
+    terminal_type: Annotated[str, AfterValidator(member_of(wondersgroup.TERMINAL_TYPE, "spec 001 6.3"))] = "1"
+
+
+class FsjsonConfig(Section):
+    """Spec 003 (Foshan JSON): the app registration every request carries in `app`, and the
+    appSecret getWorkKey signs with."""
+
+    app_id: str = Field(..., min_length=1, max_length=64)
+    app_secret: Secret
+    term_id: str = Field("", max_length=64)
+    version: str = Field("v1.1", max_length=16)
+    app_version: str = Field("1.1", max_length=16)
+    app_package_name: str = Field("scanbox", max_length=64)
+    digest_type: str = Field("", max_length=32)
+    enc_type: str = Field("", max_length=32)
+    qr_type: str = Field("0", pattern=r"^[0-9]$")  # 二维码类型: the spec defines 0, dynamic
+    # "md5(appId|appSecret|timestamp)": scanbox reads "|" as a literal separator; "" signs the
+    # plain concatenation, for a platform that reads the formula that way
+    sign_separator: Literal["|", ""] = "|"
+
+
 class PlatformConfig(Section):
-    kind: Literal["rhc"] = "rhc"
+    kind: Literal["rhc", "wondersgroup", "fsjson"] = "rhc"
     endpoint: str = Field(..., pattern=r"^https?://")
     wsdl: str | None = None  # URL or file; default: the WSDL shipped with scanbox
     timeout_s: float = Field(5.0, gt=0, le=120)
     tls_verify: bool | Path = True  # or the CA bundle of a private CA
     rhc: RhcConfig | None = None
+    wondersgroup: WondersgroupConfig | None = None
+    fsjson: FsjsonConfig | None = None
     qr: QrRules = QrRules()
 
     @field_validator("tls_verify")
@@ -154,6 +193,8 @@ class PlatformConfig(Section):
     def _kind_section(self) -> "PlatformConfig":
         if self.kind == "rhc" and self.rhc is None:
             raise ValueError("kind 'rhc' needs a [platform.rhc] section")
+        if getattr(self, self.kind) is None:
+            raise ValueError("kind %r needs a [platform.%s] section" % (self.kind, self.kind))
         return self
 
 

@@ -21,3 +21,17 @@ def test_the_example_config_and_secrets_load(tmp_path):
     assert config.site.sam == "45600001X5500"
     printed = repr(dump(config))
     assert "change-me" not in printed and "a-long-random-string" not in printed
+
+
+def test_the_platform_kind_examples_load(tmp_path):
+    loaded = {}
+    for kind in ("wondersgroup", "fsjson"):
+        secrets = tmp_path / ("%s.secrets.toml" % kind)
+        shutil.copy(ROOT / "config" / "examples" / ("%s.secrets.toml" % kind), secrets)
+        secrets.chmod(0o600)
+        loaded[kind] = load(ROOT / "config" / "examples" / ("%s.toml" % kind), secrets)
+        assert loaded[kind].platform.kind == kind
+        assert "change-me" not in repr(dump(loaded[kind]))
+    assert loaded["wondersgroup"].platform.wondersgroup.pass_word.get_secret_value() == "change-me"
+    assert loaded["wondersgroup"].platform.wondersgroup.machine_code == "SB-0001"
+    assert loaded["fsjson"].platform.fsjson.app_secret.get_secret_value() == "change-me"

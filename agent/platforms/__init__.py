@@ -14,4 +14,12 @@ def create(config: Config, state_dir: Path) -> Platform:
         from agent.platforms.rhc import RhcPlatform
 
         return RhcPlatform(config.platform, config.site, state_dir)
+    if config.platform.kind == "wondersgroup":
+        from agent.platforms.wondersgroup import WondersgroupPlatform
+
+        return WondersgroupPlatform(config.platform, config.site, state_dir)
+    if config.platform.kind == "fsjson":
+        from agent.platforms.fsjson import FsjsonPlatform
+
+        return FsjsonPlatform(config.platform, config.site, state_dir)
     raise ValueError("unknown platform kind %r" % config.platform.kind)

@@ -1,0 +1,102 @@
+"""The wondersgroup and fsjson platforms in the whole daemon, selected by `platform.kind`: the
+HIS API answers, the outbox drains through the wondersgroup adapter, and a platform without
+verification (fsjson) answers NOT_SUPPORTED while the box keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.simulator.fsjson import FsjsonServer, FsjsonSimulator
+from agent.simulator.soap import Fault
+from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulator
+from agent.config import ConfigError, validate
+from tests.conftest import ADMIN_TOKEN, config_dict
+from tests.platforms.test_fsjson import APP_ID, SECRET
+from tests.platforms.test_wondersgroup import ORG
+
+
+@pytest.fixture
+async def wg_server():
+    server = await WondersgroupServer(WondersgroupSimulator(org_code=ORG)).start("127.0.0.1", 0)
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def fs_server():
+    server = await FsjsonServer(FsjsonSimulator(app_id=APP_ID, app_secret=SECRET)).start("127.0.0.1", 0)
+    yield server
+    await server.close()
+
+
+def wondersgroup(server: WondersgroupServer) -> dict:
+    return {"kind": "wondersgroup", "endpoint": server.endpoint, "wsdl": server.endpoint + "?wsdl",
+            "wondersgroup": {"org_code": ORG, "user_name": "scanbox", "pass_word": "scanbox-secret"}}
+
+
+async def test_wondersgroup_box_verifies_and_drains_its_outbox(box, wg_server):
+    await box.start(sources={}, platform=wondersgroup(wg_server),
+                    outbox={"backoff_initial": "50ms", "backoff_max": "200ms"})
+    client = await box.unix()
+    yuan = next(iter(wg_server.sim.people.values()))
+    online = await client.call("verify_qr", {"qr": yuan.static_qr})
+    assert online["verification"]["ok"] and online["identity"]["name"] == "袁宇阳"
+    assert online["identity"]["nation_text"] == "汉族" and online["identity"]["source"] == "platform"
+
+    wg_server.faults.add(Fault("http500", count=None))
+    offline = await client.call("verify_qr", {"qr": yuan.static_qr, "step": "010105"})
+    assert offline["verification"]["offline"] and offline["identity"]["source"] == "cache"
+    await box.events.wait("status", lambda d: d.get("outbox", {}).get("pending") == 1, timeout=10)
+    wg_server.faults.clear()
+    await box.events.wait("status", lambda d: d.get("outbox", {}).get("sent") == 1, timeout=10)
+    deferred = wg_server.sim.journal_for("virIdCardVerify")[-1]
+    assert deferred.result_code == "10000" and deferred.values["useCardInfo"]["medStepcode"] == "010105"
+
+    status = await client.call("status")
+    assert status["platform"]["kind"] == "wondersgroup" and status["platform"]["credential_age_s"] is not None
+    admin = await box.tcp(ADMIN_TOKEN)
+    qr = await admin.call("platform.call", {"operation": "downQr", "params": {
+        "name": "袁宇阳", "zjlx": "01", "zjhm": yuan.people["zjhm"]}})
+    assert qr["data"]["vuid"] == yuan.vuid
+
+
+async def test_fsjson_box_answers_not_supported_for_scans_and_keeps_serving(box, fs_server):
+    await box.start(platform={"kind": "fsjson", "endpoint": fs_server.endpoint,
+                              "fsjson": {"app_id": APP_ID, "app_secret": SECRET}})
+    client = await box.unix()
+    person = next(iter(fs_server.sim.people.values()))
+    waiting = asyncio.get_running_loop().create_task(client.request("read_card", {"timeout_s": 10}, timeout=15))
+    await box.waiting(1)
+    box.scan(person.static_qr)
+    result = (await waiting)["result"]
+    assert result["scan"]["payload"] == person.static_qr  # the code, raw, for the HIS
+    assert result["verification"]["ok"] is False and result["verification"]["reason"] == "NOT_SUPPORTED"
+    answer = await client.request("verify_qr", {"qr": person.static_qr})
+    assert answer["result"]["verification"]["reason"] == "NOT_SUPPORTED"
+    status = await client.call("status")
+    assert status["platform"]["kind"] == "fsjson" and status["outbox"]["pending"] == 0
+    # nothing was sent for the scans (the workKey is fetched at start, whatever comes)
+    assert [e.operation for e in fs_server.sim.journal] == ["getWorkKey"]
+
+    admin = await box.tcp(ADMIN_TOKEN)
+    img = await admin.call("platform.call", {"operation": "getImg", "params": {"ehealthCardId": person.vuid}})
+    assert img["resultCode"] == "10000" and img["data"]["QrCode"].startswith(person.vuid)
+
+
+@pytest.mark.parametrize("platform, where, text", [
+    ({"kind": "fsjson"}, "platform", "kind 'fsjson' needs a [platform.fsjson] section"),
+    ({"kind": "wondersgroup"}, "platform", "kind 'wondersgroup' needs a [platform.wondersgroup] section"),
+    ({"kind": "wondersgroup", "wondersgroup": {"org_code": "1", "user_name": "u", "pass_word": "p",
+                                              "med_stepcode": "020101"}},
+     "platform.wondersgroup.med_stepcode", "010105 收费"),
+    ({"kind": "fsjson", "fsjson": {"app_id": "a", "app_secret": "s", "sign_separator": ","}},
+     "platform.fsjson.sign_separator", ""),
+])
+def test_config_problems_name_their_key(tmp_path, platform, where, text):
+    data = config_dict(None, tmp_path)
+    data["platform"] = {"endpoint": "http://127.0.0.1:9/x", **platform}
+    with pytest.raises(ConfigError) as err:
+        validate(data)
+    assert any(p.path == where and text in p.message for p in err.value.problems), err.value.problems
