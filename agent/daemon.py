@@ -40,7 +40,12 @@ OUTBOX_EVENT_DELAY_S = 0.1
 NETWORK_CHECK_S = 10.0
 
 
-def network_up(route_files: tuple[str, ...] = ("/proc/net/route", "/proc/net/ipv6_route")) -> bool:
+# /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides /proc's top level (the same
+# tables: a process sees its own network namespace's)
+ROUTE_FILES = ("/proc/self/net/route", "/proc/self/net/ipv6_route")
+
+
+def network_up(route_files: tuple[str, ...] = ROUTE_FILES) -> bool:
     """A default route on an interface other than loopback, IPv4 or IPv6."""
     for path in route_files:
         try:
