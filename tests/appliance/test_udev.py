@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = sorted((ROOT / "systemd").glob("*.rules"))
 
 # udev(7): keys that only match, keys that only assign, keys that do both

@@ -13,7 +13,7 @@ import pytest
 
 from agent import cli, config as configuration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 VENV_SCANBOX = "/opt/scanbox/venv/bin/scanbox"  # where image/stage-scanbox installs it
 # scanbox.service explains (in its header) what the points above ~1.5 buy; more than this means
