@@ -3,13 +3,14 @@ stops the pings (and systemd, after WatchdogSec=, kills and restarts the daemon)
 
 The daemon runs as a process with NOTIFY_SOCKET and WATCHDOG_USEC, as systemd starts it. The
 loop is blocked from inside, the way a bug would block it: a test-only launcher (below, not in
-the package) installs a SIGUSR1 handler that, running on the loop's thread, sits in a read()
-until the test writes a byte. The daemon's other threads run on; only the loop stops.
+the package) installs a SIGUSR1 handler that, running on the loop's thread, says so and sits
+in a read() until the test writes a byte. The daemon's other threads run on; only the loop stops.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import os, signal, sys
 from agent import cli
 
 def stuck(signum, frame):
+    os.write(int(os.environ["SCANBOX_TEST_ENTERED_FD"]), b"x")
     os.read(int(os.environ["SCANBOX_TEST_STUCK_FD"]), 1)  # the loop's thread waits here
 
 signal.signal(signal.SIGUSR1, stuck)
@@ -47,7 +49,7 @@ class Systemd:
         self.sock.settimeout(timeout)
         try:
             return self.sock.recv(4096).decode().split("\n")
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: timeout 0, nothing queued
             return None
 
     def wait_for(self, line: str, timeout: float) -> float:
@@ -57,6 +59,11 @@ class Systemd:
             if message is not None and line in message:
                 return time.monotonic()
         raise TimeoutError("no %s within %.1f s" % (line, timeout))
+
+    def drain(self) -> None:
+        """Forget what is already queued."""
+        while self.next(0.0) is not None:
+            pass
 
     def pings_within(self, seconds: float) -> int:
         deadline = time.monotonic() + seconds
@@ -71,15 +78,17 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(tmp_path):
     config, secrets = write_config(tmp_path, config_dict(None, tmp_path))
     systemd = Systemd(tmp_path / "notify.sock")
     stuck_read, stuck_write = os.pipe()
+    entered_read, entered_write = os.pipe()
     env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": str(WATCHDOG_USEC),
-           "SCANBOX_TEST_STUCK_FD": str(stuck_read)}
+           "SCANBOX_TEST_STUCK_FD": str(stuck_read), "SCANBOX_TEST_ENTERED_FD": str(entered_write)}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "run", "--config", str(config), "--secrets", str(secrets)],
-                            env=env, pass_fds=(stuck_read,), stderr=subprocess.DEVNULL)
+                            env=env, pass_fds=(stuck_read, entered_write), stderr=subprocess.DEVNULL)
     try:
         systemd.wait_for("READY=1", 30)
         assert systemd.pings_within(10 * PING_S) >= 3  # alive: pinging
         proc.send_signal(signal.SIGUSR1)
-        systemd.pings_within(2 * PING_S)  # a ping may already be on its way
+        assert select.select([entered_read], [], [], 10)[0], "the loop never got stuck"
+        systemd.drain()  # pings sent before it did
         # blocked: ten ping intervals, five watchdog timeouts, and not one ping
         assert systemd.pings_within(10 * PING_S) == 0
         assert proc.poll() is None  # alive, just stuck: what only a watchdog notices
@@ -91,8 +100,8 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        os.close(stuck_read)
-        os.close(stuck_write)
+        for fd in (stuck_read, stuck_write, entered_read, entered_write):
+            os.close(fd)
         systemd.sock.close()
 
 
