@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -34,9 +35,9 @@ from drivers.display import Options as DisplayOptions, open_device
 
 logger = logging.getLogger(__name__)
 
-BOOT_FILE = Path("/boot/firmware/scanbox.toml")
 APPLIED_NAME = "scanbox-applied.toml"
 ERROR_NAME = "scanbox-error.txt"
+STAGING_PREFIX = ".provision-"
 
 
 @dataclass
@@ -119,7 +120,9 @@ def install(data: dict[str, Any], etc: Path) -> None:
     back as the daemon reads them before either replaces anything."""
     public, secrets = configuration.split_secrets(data)
     etc.mkdir(parents=True, exist_ok=True, mode=0o755)
-    staging = Path(tempfile.mkdtemp(prefix=".provision-", dir=etc))
+    for stale in etc.glob(STAGING_PREFIX + "*"):  # a power cut during an earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=etc))
     try:
         staged_config = _write(staging / configuration.DEFAULT_CONFIG.name, configuration.to_toml(public), 0o644)
         staged_secrets = _write(staging / configuration.DEFAULT_SECRETS.name, configuration.to_toml(secrets), 0o600)

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,15 +69,8 @@ def test_a_good_file_is_installed_and_wiped_from_the_boot_partition(boot, root, 
     assert peek.read_bytes() == b"\0" * size
     applied = (boot / provision.APPLIED_NAME).read_text(encoding="utf-8")
     assert "counter-7" in applied and not any(s in applied for s in SECRETS)
-    assert configuration.validate({**_toml(applied), "platform": {**_toml(applied)["platform"], "rhc": {
-        **_toml(applied)["platform"]["rhc"], "user_pwd": "x"}}}).device.id == "counter-7"
+    assert configuration.split_secrets(tomllib.loads(applied)) == (tomllib.loads(applied), {})
     assert outcome.screen_lines() == ["counter-7", "西宁市第一人民医院"]
-
-
-def _toml(text: str) -> dict:
-    import tomllib
-
-    return tomllib.loads(text)
 
 
 def test_a_bad_file_installs_nothing_and_says_what_is_wrong(boot, root, tmp_path):
@@ -128,6 +122,14 @@ def test_notepad_files_a_byte_order_mark_is_fine_gbk_is_named(boot, root, tmp_pa
     outcome = provision.provision(source, tmp_path / "other-root")
     assert not outcome.ok
     assert "not UTF-8" in str(outcome.problems[0]) and "GBK" in str(outcome.problems[0])
+
+
+def test_leftovers_of_an_interrupted_install_are_cleared(boot, root, tmp_path):
+    etc = provision.etc_dir(root)
+    (etc / ".provision-crashed").mkdir(parents=True)
+    (etc / ".provision-crashed" / "secrets.toml").write_text('[platform.rhc]\nuser_pwd = "old"\n')
+    assert provision.provision(technician_file(boot, tmp_path), root).ok
+    assert sorted(p.name for p in etc.iterdir()) == ["scanbox.toml", "secrets.toml"]
 
 
 def test_an_install_that_cannot_write_changes_nothing(boot, root, tmp_path):
