@@ -219,6 +219,11 @@ def _provision(args: argparse.Namespace) -> int:
     options = provision.display_options(args.source, provision.etc_dir(args.root))
     present = args.source.is_file()
     outcome = provision.provision(args.source, args.root)
+    if present:
+        try:  # for the daemon, which starts next and takes the screen over
+            provision.save_outcome(outcome, args.root / provision.OUTCOME_FILE.relative_to("/"))
+        except OSError as exc:
+            print("could not save the outcome for the display: %s" % exc, file=sys.stderr)
     if options is not None and present:
         provision.show(outcome, options)
     return 0 if outcome.ok else 1

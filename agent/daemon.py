@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import drivers
-from agent import __version__, platforms
+from agent import __version__, platforms, provision
 from agent.api.jsonrpc import Dispatcher
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
@@ -120,6 +120,9 @@ class Daemon:
             # first, so the screen hears of every source and scan from the start
             self.hub.listen(self.ui.on_event)
             self.display.start()
+            provisioned = provision.recent_outcome()
+            if provisioned is not None:  # first boot: the technician is looking at the screen
+                self.ui.show_provisioning(*provisioned)
             self._tasks.append(loop.create_task(self.ui.run(), name="ui"))
         self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
         await self.store.open()

@@ -17,10 +17,12 @@ the PC. Either way the outcome goes to the journal and the OLED.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 APPLIED_NAME = "scanbox-applied.toml"
 ERROR_NAME = "scanbox-error.txt"
 STAGING_PREFIX = ".provision-"
+# the outcome, for the daemon to show when it starts right after (on success it starts at once
+# and would replace the screen provisioning drew): scanbox-provision.service's RuntimeDirectory
+OUTCOME_FILE = Path("/run/scanbox-provision/outcome.json")
+OUTCOME_FRESH_S = 120.0
 
 
 @dataclass
@@ -198,6 +204,26 @@ def show(outcome: Outcome, options: DisplayOptions, opener: Callable[[DisplayOpt
         logger.warning("display: %s: %s", options.describe(), exc or type(exc).__name__)
         return None
     return device
+
+
+def save_outcome(outcome: Outcome, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = _write(path.with_suffix(".tmp"), json.dumps({"ok": outcome.ok, "lines": outcome.screen_lines()},
+                                                         ensure_ascii=False), 0o644)
+    os.replace(staged, path)
+
+
+def recent_outcome(path: Path | None = None) -> tuple[bool, list[str]] | None:
+    """The outcome of a provisioning that ran in the last couple of minutes (this boot), if any."""
+    path = path or OUTCOME_FILE
+    try:
+        age = time.time() - path.stat().st_mtime
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if age > OUTCOME_FRESH_S or not isinstance(data, dict) or not isinstance(data.get("lines"), list):
+        return None
+    return bool(data.get("ok")), [str(line) for line in data["lines"]]
 
 
 def _write(path: Path, text: str, mode: int | None = None) -> Path:

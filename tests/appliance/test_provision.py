@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from agent import config as configuration, provision
 from agent.config import to_toml
 from agent.ui import Fonts, Screen, render
-from tests.conftest import config_dict
+from tests.conftest import config_dict, until
 
 SECRETS = ("scanbox-secret", "his-token-0123456789")
 
@@ -181,3 +182,31 @@ def test_the_command_reports_to_the_journal_and_exits_non_zero_on_failure(boot, 
     assert good.returncode == 0, good.stderr
     assert "provisioned counter-9" in good.stderr
     assert (root / "etc" / "scanbox" / "secrets.toml").exists() and not source.exists()
+    # for the daemon, which starts next
+    assert provision.recent_outcome(root / "run" / "scanbox-provision" / "outcome.json") == (
+        True, ["counter-9", "西宁市第一人民医院"])
+
+
+async def test_the_daemon_starting_after_provisioning_shows_the_outcome(box, tmp_path, monkeypatch):
+    """On success the daemon starts at once and takes the screen over: it shows the outcome first."""
+    outcome = provision.Outcome(False, [configuration.ConfigProblem("platform.endpoint", "required")])
+    saved = tmp_path / "run" / "outcome.json"
+    provision.save_outcome(outcome, saved)
+    monkeypatch.setattr(provision, "OUTCOME_FILE", saved)
+    await box.start(sources={}, display={"model": "dummy"})
+    await until(lambda: box.daemon.ui.screen is not None and box.daemon.display.device is not None)
+    screen = box.daemon.ui.screen
+    assert (screen.kind, screen.title, screen.lines) == ("provisioning", "provision_failed",
+                                                         ("platform.endpoint: required",))
+
+
+def test_an_old_outcome_is_not_shown_again(tmp_path):
+    saved = tmp_path / "outcome.json"
+    provision.save_outcome(provision.Outcome(True, config=None, note=""), saved)
+    assert provision.recent_outcome(saved) is not None
+    old = time.time() - provision.OUTCOME_FRESH_S - 1
+    os.utime(saved, (old, old))
+    assert provision.recent_outcome(saved) is None
+    saved.write_text("not json")
+    assert provision.recent_outcome(saved) is None
+    assert provision.recent_outcome(tmp_path / "none.json") is None
