@@ -7,8 +7,8 @@ cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
-# systemd: systemd-analyze, which checks the units (tests/test_systemd.py); shellcheck: the image's
-# scripts (tests/test_image.py).
+# systemd: systemd-analyze, which checks the units (tests/appliance/test_systemd.py);
+# shellcheck: the image's scripts (tests/appliance/test_image.py).
 PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei systemd shellcheck"
 
 missing=""
