@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +152,48 @@ def test_the_device_groups_are_the_ones_udev_gives_the_devices():
     allowed = {v.split()[0] for v in u["Service.DeviceAllow"]}
     for major in ("char-ttyACM", "char-ttyUSB", "char-input", "char-i2c", "char-spi", "char-video4linux"):
         assert major in allowed
+
+
+def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
+    """ExecStart= as written, in the environment systemd gives it: STATE_DIRECTORY,
+    RUNTIME_DIRECTORY, CREDENTIALS_DIRECTORY (the secrets only there), no paths in the config."""
+    from agent.config import split_secrets, to_toml
+    from tests.appliance.test_watchdog import Systemd
+    from tests.conftest import config_dict
+
+    u = unit("scanbox.service")
+    data = config_dict(None, tmp_path)
+    del data["device"]["state_dir"], data["api"]["unix"], data["api"]["unix_group"]
+    public, secrets = split_secrets(data)
+    config = tmp_path / "etc" / "scanbox" / "scanbox.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(to_toml(public), encoding="utf-8")
+    name, _, _ = one(u, "Service.LoadCredential").partition(":")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / name).write_text(to_toml(secrets), encoding="utf-8")
+    (creds / name).chmod(0o400)
+    state = tmp_path / "var" / "lib" / one(u, "Service.StateDirectory")
+    runtime = tmp_path / "run" / one(u, "Service.RuntimeDirectory")
+    state.mkdir(parents=True)
+    runtime.mkdir(parents=True)
+    systemd = Systemd(tmp_path / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+    env.update(NOTIFY_SOCKET=str(systemd.path), STATE_DIRECTORY=str(state), RUNTIME_DIRECTORY=str(runtime),
+               CREDENTIALS_DIRECTORY=str(creds))
+    argv = shlex.split(one(u, "Service.ExecStart"))
+    argv = [str(Path(sys.executable).parent / "scanbox")] + [str(config) if a == str(configuration.DEFAULT_CONFIG)
+                                                            else a for a in argv[1:]]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        systemd.wait_for("READY=1", 30)
+        assert (runtime / "api.sock").is_socket()
+        assert (state / "outbox.db").is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        systemd.sock.close()
+    log = proc.stderr.read()
+    assert "ready as test-box" in log and "api: listening on unix:%s" % (runtime / "api.sock") in log
