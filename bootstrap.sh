@@ -7,7 +7,9 @@ cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
-PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei"
+# systemd: systemd-analyze, which checks the units (tests/appliance/test_systemd.py);
+# shellcheck: the image's scripts (tests/appliance/test_image.py).
+PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei systemd shellcheck"
 
 missing=""
 for p in $PACKAGES; do

@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--font", type=Path, help="a CJK font file (default: WenQuanYi Zen Hei)")
     preview.set_defaults(func=_display_preview)
 
+    prov = sub.add_parser("provision", help="first boot: install the technician's file from the boot partition")
+    prov.add_argument("--from", dest="source", type=Path, default=Path("/boot/firmware/scanbox.toml"),
+                      help="config and secrets in one file (default %(default)s); wiped once installed")
+    prov.add_argument("--root", type=Path, default=Path("/"), help="install under this directory "
+                      "instead of / (image builds, tests)")
+    prov.set_defaults(func=_provision)
+
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
     target = api.add_mutually_exclusive_group()
     target.add_argument("--socket", type=Path, help="Unix socket (default /run/scanbox/api.sock)")
@@ -254,6 +261,24 @@ def _display_preview(args: argparse.Namespace) -> int:
         preview(screens[name], (width, height), fonts, args.scale).save(path)
         print(path)
     return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    logs.setup("info")
+    from agent import provision
+
+    # the screen's address comes from the file itself, which is gone once it is installed
+    options = provision.display_options(args.source, provision.etc_dir(args.root))
+    present = args.source.is_file()
+    outcome = provision.provision(args.source, args.root)
+    if present:
+        try:  # for the daemon, which starts next and takes the screen over
+            provision.save_outcome(outcome, args.root / provision.OUTCOME_FILE.relative_to("/"))
+        except OSError as exc:
+            print("could not save the outcome for the display: %s" % exc, file=sys.stderr)
+    if options is not None and present:
+        provision.show(outcome, options)
+    return 0 if outcome.ok else 1
 
 
 def _outbox(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import drivers
-from agent import __version__, platforms
+from agent import __version__, platforms, provision
 from agent.api.jsonrpc import Dispatcher
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
@@ -40,7 +40,12 @@ OUTBOX_EVENT_DELAY_S = 0.1
 NETWORK_CHECK_S = 10.0
 
 
-def network_up(route_files: tuple[str, ...] = ("/proc/net/route", "/proc/net/ipv6_route")) -> bool:
+# /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides /proc's top level (the same
+# tables: a process sees its own network namespace's)
+ROUTE_FILES = ("/proc/self/net/route", "/proc/self/net/ipv6_route")
+
+
+def network_up(route_files: tuple[str, ...] = ROUTE_FILES) -> bool:
     """A default route on an interface other than loopback, IPv4 or IPv6."""
     for path in route_files:
         try:
@@ -115,6 +120,9 @@ class Daemon:
             # first, so the screen hears of every source and scan from the start
             self.hub.listen(self.ui.on_event)
             self.display.start()
+            provisioned = provision.recent_outcome()
+            if provisioned is not None:  # first boot: the technician is looking at the screen
+                self.ui.show_provisioning(*provisioned)
             self._tasks.append(loop.create_task(self.ui.run(), name="ui"))
         self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
         await self.store.open()

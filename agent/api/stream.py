@@ -58,7 +58,11 @@ class StreamServer:
         os.chmod(path, mode)
         if group:
             try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                gid = grp.getgrnam(group).gr_gid
+                # already its group (the daemon's own, as under scanbox.service): no chown, which
+                # the unit's system call filter (~@privileged) refuses
+                if os.stat(path).st_gid != gid:
+                    os.chown(path, -1, gid)
             except KeyError:
                 logger.warning("api: group %r does not exist; %s keeps its owner's group", group, path)
             except PermissionError:

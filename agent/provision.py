@@ -1,0 +1,251 @@
+"""First boot: the technician's one file on the boot partition becomes the box's configuration.
+
+`scanbox provision --from /boot/firmware/scanbox.toml` (scanbox-provision.service) reads the
+file a technician wrote on a PC (config and secrets together), validates all of it, and only then
+installs /etc/scanbox/scanbox.toml (0644) and /etc/scanbox/secrets.toml (0600, root's: the daemon
+gets it as a systemd credential). Both are written beside their final place, read back the way
+the daemon reads them, and renamed in; secrets.toml goes first and the unit needs both, so a
+power cut leaves either the old configuration or the new one, never a mix that runs.
+
+Then the file leaves the FAT partition, which anyone with a card reader can read: its bytes are
+overwritten before it is deleted, and `scanbox-applied.toml` (the same settings without the
+secrets) is left for the technician and for support. A bad file changes nothing: it stays where
+it is, with `scanbox-error.txt` beside it listing every problem, so the technician can fix it on
+the PC. Either way the outcome goes to the journal and the OLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from agent import config as configuration
+from agent.config import ConfigError, ConfigProblem
+from drivers.display import Options as DisplayOptions, open_device
+
+logger = logging.getLogger(__name__)
+
+APPLIED_NAME = "scanbox-applied.toml"
+ERROR_NAME = "scanbox-error.txt"
+STAGING_PREFIX = ".provision-"
+# the outcome, for the daemon to show when it starts right after (on success it starts at once
+# and would replace the screen provisioning drew): scanbox-provision.service's RuntimeDirectory
+OUTCOME_FILE = Path("/run/scanbox-provision/outcome.json")
+OUTCOME_FRESH_S = 120.0
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    problems: list[ConfigProblem] = field(default_factory=list)
+    config: configuration.Config | None = None
+    note: str = ""  # what the technician should know beyond the problems
+
+    def screen_lines(self) -> list[str]:
+        if self.ok and self.config is not None:
+            site = self.config.site
+            return [self.config.device.id or "scanbox", site.hospital_name or site.org_code]
+        if not self.problems:
+            return [self.note]
+        lines = [str(self.problems[0])]
+        if len(self.problems) > 1:
+            lines.append("+%d: %s" % (len(self.problems) - 1, ERROR_NAME))
+        return lines
+
+
+def etc_dir(root: Path = Path("/")) -> Path:
+    return root / configuration.DEFAULT_CONFIG.parent.relative_to("/")
+
+
+def provision(source: Path, root: Path = Path("/")) -> Outcome:
+    """Validate `source` and install it under `root`/etc/scanbox; never half-way."""
+    etc = etc_dir(root)
+    if not source.is_file():
+        problem = ConfigProblem(str(source), "no such file: nothing to provision")
+        logger.error("%s", problem)
+        return Outcome(False, [problem], note="nothing to provision")
+    try:
+        data = read(source)
+        config = configuration.validate(data)
+    except ConfigError as exc:
+        outcome = Outcome(False, exc.problems, note="nothing installed")
+        _report_failure(source, outcome)
+        return outcome
+    try:
+        install(data, etc)
+    except (OSError, ConfigError) as exc:
+        problems = exc.problems if isinstance(exc, ConfigError) else [ConfigProblem(str(etc), _oserror(exc))]
+        outcome = Outcome(False, problems, note="could not install into %s: nothing changed" % etc)
+        _report_failure(source, outcome)
+        return outcome
+    outcome = Outcome(True, config=config)
+    logger.info("provisioned %s from %s into %s", config.device.id or "this box", source, etc)
+    try:
+        consume(source, data)
+    except OSError as exc:
+        # installed, but the secrets are still on the card: say so loudly, and run anyway
+        outcome.note = "installed, but %s could not be wiped: %s" % (source, _oserror(exc))
+        logger.error("%s; delete it from the card by hand", outcome.note)
+    return outcome
+
+
+def read(source: Path) -> dict[str, Any]:
+    """The technician's file: UTF-8 (a byte-order mark, as Windows Notepad writes, is fine)."""
+    where = str(source)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(where, "no such file")], where) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(where, _oserror(exc))], where) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem(where, "not UTF-8 text: save it as UTF-8 (in Notepad: Save as, "
+                                         "Encoding UTF-8), not ANSI/GBK")], where) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(where, "not valid TOML: %s" % exc)], where) from None
+
+
+def install(data: dict[str, Any], etc: Path) -> None:
+    """scanbox.toml and secrets.toml into `etc`, atomically each, secrets first; both are read
+    back as the daemon reads them before either replaces anything."""
+    public, secrets = configuration.split_secrets(data)
+    etc.mkdir(parents=True, exist_ok=True, mode=0o755)
+    for stale in etc.glob(STAGING_PREFIX + "*"):  # a power cut during an earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=etc))
+    try:
+        staged_config = _write(staging / configuration.DEFAULT_CONFIG.name, configuration.to_toml(public), 0o644)
+        staged_secrets = _write(staging / configuration.DEFAULT_SECRETS.name, configuration.to_toml(secrets), 0o600)
+        configuration.load(staged_config, staged_secrets)  # what the daemon will see, or ConfigError
+        os.replace(staged_secrets, etc / configuration.DEFAULT_SECRETS.name)
+        os.replace(staged_config, etc / configuration.DEFAULT_CONFIG.name)
+        _fsync_dir(etc)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+
+
+def consume(source: Path, data: dict[str, Any]) -> None:
+    """Leave the settings without the secrets as scanbox-applied.toml; wipe and delete the file."""
+    public, _ = configuration.split_secrets(data)
+    header = ("# Installed in /etc/scanbox by scanbox provision on %s. The secrets were removed\n"
+              "# from this card. To change the box: edit, save as scanbox.toml with the secrets, reboot.\n\n"
+              % datetime.now().strftime("%Y-%m-%d %H:%M"))
+    _write(source.parent / APPLIED_NAME, header + configuration.to_toml(public))
+    (source.parent / ERROR_NAME).unlink(missing_ok=True)
+    # FAT frees clusters without clearing them: overwrite first, so the password is not left
+    # on the card for whoever reads its raw blocks
+    with open(source, "r+b") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        fh.write(b"\0" * size)
+        fh.flush()
+        os.fsync(fh.fileno())
+    source.unlink()
+    _fsync_dir(source.parent)
+
+
+def _report_failure(source: Path, outcome: Outcome) -> None:
+    logger.error("provisioning from %s failed (%s); %d problem%s:", source, outcome.note, len(outcome.problems),
+                 "" if len(outcome.problems) == 1 else "s")
+    for problem in outcome.problems:
+        logger.error("  %s", problem)
+    text = ("scanbox could not use %s (%s). Fix these and power the box on again:\n\n%s\n"
+            % (source.name, outcome.note, "\n".join("  %s" % p for p in outcome.problems)))
+    try:
+        _write(source.parent / ERROR_NAME, text.replace("\n", "\r\n"))  # read on Windows
+    except OSError as exc:
+        logger.warning("could not write %s: %s", source.parent / ERROR_NAME, _oserror(exc))
+
+
+def display_options(source: Path, etc: Path) -> DisplayOptions | None:
+    """The [display] of the technician's file, else of the installed config, else none: even a
+    file with problems elsewhere usually says where the screen is."""
+    for path in (source, etc / configuration.DEFAULT_CONFIG.name):
+        try:
+            section = tomllib.loads(path.read_text(encoding="utf-8-sig")).get("display")
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(section, dict):
+            try:
+                return DisplayOptions.model_validate(section)
+            except ValidationError:
+                continue
+    return None
+
+
+def show(outcome: Outcome, options: DisplayOptions, opener: Callable[[DisplayOptions], Any] = open_device) -> Any:
+    """Draw the outcome on the OLED, where it stays (the device persists) until the daemon draws;
+    returns the device, or None when there is no screen to draw on."""
+    from agent.ui import Fonts, Screen, render
+
+    screen = Screen("provisioning", title="provisioned" if outcome.ok else "provision_failed",
+                    lines=tuple(outcome.screen_lines()))
+    try:
+        device = opener(options)
+        device.display(render(screen, options.size, Fonts(options.font)))
+    except Exception as exc:  # luma.core.error.Error, OSError, ImportError: the journal has it all
+        logger.warning("display: %s: %s", options.describe(), exc or type(exc).__name__)
+        return None
+    return device
+
+
+def save_outcome(outcome: Outcome, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = _write(path.with_suffix(".tmp"), json.dumps({"ok": outcome.ok, "lines": outcome.screen_lines()},
+                                                         ensure_ascii=False), 0o644)
+    os.replace(staged, path)
+
+
+def recent_outcome(path: Path | None = None) -> tuple[bool, list[str]] | None:
+    """The outcome of a provisioning that ran in the last couple of minutes (this boot), if any."""
+    path = path or OUTCOME_FILE
+    try:
+        age = time.time() - path.stat().st_mtime
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if age > OUTCOME_FRESH_S or not isinstance(data, dict) or not isinstance(data.get("lines"), list):
+        return None
+    return bool(data.get("ok")), [str(line) for line in data["lines"]]
+
+
+def _write(path: Path, text: str, mode: int | None = None) -> Path:
+    """`mode` whatever the umask (the provisioning unit's is 0077); None on FAT, which has no modes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fd)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # some file systems refuse fsync on a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _oserror(exc: OSError) -> str:
+    return exc.strerror or str(exc)

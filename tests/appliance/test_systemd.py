@@ -1,0 +1,199 @@
+"""The systemd units: valid for systemd itself, hardened, and agreeing with the code they start."""
+
+from __future__ import annotations
+
+import re
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import cli, config as configuration
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "systemd"
+VENV_SCANBOX = "/opt/scanbox/venv/bin/scanbox"  # where image/stage-scanbox installs it
+# scanbox.service explains (in its header) what the points above ~1.5 buy; more than this means
+# a hardening line was lost
+MAX_EXPOSURE = {"scanbox.service": 2.0, "scanbox-provision.service": 2.0}
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    """A unit file as {Section.Key: [values]} (keys repeat: DeviceAllow=, ConditionPathExists=)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for line in (UNITS / name).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault("%s.%s" % (section, key.strip()), []).append(value.strip())
+    return out
+
+
+def one(u: dict[str, list[str]], key: str) -> str:
+    assert len(u[key]) == 1, key
+    return u[key][0]
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    assert path, "systemd-analyze comes with Debian's systemd package (bootstrap.sh installs it)"
+    return path
+
+
+@pytest.fixture
+def runnable_units(tmp_path: Path) -> list[Path]:
+    """The units with ExecStart= pointing at this checkout's scanbox: `verify` checks that the
+    command exists, and /opt/scanbox is only there on a box."""
+    here = Path(sys.executable).parent / "scanbox"
+    assert here.exists()
+    out = []
+    for path in sorted(UNITS.glob("*.service")):
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text(encoding="utf-8").replace(VENV_SCANBOX, str(here)), encoding="utf-8")
+        out.append(copy)
+    return out
+
+
+def test_systemd_analyze_verify_accepts_the_units(runnable_units, tmp_path):
+    assert [p.name for p in runnable_units] == ["scanbox-provision.service", "scanbox.service"]
+    proc = subprocess.run([systemd_analyze(), "verify", "--man=no", *map(str, runnable_units)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(MAX_EXPOSURE))
+def test_exposure_stays_low(name, tmp_path):
+    proc = subprocess.run([systemd_analyze(), "security", "--offline=true", str(UNITS / name)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    match = re.search(r"Overall exposure level for %s: ([0-9.]+)" % re.escape(name), proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE[name], proc.stdout
+
+
+def test_the_daemon_unit_is_notify_with_a_watchdog_and_a_start_limit():
+    u = unit("scanbox.service")
+    assert one(u, "Service.Type") == "notify"
+    assert one(u, "Service.WatchdogSec") == "30s"
+    assert one(u, "Service.Restart") == "on-failure"
+    assert int(one(u, "Unit.StartLimitBurst")) >= 3 and int(one(u, "Unit.StartLimitIntervalSec")) > 0
+    assert one(u, "Service.User") == "scanbox" and one(u, "Service.NoNewPrivileges") == "yes"
+    assert one(u, "Service.CapabilityBoundingSet") == ""
+    # no root, no DynamicUser (the device groups and the state's owner must be stable)
+    assert "Service.DynamicUser" not in u
+
+
+def test_the_command_line_is_one_the_cli_accepts():
+    for name, command in (("scanbox.service", "run"), ("scanbox-provision.service", "provision")):
+        argv = shlex.split(one(unit(name), "Service.ExecStart"))
+        assert argv[0] == VENV_SCANBOX and argv[1] == command
+        args = cli._parser().parse_args(argv[1:])
+        assert args.func is not None
+    run = cli._parser().parse_args(shlex.split(one(unit("scanbox.service"), "Service.ExecStart"))[1:])
+    assert run.config == configuration.DEFAULT_CONFIG
+    provision = unit("scanbox-provision.service")
+    source = cli._parser().parse_args(shlex.split(one(provision, "Service.ExecStart"))[1:]).source
+    assert provision["Unit.ConditionPathExists"] == [str(source)]
+
+
+def test_state_socket_and_secrets_are_where_the_code_looks(monkeypatch, tmp_path):
+    u = unit("scanbox.service")
+    # what systemd sets from StateDirectory=, RuntimeDirectory= and LoadCredential=
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/" + one(u, "Service.StateDirectory"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/" + one(u, "Service.RuntimeDirectory"))
+    config = configuration.validate({"platform": {"endpoint": "http://127.0.0.1:9/x", "rhc": {
+        "org_id": "QH0001", "user_name": "u", "user_pwd": "p"}}})
+    assert config.state_dir() == Path("/var/lib/scanbox")
+    assert config.unix_socket() == Path("/run/scanbox/api.sock")
+    name, _, source = one(u, "Service.LoadCredential").partition(":")
+    assert name == configuration.CREDENTIAL_NAME and Path(source) == configuration.DEFAULT_SECRETS
+    assert configuration.DEFAULT_CONFIG.parent == Path("/etc") / one(u, "Service.ConfigurationDirectory")
+    # unconfigured: both files are needed (LoadCredential= fails the start on a missing file)
+    assert sorted(u["Unit.ConditionPathExists"]) == sorted([str(configuration.DEFAULT_CONFIG),
+                                                            str(configuration.DEFAULT_SECRETS)])
+    # the socket's group is the unit's group (a local HIS joins it)
+    assert config.api.unix_group == one(u, "Service.Group")
+    # provisioning runs first
+    assert "scanbox-provision.service" in one(u, "Unit.After").split()
+    assert "scanbox.service" in one(unit("scanbox-provision.service"), "Unit.Before").split()
+
+
+def test_a_credentials_directory_is_found_without_flags(monkeypatch, tmp_path):
+    """`scanbox run --config FILE` with no --secrets, as the unit starts it."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / configuration.CREDENTIAL_NAME).write_text('[platform.rhc]\nuser_pwd = "from-credential"\n')
+    (creds / configuration.CREDENTIAL_NAME).chmod(0o400)  # as systemd leaves it
+    config = tmp_path / "scanbox.toml"
+    config.write_text('[platform]\nendpoint = "http://127.0.0.1:9/x"\n[platform.rhc]\norg_id = "Q"\n'
+                      'user_name = "u"\n')
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    loaded = configuration.load(config)
+    assert loaded.platform.rhc.user_pwd.get_secret_value() == "from-credential"
+
+
+def test_the_device_groups_are_the_ones_udev_gives_the_devices():
+    u = unit("scanbox.service")
+    groups = set(one(u, "Service.SupplementaryGroups").split())
+    rules = (ROOT / "systemd" / "70-scanbox.rules").read_text(encoding="utf-8")
+    given = set(re.findall(r'GROUP="([a-z0-9_-]+)"', rules))
+    assert given <= groups | {one(u, "Service.Group")}, given - groups
+    assert {"dialout", "input", "i2c", "spi", "video"} <= groups
+    assert one(u, "Service.DevicePolicy") == "closed"
+    allowed = {v.split()[0] for v in u["Service.DeviceAllow"]}
+    for major in ("char-ttyACM", "char-ttyUSB", "char-input", "char-i2c", "char-spi", "char-video4linux"):
+        assert major in allowed
+
+
+def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
+    """ExecStart= as written, in the environment systemd gives it: STATE_DIRECTORY,
+    RUNTIME_DIRECTORY, CREDENTIALS_DIRECTORY (the secrets only there), no paths in the config."""
+    from agent.config import split_secrets, to_toml
+    from tests.appliance.test_watchdog import Systemd
+    from tests.conftest import config_dict
+
+    u = unit("scanbox.service")
+    data = config_dict(None, tmp_path)
+    del data["device"]["state_dir"], data["api"]["unix"], data["api"]["unix_group"]
+    public, secrets = split_secrets(data)
+    config = tmp_path / "etc" / "scanbox" / "scanbox.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(to_toml(public), encoding="utf-8")
+    name, _, _ = one(u, "Service.LoadCredential").partition(":")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / name).write_text(to_toml(secrets), encoding="utf-8")
+    (creds / name).chmod(0o400)
+    state = tmp_path / "var" / "lib" / one(u, "Service.StateDirectory")
+    runtime = tmp_path / "run" / one(u, "Service.RuntimeDirectory")
+    state.mkdir(parents=True)
+    runtime.mkdir(parents=True)
+    systemd = Systemd(tmp_path / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+    env.update(NOTIFY_SOCKET=str(systemd.path), STATE_DIRECTORY=str(state), RUNTIME_DIRECTORY=str(runtime),
+               CREDENTIALS_DIRECTORY=str(creds))
+    argv = shlex.split(one(u, "Service.ExecStart"))
+    argv = [str(Path(sys.executable).parent / "scanbox")] + [str(config) if a == str(configuration.DEFAULT_CONFIG)
+                                                            else a for a in argv[1:]]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        systemd.wait_for("READY=1", 30)
+        assert (runtime / "api.sock").is_socket()
+        assert (state / "outbox.db").is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        systemd.sock.close()
+    log = proc.stderr.read()
+    assert "ready as test-box" in log and "api: listening on unix:%s" % (runtime / "api.sock") in log
