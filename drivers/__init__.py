@@ -15,6 +15,7 @@ SOURCE_DRIVERS: dict[str, str] = {
     "serial_scanner": "drivers.serial_scanner",
     "stdin": "drivers.stdin_scanner",
     "idcard": "drivers.idcard",
+    "hid": "drivers.hid",
 }
 
 
