@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
-PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei"
+# libzbar0: the zbar QR decoder behind pyzbar (decoder = "zbar" in a camera source).
+PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei libzbar0"
 
 missing=""
 for p in $PACKAGES; do

@@ -16,6 +16,7 @@ SOURCE_DRIVERS: dict[str, str] = {
     "stdin": "drivers.stdin_scanner",
     "idcard": "drivers.idcard",
     "hid": "drivers.hid",
+    "camera": "drivers.camera",
 }
 
 
