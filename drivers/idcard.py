@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -252,7 +253,10 @@ class SamLink:
 
     def transact(self, cmd: tuple[int, int], data: bytes = b"") -> Frame:
         # whatever is left from an answer we gave up on must not be taken for this one's
-        self.port.reset_input_buffer()
+        try:
+            self.port.reset_input_buffer()
+        except termios.error as exc:  # an unplugged tty fails tcflush with EIO, not as an OSError
+            raise serial.SerialException("cannot flush the port: %s" % exc.args[-1]) from exc
         self.parser.reset()
         self.port.write(command_frame(cmd[0], cmd[1], data))
         deadline = time.monotonic() + self.timeout_s

@@ -3,6 +3,7 @@ emulator (card on, card off, noise, corrupted and truncated frames, silence, a l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,24 @@ def test_a_reader_plugged_in_late_is_found(tmp_path: Path) -> None:
         source.stop()
 
 
+def test_an_unplugged_reader_is_reopened(tmp_path: Path) -> None:
+    emulator = SamEmulator(tmp_path)
+    source = make(emulator.path, reconnect_max_s=0.2)
+    sink = RecordingSink()
+    source.start(sink)
+    try:
+        sink.wait_connected(True)
+        emulator.close()  # unplugged: the pty and its by-id link are gone
+        sink.wait_connected(False)
+        emulator = SamEmulator(tmp_path)  # plugged back: a new tty behind the same name
+        sink.wait_connected(True)
+        emulator.insert()
+        assert sink.next("scan").identity.name == CARD["name"]
+    finally:
+        source.stop()
+        emulator.close()
+
+
 def test_probe_asks_the_sam_status(reader: SamEmulator) -> None:
     assert idcard.probe(str(reader.path)) == "SAM status 0x90 (ok)"
     reader.silent = True
@@ -208,3 +227,18 @@ def test_options_are_checked() -> None:
     assert "sources.reader.pol_s" in str(err.value)
     opts = validate_source("reader", {"driver": "idcard", "port": "spy:///dev/ttyUSB0"})
     assert opts.baud == 115200
+
+
+async def test_a_card_read_reaches_the_his(box, reader: SamEmulator) -> None:
+    await box.start(sources={"reader": {"driver": "idcard", "port": str(reader.path), "poll_s": 0.05}})
+    client = await box.unix()
+    task = asyncio.ensure_future(client.call("read_card", {"kinds": ["id_card"], "timeout_s": 10}))
+    await box.waiting(1)
+    reader.insert()
+    result = await task
+    assert result["scan"]["source"] == "idcard:reader" and result["scan"]["kind"] == "id_card"
+    assert result["identity"]["source"] == "card"
+    assert (result["identity"]["name"], result["identity"]["sex_text"], result["identity"]["nation_text"]) == (
+        "张三丰", "男性", "汉族")
+    assert result["verification"]["ok"] is True
+    assert result["scan"]["payload"]["issuer"] == CARD["issuer"]
