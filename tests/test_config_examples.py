@@ -21,3 +21,20 @@ def test_the_example_config_and_secrets_load(tmp_path):
     assert config.site.sam == "45600001X5500"
     printed = repr(dump(config))
     assert "change-me" not in printed and "a-long-random-string" not in printed
+
+
+def test_the_commented_source_examples_are_valid():
+    """Each commented `# [sources.NAME]` block, uncommented, is a valid section of its driver."""
+    import re
+    import tomllib
+
+    from agent.config import validate_source
+
+    text = (ROOT / "config" / "scanbox.example.toml").read_text(encoding="utf-8")
+    blocks = re.findall(r"^# \[sources\.([a-z0-9_-]+)\]\n((?:#.*\n)+)", text, re.M)
+    drivers = set()
+    for name, body in blocks:
+        lines = [line[2:] for line in body.splitlines() if line.startswith("# ") and not line.startswith("#  ")]
+        options = validate_source(name, tomllib.loads("\n".join(lines)))
+        drivers.add(options.driver)
+    assert drivers == {"hid", "camera", "idcard"}
