@@ -28,7 +28,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 from PIL import Image
@@ -449,8 +448,3 @@ class Camera(Source):
             self._stop.wait(max(0.0, self.min_interval - (time.monotonic() - started)))
         return "stopped"
 
-
-def decode_file(path: Path | str, decoder: str = "zxing") -> list[bytes]:
-    """Decode one image file (`scanbox doctor`, trying a photo by hand)."""
-    with Image.open(path) as image:
-        return make_decoder(decoder).decode(prepare(image, None, 1.0))

@@ -424,6 +424,7 @@ class HidScanner(Source):
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._failed: dict[str, str] = {}  # path -> why it could not be opened
+        self._next_rescan = 0.0
 
     def start(self, sink: ScanSink) -> None:
         self._stop.clear()
