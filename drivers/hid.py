@@ -15,6 +15,7 @@ scanner is grabbed again. No matching device is an alarm (`connected` false), ne
 
 from __future__ import annotations
 
+import codecs
 import errno
 import glob
 import logging
@@ -112,14 +113,26 @@ ENTER = "\n"
 TAB = "\t"
 
 
+KEYPAD_DIGITS = {K.KEY_KP0: 0, K.KEY_KP1: 1, K.KEY_KP2: 2, K.KEY_KP3: 3, K.KEY_KP4: 4,
+                 K.KEY_KP5: 5, K.KEY_KP6: 6, K.KEY_KP7: 7, K.KEY_KP8: 8, K.KEY_KP9: 9}
+
+
 class KeyDecoder:
     """Key events of one device -> the characters they type. Ignores everything but key presses
-    (releases only matter for modifiers; autorepeat is ignored: a scanner never holds a key)."""
+    (releases only matter for modifiers; autorepeat is ignored: a scanner never holds a key).
 
-    def __init__(self, layout: Layout, caps_lock: bool = False) -> None:
+    Alt codes, the way scanners type Chinese through a keyboard interface: left Alt held, the
+    character's code in decimal on the keypad, Alt released. A code over 255 is the character's
+    two bytes in `alt_charset` (GBK: 中 is D6D0, typed Alt+54992); up to 255 it is the byte itself
+    (Windows' Alt+0NNN; ASCII below 128). With `alt_charset` None, Alt chords type nothing."""
+
+    def __init__(self, layout: Layout, caps_lock: bool = False, alt_charset: str | None = "gb18030") -> None:
         self.layout = layout
         self.shift: set[int] = set()
         self.altgr = False
+        self.alt = False
+        self.alt_digits = ""
+        self.alt_charset = alt_charset
         self.ctrl = False
         self.caps_lock = caps_lock
         self.pending_dead: str | None = None
@@ -133,6 +146,13 @@ class KeyDecoder:
             return ""
         if code == K.KEY_RIGHTALT:
             self.altgr = value != 0
+            return ""
+        if code == K.KEY_LEFTALT:
+            self.alt = value != 0
+            return self._alt_code() if not self.alt else ""
+        if self.alt:
+            if value == 1 and code in KEYPAD_DIGITS:
+                self.alt_digits += str(KEYPAD_DIGITS[code])
             return ""
         if code in (K.KEY_LEFTCTRL, K.KEY_RIGHTCTRL):
             self.ctrl = value != 0
@@ -157,6 +177,17 @@ class KeyDecoder:
                 self.pending_dead = char
                 return ""
         return self._compose(char)
+
+    def _alt_code(self) -> str:
+        digits, self.alt_digits = self.alt_digits, ""
+        if not digits or self.alt_charset is None:
+            return ""
+        number = int(digits) % 65536  # Windows takes the code modulo 2**16
+        if number < 128:
+            return chr(number)
+        if number < 256:
+            return bytes((number,)).decode("cp1252", errors="replace")
+        return number.to_bytes(2, "big").decode(self.alt_charset, errors="replace")
 
     def _layout_char(self, code: int) -> str | None:
         entry = self.layout.keys.get(code)
@@ -185,9 +216,10 @@ class KeyDecoder:
 
 
 def keystrokes(text: str, layout: Layout, shift_key: int = K.KEY_LEFTSHIFT,
-               end: int | None = K.KEY_ENTER) -> list[InputEvent]:
+               end: int | None = K.KEY_ENTER, alt_charset: str | None = None) -> list[InputEvent]:
     """The key events a scanner set to `layout` sends to type `text` (tests and the benchmark).
-    Each key is pressed and released with a SYN_REPORT, as the kernel reports a real scanner."""
+    Each key is pressed and released with a SYN_REPORT, as the kernel reports a real scanner.
+    With `alt_charset`, characters the layout has no key for are typed as Alt codes."""
     reverse: dict[str, tuple[int, int]] = {}  # char -> (code, level)
     for code, levels in layout.keys.items():
         for level, char in enumerate(levels):
@@ -203,7 +235,18 @@ def keystrokes(text: str, layout: Layout, shift_key: int = K.KEY_LEFTSHIFT,
         events.append(InputEvent(sec, usec, ecodes.EV_KEY, code, value))
         events.append(InputEvent(sec, usec, ecodes.EV_SYN, ecodes.SYN_REPORT, 0))
 
+    digit_keys = {str(v): k for k, v in KEYPAD_DIGITS.items()}
     for char in text:
+        if char not in reverse and alt_charset is not None:
+            encoded = char.encode(alt_charset)
+            if len(encoded) != 2:
+                raise ValueError("%r has no two-byte %s code to type with Alt" % (char, alt_charset))
+            key(K.KEY_LEFTALT, 1)
+            for digit in str(int.from_bytes(encoded, "big")):
+                key(digit_keys[digit], 1)
+                key(digit_keys[digit], 0)
+            key(K.KEY_LEFTALT, 0)
+            continue
         if char not in reverse:
             raise ValueError("%r cannot be typed on the %s layout" % (char, layout.name))
         code, level = reverse[char]
@@ -357,6 +400,8 @@ class Options(DriverOptions):
     suffix: str | None = Field(None, min_length=1, max_length=16)
     # a scan also ends this long after its last key (scanners without a terminator); 0: never
     idle_end_s: float = Field(0.2, ge=0, le=10)
+    # the charset of Alt+keypad codes over 255 (scanners set to type Chinese); "": no Alt codes
+    alt_charset: str | None = "gb18030"
     grab: bool = True
     rescan_s: float = Field(2.0, ge=0.1, le=60)
     max_length: int = Field(4096, ge=16, le=65536)
@@ -370,6 +415,18 @@ class Options(DriverOptions):
                                  "or vendor:product in hex (0c2e:0b61)" % item)
         return v
 
+    @field_validator("alt_charset")
+    @classmethod
+    def _alt_charset(cls, v: str | None) -> str | None:
+        if v == "":  # TOML has no null: an empty string switches Alt codes off
+            return None
+        if v is not None:
+            try:
+                codecs.lookup(v)
+            except LookupError:
+                raise ValueError("unknown charset %r" % v) from None
+        return v
+
 
 def create(name: str, options: Options, *, discover: Callable[[], list[str]] | None = None,
            opener: Callable[[str], InputDeviceLike] | None = None) -> "HidScanner":
@@ -377,6 +434,7 @@ def create(name: str, options: Options, *, discover: Callable[[], list[str]] | N
     return HidScanner(
         name,
         layout=LAYOUTS[options.layout],
+        alt_charset=options.alt_charset,
         end_chars="".join(END_KEYS[k] for k in options.end_keys),
         suffix=options.suffix,
         idle_end_s=options.idle_end_s or None,
@@ -403,12 +461,13 @@ class _Open:
 
 
 class HidScanner(Source):
-    def __init__(self, name: str, *, layout: Layout, end_chars: str, suffix: str | None,
-                 idle_end_s: float | None, grab: bool, rescan_s: float, max_length: int,
+    def __init__(self, name: str, *, layout: Layout, alt_charset: str | None = "gb18030", end_chars: str,
+                 suffix: str | None, idle_end_s: float | None, grab: bool, rescan_s: float, max_length: int,
                  discover: Callable[[], list[str]], opener: Callable[[str], InputDeviceLike],
                  wanted: str = "") -> None:
         super().__init__("hid:" + name)
         self.layout = layout
+        self.alt_charset = alt_charset
         self.end_chars = end_chars
         self.suffix = suffix
         self.idle_end_s = idle_end_s
@@ -521,7 +580,7 @@ class HidScanner(Source):
                 continue
             self._failed.pop(path, None)
             logger.info("%s: reading %s (%s)", self.name, path, getattr(device, "name", "?"))
-            self.devices[path] = _Open(device, KeyDecoder(self.layout, caps_lock=caps),
+            self.devices[path] = _Open(device, KeyDecoder(self.layout, caps_lock=caps, alt_charset=self.alt_charset),
                                        ScanAssembler(self.end_chars, self.suffix, self.max_length))
 
     def _read(self, path: str, item: _Open, sink: ScanSink, now: float) -> None:

@@ -73,6 +73,23 @@ def test_keypad_and_its_enter() -> None:
     assert decode(events) == "10.-\n"
 
 
+def alt(*digit_keys: int) -> list[InputEvent]:
+    return ([InputEvent(0, 0, e.EV_KEY, e.KEY_LEFTALT, 1)] + [ev for k in digit_keys for ev in press(k)]
+            + [InputEvent(0, 0, e.EV_KEY, e.KEY_LEFTALT, 0)])
+
+
+def test_alt_codes_type_chinese() -> None:
+    # 中 is GBK D6D0 = 54992; Alt+65 is A; Alt+0228 is ä (Windows-1252)
+    assert decode(alt(e.KEY_KP5, e.KEY_KP4, e.KEY_KP9, e.KEY_KP9, e.KEY_KP2)) == "中"
+    assert decode(alt(e.KEY_KP6, e.KEY_KP5) + alt(e.KEY_KP0, e.KEY_KP2, e.KEY_KP2, e.KEY_KP8)) == "Aä"
+    text = "患者:张三丰 ID 630102198001011234 青海省西宁市"
+    assert decode(hid.keystrokes(text, US, alt_charset="gbk")) == text + "\n"
+    assert decode(hid.keystrokes("ä中", DE, alt_charset="gbk", end=None), DE) == "ä中"  # ä has a key on de
+    # switched off: an Alt chord types nothing, and the keypad digits in it are not typed either
+    off = hid.KeyDecoder(US, alt_charset=None)
+    assert "".join(off.feed(ev) for ev in alt(e.KEY_KP5, e.KEY_KP4) + press(e.KEY_KP1)) == "1"
+
+
 def test_ignores_releases_repeats_and_other_events() -> None:
     events = [InputEvent(0, 0, e.EV_MSC, e.MSC_SCAN, 4), InputEvent(0, 0, e.EV_KEY, e.KEY_A, 1),
               InputEvent(0, 0, e.EV_KEY, e.KEY_A, 2), InputEvent(0, 0, e.EV_KEY, e.KEY_A, 0),
@@ -205,6 +222,14 @@ def test_a_scan_through_the_driver(bus: FakeBus, started) -> None:
     assert (scan.payload, scan.source, scan.kind.value) == (code, "hid:counter", "qr")
 
 
+def test_a_chinese_scan_through_the_driver(bus: FakeBus, started) -> None:
+    device = bus.plug(FakeDevice("/dev/input/event3"))
+    _, sink = started()
+    sink.wait_connected(True)
+    device.type(hid.keystrokes("西宁市第一人民医院 挂号 0012", US, alt_charset="gb18030"))
+    assert sink.next("scan").payload == "西宁市第一人民医院 挂号 0012"
+
+
 def test_not_grabbed_when_told_not_to(bus: FakeBus, started) -> None:
     device = bus.plug(FakeDevice("/dev/input/event3"))
     _, sink = started(grab=False)
@@ -313,6 +338,10 @@ def test_options_are_checked() -> None:
         hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "layout": "fr"})
     with pytest.raises(pydantic.ValidationError):
         hid.Options.model_validate({"driver": "hid", "devices": []})
+    with pytest.raises(pydantic.ValidationError, match="unknown charset"):
+        hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": "gbx"})
+    off = hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": ""})
+    assert off.alt_charset is None
 
 
 def fake_sysfs(root: Path) -> tuple[Path, Path]:
