@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--secrets", type=Path)
     doctor.add_argument("--socket", type=Path, help="the running daemon's API socket (default: from the config)")
     doctor.add_argument("--json", action="store_true", help="findings as JSON")
+    doctor.add_argument("--no-probe", action="store_true", help="do not ask unconfigured USB serial ports "
+                        "whether they are ID card readers")
     doctor.set_defaults(func=_doctor)
 
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
@@ -272,7 +274,7 @@ def _doctor(args: argparse.Namespace) -> int:
         config = _load(path, args.secrets)
         if config is None:
             return 1
-    findings = asyncio.run(doctor.Doctor(config, socket_path=args.socket).run())
+    findings = asyncio.run(doctor.Doctor(config, socket_path=args.socket, probe_unconfigured=not args.no_probe).run())
     if args.json:
         print(json.dumps(doctor.to_json(findings), ensure_ascii=False, indent=2))
     else:

@@ -87,6 +87,8 @@ class Doctor:
     roots: Roots = field(default_factory=Roots)
     socket_path: Path | None = None
     probe_timeout_s: float = 1.0
+    # ask unconfigured USB serial ports for the SAM status (writes 10 bytes to each)
+    probe_unconfigured: bool = True
     i2c_probe: Callable[[int, int], bool] = i2c_answers
     clock_state: Callable[[], tuple[bool | None, str]] = clock_synchronised
     now: Callable[[], float] = time.time
@@ -161,12 +163,29 @@ class Doctor:
             configured[str(self._dev(opts.port))] = "idcard:%s" % name
         for name, opts in scanners.items():
             configured[str(self._dev(opts.port))] = "serial:%s" % name
+        probed: set[str] = set()
         for port in ports:
             real = os.path.realpath(port)
             owner = configured.get(port) or next((o for p, o in configured.items()
                                                   if os.path.realpath(p) == real), None)
-            if owner is None:
-                out.append(Finding("serial", "info", port, "not configured"))
+            if owner is not None:
+                continue
+            # a USB port nobody configured: is it an ID card reader someone forgot to add?
+            # (only USB ones: the Pi's own UART may carry a console)
+            usb = any(os.path.basename(p).startswith(("ttyUSB", "ttyACM")) for p in (port, real)) \
+                or "/serial/by-id/" in port
+            if self.probe_unconfigured and usb and real not in probed:
+                probed.add(real)
+                try:
+                    answer = idcard.probe(port, 115200, self.probe_timeout_s)
+                except Exception:  # not a reader, or not at the default rate: nothing to say
+                    pass
+                else:
+                    out.append(Finding("serial", "warn", port, "not configured, but an ID card reader answers "
+                                       "(%s)" % answer, "add [sources.idcard] driver = \"idcard\", port = \"%s\""
+                                       % port))
+                    continue
+            out.append(Finding("serial", "info", port, "not configured"))
         for name, opts in readers.items():
             port = opts.port if "://" in opts.port else str(self._dev(opts.port))
             try:

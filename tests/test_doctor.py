@@ -97,6 +97,22 @@ async def test_what_to_fix(tmp_path: Path, roots: doctor.Roots) -> None:
     assert found["clock"].status == "warn" and "set-ntp" in found["clock"].fix
 
 
+async def test_an_unconfigured_reader_is_found(tmp_path: Path, roots: doctor.Roots) -> None:
+    reader = SamEmulator(tmp_path)
+    (roots.dev / "ttyUSB1").symlink_to(reader.slave_name)  # as a USB reader appears
+    try:
+        found = by_subject(await findings_of(None, roots))
+        assert reader.commands == [(0x11, 0xFF)]
+        quiet = by_subject(await findings_of(None, roots, probe_unconfigured=False))
+    finally:
+        reader.close()
+    usb1 = found[str(roots.dev / "ttyUSB1")]
+    assert usb1.status == "warn" and "an ID card reader answers (SAM status 0x90 (ok))" in usb1.text
+    assert 'driver = "idcard"' in usb1.fix
+    assert found[str(roots.dev / "ttyUSB0")].text == "not configured"  # a plain file: no answer
+    assert quiet[str(roots.dev / "ttyUSB1")].text == "not configured"
+
+
 async def test_a_missing_i2c_bus_and_a_clock_in_the_past(tmp_path: Path, roots: doctor.Roots) -> None:
     os.unlink(roots.dev / "i2c-1")
     config = make_config(None, tmp_path, display={"model": "sh1106", "i2c_port": 1})
