@@ -27,7 +27,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 from evdev import InputEvent, ecodes
 from pydantic import Field, field_validator
@@ -370,6 +370,7 @@ def find_devices(selectors: list[str], dev_root: Path = Path("/dev"), sys_root: 
 # the driver
 
 
+@runtime_checkable
 class InputDeviceLike(Protocol):
     """What the driver uses of evdev.InputDevice (tests pass a fake with a pipe as its fd)."""
 

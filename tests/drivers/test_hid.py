@@ -4,6 +4,7 @@ devices have real file descriptors (pipes) for the driver's select()."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import string
@@ -16,7 +17,9 @@ import pydantic
 import pytest
 from evdev import InputEvent, ecodes as e
 
+from agent.daemon import Daemon
 from drivers import hid
+from tests.conftest import RpcClient, make_config, until
 from tests.drivers.test_serial_scanner import RecordingSink
 
 PRINTABLE = string.printable[:95]  # every printable ASCII character, space included
@@ -370,3 +373,41 @@ def test_devices_are_found_by_id_glob_and_by_vendor_product(tmp_path: Path) -> N
     nodes = {n.path: n for n in hid.list_input_nodes(dev, sys)}
     assert nodes[str(dev / "input/event3")].by_id == (str(dev / "input/by-id/usb-Honeywell_1950g-event-kbd"),)
     assert nodes[str(dev / "input/event11")].name == "Newland NLS-FR40"
+
+
+def test_the_fake_device_has_what_the_driver_uses() -> None:
+    device = FakeDevice("/dev/input/event3")
+    try:
+        assert isinstance(device, hid.InputDeviceLike)
+    finally:
+        device.close()
+
+
+async def test_a_hid_scan_reaches_the_his_and_a_missing_scanner_is_an_alarm(tmp_path: Path, sim_server,
+                                                                          bus: FakeBus) -> None:
+    config = make_config(sim_server, tmp_path, sources={
+        "counter": {"driver": "hid", "devices": ["/dev/input/by-id/usb-*-event-kbd"], "rescan_s": 0.1},
+        "kiosk": {"driver": "hid", "devices": ["ffff:0001"]}})
+    sources = [hid.create("counter", config.sources["counter"], discover=bus.discover, opener=bus.open),
+               hid.create("kiosk", config.sources["kiosk"], discover=lambda: [], opener=bus.open)]
+    device = bus.plug(FakeDevice("/dev/input/event3"))
+    daemon = Daemon(config, sources=sources)
+    await daemon.start()
+    client = await RpcClient.unix(daemon.stream.unix_path)
+    try:
+        await until(lambda: daemon.hub.sources.get("hid:counter") is not None
+                    and daemon.hub.sources["hid:counter"].connected)
+        waiting = asyncio.ensure_future(client.call("read_card", {"timeout_s": 10}))
+        await until(lambda: daemon.hub.waiting >= 1)
+        resident = list(sim_server.sim.residents.values())[0]
+        device.type(hid.keystrokes(resident.static_qr, US))
+        result = await waiting
+        assert result["scan"]["source"] == "hid:counter"
+        assert result["scan"]["payload"] == resident.static_qr
+        assert result["verification"]["ok"] is True
+        status = await client.call("status")
+        alarm = next(a for a in status["alarms"] if a["source"] == "hid:kiosk")
+        assert alarm["code"] == "SOURCE_DISCONNECTED" and "no input device matches ffff:0001" in alarm["text"]
+    finally:
+        await client.close()
+        await daemon.stop()
