@@ -169,3 +169,18 @@ def test_options_are_checked() -> None:
     with pytest.raises(pydantic.ValidationError):
         camera.Options.model_validate({"driver": "camera", "decoder": "opencv"})
     assert camera.Options.model_validate({"driver": "camera"}).decoder == "zxing"
+
+
+async def test_a_camera_scan_reaches_the_his(box, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    frame(box.resident().static_qr, angle=15).save(photos / "phone.png")
+    # a phone held up to the camera: with dedupe_s 0 every frame is a scan, so one is always next
+    await box.start(sources={"cam": {"driver": "camera", "device": str(photos), "loop": True,
+                                     "dedupe_s": 0, "max_fps": 20}})
+    client = await box.unix()
+    result = await client.call("read_card", {"timeout_s": 10})
+    assert result["scan"]["source"] == "camera:cam"
+    assert result["scan"]["payload"] == box.resident().static_qr
+    assert result["verification"]["ok"] is True
+    assert result["identity"]["source"] == "platform"
