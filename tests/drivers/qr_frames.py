@@ -46,8 +46,12 @@ def frame(payload: str | bytes, size: tuple[int, int] = (640, 480), module_px: i
         low = 128 - 128 * contrast
         image = image.point(lambda v: int(low + v * contrast))
     if noise:
-        # effect_noise is centred on 128: adding it with offset -128 leaves the mean alone
-        image = ImageChops.add(image, Image.effect_noise(size, noise), scale=1.0, offset=-128)
+        # uniform noise with standard deviation `noise`, from the seeded generator (Pillow's
+        # effect_noise cannot be seeded), centred on 128: added with offset -128
+        spread = noise / 73.9  # the standard deviation of uniform bytes
+        grain = Image.frombytes("L", size, rnd.randbytes(size[0] * size[1]))
+        grain = grain.point(lambda v: int(128 + (v - 127.5) * spread))
+        image = ImageChops.add(image, grain, scale=1.0, offset=-128)
     return image
 
 
