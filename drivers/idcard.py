@@ -71,19 +71,31 @@ STATUS_TEXT: dict[int, str] = {
     0x91: "no such content on the card",
 }
 
-# the 256-byte text block: (field, length in bytes), UCS-2LE, padded with spaces
-TEXT_LAYOUT: tuple[tuple[str, int], ...] = (
-    ("name", 30),
-    ("sex", 2),
-    ("nation", 4),
-    ("birthday", 16),
-    ("address", 70),
-    ("id_number", 36),
-    ("issuer", 30),
-    ("valid_from", 16),
-    ("valid_until", 16),
-    ("reserved", 36),
+# The 256-byte text block, UCS-2LE padded with spaces: (field, length in bytes) per card type.
+# The card type is the character at byte 248: blank on a resident ID card (居民身份证), "J" on a
+# Hong Kong/Macao/Taiwan residents' residence permit (港澳台居民居住证, same technology, its own
+# layout), "I" on a 2017 foreign permanent resident ID card (外国人永久居留身份证).
+RESIDENT_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("name", 30), ("sex", 2), ("nation", 4), ("birthday", 16), ("address", 70), ("id_number", 36),
+    ("issuer", 30), ("valid_from", 16), ("valid_until", 16), ("-", 36),
 )
+GAT_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("name", 30), ("sex", 2), ("-", 4), ("birthday", 16), ("address", 70), ("id_number", 36),
+    ("issuer", 30), ("valid_from", 16), ("valid_until", 16), ("pass_number", 18), ("issue_count", 4),
+    ("-", 6), ("-", 2), ("-", 6),
+)
+FOREIGN_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("name_en", 120), ("sex", 2), ("id_number", 30), ("nationality", 6), ("name", 30), ("valid_from", 16),
+    ("valid_until", 16), ("birthday", 16), ("card_version", 4), ("issuer_code", 8), ("-", 2), ("-", 6),
+)
+CARD_TYPE_OFFSET = 248
+# card type mark -> (card_type in the payload, layout, id_type code of CV02.01.101)
+CARD_TYPES: dict[str, tuple[str, tuple[tuple[str, int], ...], str]] = {
+    " ": ("resident", RESIDENT_LAYOUT, "01"),  # 居民身份证
+    "J": ("gat_residence", GAT_LAYOUT, "99"),  # 其他法定有效证件: the table has no residence permit
+    "I": ("foreign_permanent", FOREIGN_LAYOUT, "99"),
+}
+TEXT_LAYOUT = RESIDENT_LAYOUT
 TEXT_SIZE = 256
 
 
@@ -190,38 +202,58 @@ class FrameParser:
         self.buffer.clear()
 
 
+class UnknownCardType(ValueError):
+    def __init__(self, mark: str) -> None:
+        super().__init__("card type %r is not one this reader knows (resident ID card, J, I)" % mark)
+        self.mark = mark
+
+
+def card_type_mark(text: bytes) -> str:
+    mark = text[CARD_TYPE_OFFSET:CARD_TYPE_OFFSET + 2].decode("utf-16-le", errors="replace")
+    return " " if mark in (" ", "\x00") else mark
+
+
 def parse_text(text: bytes) -> dict[str, str]:
-    """The 256-byte UCS-2LE block -> fields, padding stripped."""
+    """The 256-byte UCS-2LE block -> fields (padding stripped) and `card_type`. Raises
+    UnknownCardType for a card type whose layout is not known here."""
     if len(text) < TEXT_SIZE:
         raise ValueError("card text is %d bytes, expected %d" % (len(text), TEXT_SIZE))
-    out: dict[str, str] = {}
+    mark = card_type_mark(text)
+    if mark not in CARD_TYPES:
+        raise UnknownCardType(mark)
+    card_type, layout, _ = CARD_TYPES[mark]
+    out: dict[str, str] = {"card_type": card_type}
     offset = 0
-    for name, size in TEXT_LAYOUT:
+    for name, size in layout:
         value = text[offset:offset + size].decode("utf-16-le", errors="replace").strip(" \x00")
         offset += size
-        if name != "reserved":
+        if name != "-":
             out[name] = value
     return out
 
 
-def build_text(fields: dict[str, str]) -> bytes:
+def build_text(fields: dict[str, str], card_type: str = "resident") -> bytes:
     """Fields -> the card's 256-byte text block (for the emulator and the benchmark)."""
+    mark, layout = next((m, layout) for m, (t, layout, _) in CARD_TYPES.items() if t == card_type)
     out = bytearray()
-    for name, size in TEXT_LAYOUT:
+    for name, size in layout:
         encoded = fields.get(name, "").encode("utf-16-le")[:size]
         out += encoded + " ".encode("utf-16-le") * ((size - len(encoded)) // 2)
+    out[CARD_TYPE_OFFSET:CARD_TYPE_OFFSET + 2] = mark.encode("utf-16-le")
     return bytes(out)
 
 
-def parse_base_info(data: bytes) -> tuple[dict[str, str], bytes]:
-    """Read-base-info data -> (text fields, photo bytes)."""
+def parse_base_info(data: bytes) -> tuple[bytes, bytes]:
+    """Read-base-info data -> (the text block, the photo), both as the card holds them."""
     if len(data) < 4:
         raise ValueError("base info is %d bytes, too short for its length fields" % len(data))
     text_len = int.from_bytes(data[0:2], "big")
     photo_len = int.from_bytes(data[2:4], "big")
     if len(data) < 4 + text_len + photo_len:
         raise ValueError("base info is %d bytes, its lengths say %d" % (len(data), 4 + text_len + photo_len))
-    return parse_text(data[4:4 + text_len]), data[4 + text_len:4 + text_len + photo_len]
+    if text_len < TEXT_SIZE:
+        raise ValueError("card text is %d bytes, expected %d" % (text_len, TEXT_SIZE))
+    return data[4:4 + text_len], data[4 + text_len:4 + text_len + photo_len]
 
 
 def card_scan(source: str, fields: dict[str, str], photo: bytes, raw: bytes | None = None) -> Scan:
@@ -230,17 +262,26 @@ def card_scan(source: str, fields: dict[str, str], photo: bytes, raw: bytes | No
     payload: dict[str, Any] = dict(fields)
     # the photo is WLT-compressed, decodable only with the licensed library: passed on untouched
     payload["photo_wlt_base64"] = base64.b64encode(photo).decode("ascii") if photo else None
+    id_type = next((code for t, _, code in CARD_TYPES.values() if t == fields.get("card_type")), None)
     identity = Identity(
         source=IdentitySource.CARD,
-        name=fields.get("name") or None,
+        # a foreign resident's card may have no Chinese name: the English one then
+        name=fields.get("name") or fields.get("name_en") or None,
         sex=fields.get("sex") or None,
         nation=fields.get("nation") or None,
         birthday=fields.get("birthday") or None,
-        id_type="01",  # 居民身份证
+        id_type=id_type,
         id_number=fields.get("id_number") or None,
         address=fields.get("address") or None,
     )
     return Scan.from_card(source, ScanKind.ID_CARD, identity, payload, raw)
+
+
+def unknown_card_scan(source: str, text: bytes, photo: bytes, mark: str, raw: bytes | None = None) -> Scan:
+    """A card of a type whose layout is not known: its text as it is, for the HIS to read."""
+    payload = {"card_type": "unknown:%s" % mark, "text_ucs2le_base64": base64.b64encode(text).decode("ascii"),
+               "photo_wlt_base64": base64.b64encode(photo).decode("ascii") if photo else None}
+    return Scan.from_card(source, ScanKind.ID_CARD, Identity(source=IdentitySource.CARD), payload, raw)
 
 
 class SamLink:
@@ -281,8 +322,8 @@ class SamLink:
     def status(self) -> int:
         return self.transact(CMD_STATUS).sw3
 
-    def read_card(self) -> tuple[dict[str, str], bytes, bytes] | None:
-        """Find, select and read a card: (fields, photo, raw base info), or None without a card."""
+    def read_card(self) -> tuple[bytes, bytes, bytes] | None:
+        """Find, select and read a card: (text block, photo, raw base info), or None without a card."""
         found = self.transact(CMD_FIND)
         if found.sw3 == SW3_NO_CARD:
             return None
@@ -294,8 +335,8 @@ class SamLink:
         info = self.transact(CMD_READ_BASE)
         if info.sw3 != SW3_OK:
             raise ReaderStatusError("read base info", info.sw3)
-        fields, photo = parse_base_info(info.data)
-        return fields, photo, info.data
+        text, photo = parse_base_info(info.data)
+        return text, photo, info.data
 
 
 def open_port(url: str, baud: int) -> serial.SerialBase:
@@ -372,7 +413,7 @@ class IdCardReader(Source):
         link = SamLink(port, self.timeout_s)
         connected: bool | None = None
         timeouts = 0
-        present: str | None = None  # id number of the card on the reader, delivered already
+        present: bytes | None = None  # the text of the card on the reader, delivered already
         while not self._stop.is_set():
             try:
                 card = link.read_card()
@@ -400,14 +441,21 @@ class IdCardReader(Source):
             if card is None:
                 present = None
             else:
-                fields, photo, raw = card
+                text, photo, raw = card
                 self.reads += 1
-                key = fields.get("id_number", "") + fields.get("valid_until", "")
-                if key != present:
-                    present = key
-                    try:
-                        sink.scan(card_scan(self.name, fields, photo, raw))
-                    except Exception:  # the sink is the daemon's; never let it stop the reader
-                        logger.exception("%s: failed to deliver a card", self.name)
+                if text != present:
+                    present = text
+                    self._deliver(sink, text, photo, raw)
             self._stop.wait(self.poll_s)
         return "stopped"
+
+    def _deliver(self, sink: ScanSink, text: bytes, photo: bytes, raw: bytes) -> None:
+        try:
+            try:
+                scan = card_scan(self.name, parse_text(text), photo, raw)
+            except UnknownCardType as exc:
+                sink.problem(self.name, "%s: delivered with its text undecoded" % exc)
+                scan = unknown_card_scan(self.name, text, photo, exc.mark, raw)
+            sink.scan(scan)
+        except Exception:  # the sink is the daemon's; never let it stop the reader
+            logger.exception("%s: failed to deliver a card", self.name)

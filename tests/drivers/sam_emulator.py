@@ -44,6 +44,8 @@ class SamEmulator:
         self.path.symlink_to(self.slave_name)
         self.master = master
         self.card: dict[str, str] | None = None
+        self.card_type = "resident"
+        self.text: bytes | None = None  # a text block to answer as it is (an unknown card type)
         self.photo = PHOTO
         # each is consumed by the next answer it applies to
         self.faults: list[str] = []
@@ -54,8 +56,9 @@ class SamEmulator:
         self._thread = threading.Thread(target=self._run, name="sam-emulator", daemon=True)
         self._thread.start()
 
-    def insert(self, card: dict[str, str] | None = None) -> None:
+    def insert(self, card: dict[str, str] | None = None, card_type: str = "resident") -> None:
         self.card = dict(card or CARD)
+        self.card_type = card_type
 
     def remove(self) -> None:
         self.card = None
@@ -87,7 +90,7 @@ class SamEmulator:
         if (cmd, para) == (0x30, 0x01):
             if not self.card:
                 return response_frame(0x41)
-            text = build_text(self.card)
+            text = self.text or build_text(self.card, self.card_type)
             data = len(text).to_bytes(2, "big") + len(self.photo).to_bytes(2, "big") + text + self.photo
             return response_frame(0x90, data)
         return response_frame(0x21)

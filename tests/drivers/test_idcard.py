@@ -116,6 +116,46 @@ def test_a_card_becomes_one_scan_with_its_identity(reader: SamEmulator, started)
     assert scan.to_json()["payload"]["name"] == "张三丰"
 
 
+FOREIGN = {"name_en": "SMITH JOHN", "sex": "1", "id_number": "USA110070101001", "nationality": "USA",
+           "name": "史密斯", "valid_from": "20200101", "valid_until": "20300101", "birthday": "19700101",
+           "card_version": "01", "issuer_code": "1100"}
+GAT = {"name": "陈大文", "sex": "1", "birthday": "19850505", "address": "广东省深圳市福田区福华路1号",
+       "id_number": "810000198505050011", "issuer": "深圳市公安局", "valid_from": "20190101",
+       "valid_until": "20240101", "pass_number": "H12345678", "issue_count": "01"}
+
+
+@pytest.mark.parametrize("card,card_type", [(FOREIGN, "foreign_permanent"), (GAT, "gat_residence")])
+def test_other_cards_on_the_resident_card_technology(reader: SamEmulator, started, card: dict[str, str],
+                                                     card_type: str) -> None:
+    _, sink = started()
+    reader.insert(card, card_type)
+    scan = sink.next("scan")
+    assert scan.payload["card_type"] == card_type
+    assert {k: scan.payload[k] for k in card} == card
+    assert scan.identity.id_type == "99"  # CV02.01.101 has no code of their own
+    assert (scan.identity.name, scan.identity.id_number) == (card["name"], card["id_number"])
+    assert scan.identity.nation is None
+
+
+def test_a_foreign_card_without_a_chinese_name_is_named_in_english() -> None:
+    text = idcard.build_text(dict(FOREIGN, name=""), "foreign_permanent")
+    scan = idcard.card_scan("idcard:x", idcard.parse_text(text), b"")
+    assert scan.identity.name == "SMITH JOHN"
+
+
+def test_a_card_type_not_known_here_is_delivered_undecoded(reader: SamEmulator, started) -> None:
+    _, sink = started()
+    text = bytearray(idcard.build_text(CARD))
+    text[248:250] = "Y".encode("utf-16-le")
+    reader.text = bytes(text)
+    reader.insert()
+    scan = sink.next("scan")
+    assert scan.payload["card_type"] == "unknown:Y"
+    assert base64.b64decode(scan.payload["text_ucs2le_base64"]) == bytes(text)
+    assert scan.identity.name is None
+    assert "card type 'Y'" in sink.problems[-1]
+
+
 def test_a_card_left_on_the_reader_is_one_scan_until_taken_off(reader: SamEmulator, started) -> None:
     source, sink = started()
     reader.insert()
