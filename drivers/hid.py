@@ -485,6 +485,7 @@ class HidScanner(Source):
         self._thread: threading.Thread | None = None
         self._failed: dict[str, str] = {}  # path -> why it could not be opened
         self._next_rescan = 0.0
+        self._lock = threading.Lock()
 
     def start(self, sink: ScanSink) -> None:
         self._stop.clear()
@@ -494,56 +495,61 @@ class HidScanner(Source):
 
     def stop(self) -> None:
         self._stop.set()
-        if self._wake_w >= 0:
-            os.write(self._wake_w, b"x")
+        with self._lock:  # the thread closes the pipe under the same lock when it ends
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(5)
 
-    def rescan_now(self) -> None:
-        """Look at the device list at once (the doctor, tests; udev could call this)."""
-        self._next_rescan = 0.0
-        if self._wake_w >= 0:
-            os.write(self._wake_w, b"r")
-
     def _run(self, sink: ScanSink) -> None:
-        self._next_rescan = 0.0
         state: tuple[bool, str | None] | None = None
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= self._next_rescan:
-                    self._rescan()
-                    self._next_rescan = now + self.rescan_s
-                new_state = self._state()
-                if new_state != state:
-                    state = new_state
-                    (logger.info if state[0] else logger.warning)("%s: %s", self.name,
-                                                                  state[1] or "reading")
-                    sink.connected(self.name, state[0], state[1])
-                timeout = self._next_rescan - now
-                for item in self.devices.values():
-                    deadline = item.assembler.idle_deadline(self.idle_end_s)
-                    if deadline is not None:
-                        timeout = min(timeout, deadline - now)
-                fds = [self._wake_r] + [item.device.fileno() for item in self.devices.values()]
-                ready, _, _ = select.select(fds, [], [], max(timeout, 0))
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 64)
-                now = time.monotonic()
-                for path, item in list(self.devices.items()):
-                    if item.device.fileno() in ready:
-                        self._read(path, item, sink, now)
-                    deadline = item.assembler.idle_deadline(self.idle_end_s)
-                    if deadline is not None and now >= deadline:
-                        self._deliver(item.assembler.flush(), sink)
+                try:
+                    state = self._step(sink, state)
+                except Exception as exc:  # a bug here must not end reading for good
+                    logger.exception("%s: reading failed", self.name)
+                    sink.connected(self.name, False, "driver failed: %s" % exc)
+                    state = None
+                    self._stop.wait(self.rescan_s)
         finally:
             for item in self.devices.values():
                 _close(item.device)
             self.devices.clear()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+            with self._lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
             sink.connected(self.name, False, "stopped")
+
+    def _step(self, sink: ScanSink, state: tuple[bool, str | None] | None) -> tuple[bool, str | None]:
+        """Look for devices when due, report a change of state, wait for keys (or the next
+        deadline: an idle scan's end, the next rescan), and read them."""
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._rescan()
+            self._next_rescan = now + self.rescan_s
+        new_state = self._state()
+        if new_state != state:
+            (logger.info if new_state[0] else logger.warning)("%s: %s", self.name, new_state[1] or "reading")
+            sink.connected(self.name, new_state[0], new_state[1])
+        timeout = self._next_rescan - now
+        for item in self.devices.values():
+            deadline = item.assembler.idle_deadline(self.idle_end_s)
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+        fds = [self._wake_r] + [item.device.fileno() for item in self.devices.values()]
+        ready, _, _ = select.select(fds, [], [], max(timeout, 0))
+        if self._wake_r in ready:
+            os.read(self._wake_r, 64)
+        now = time.monotonic()
+        for path, item in list(self.devices.items()):
+            if item.device.fileno() in ready:
+                self._read(path, item, sink, now)
+            deadline = item.assembler.idle_deadline(self.idle_end_s)
+            if deadline is not None and now >= deadline:
+                self._deliver(item.assembler.flush(), sink)
+        return new_state
 
     def _state(self) -> tuple[bool, str | None]:
         if self.devices:

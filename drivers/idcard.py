@@ -397,6 +397,9 @@ class IdCardReader(Source):
                 continue
             try:
                 detail = self._poll(port, sink)
+            except Exception as exc:  # a bug here must not end reading for good
+                logger.exception("%s: reading failed", self.name)
+                detail = "driver failed: %s" % exc
             finally:
                 with contextlib.suppress(serial.SerialException, OSError):
                     port.close()

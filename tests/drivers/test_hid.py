@@ -326,6 +326,30 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def test_a_fault_in_discovery_is_reported_and_survived(bus: FakeBus) -> None:
+    calls = []
+
+    def discover() -> list[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("udev database unreadable")
+        return bus.discover()
+
+    device = bus.plug(FakeDevice("/dev/input/event3"))
+    opts = hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "rescan_s": 0.1})
+    source = hid.create("counter", opts, discover=discover, opener=bus.open)
+    sink = RecordingSink()
+    source.start(sink)
+    try:
+        sink.wait_connected(False)
+        assert "driver failed: udev database unreadable" in sink.connected_state[-1][1]
+        sink.wait_connected(True)
+        device.type(hid.keystrokes("still here", US))
+        assert sink.next("scan").payload == "still here"
+    finally:
+        source.stop()
+
+
 def test_a_device_held_by_another_program_is_reported(bus: FakeBus, started) -> None:
     bus.plug(FakeDevice("/dev/input/event3", busy=True))
     _, sink = started()
