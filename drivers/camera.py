@@ -431,6 +431,7 @@ class Camera(Source):
 
     def _read_frames(self, sink: ScanSink) -> str | None:
         """Capture and decode until stop, the end of the images (None), or a failure (why)."""
+        failing = False
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -441,10 +442,12 @@ class Camera(Source):
                 return None
             try:
                 self.process(image, time.monotonic(), sink)
-            except CameraError as exc:
-                sink.problem(self.name, str(exc))
-            except Exception:  # a decoder or sink fault must not end capture
-                logger.exception("%s: failed to decode a frame", self.name)
+                failing = False
+            except Exception as exc:  # a decoder or sink fault must not end capture
+                if not failing:  # once per run of failing frames, not ten times a second
+                    failing = True
+                    logger.exception("%s: failed to decode a frame", self.name)
+                    sink.problem(self.name, "cannot decode frames: %s" % exc)
             self._stop.wait(max(0.0, self.min_interval - (time.monotonic() - started)))
         return "stopped"
 

@@ -156,6 +156,32 @@ def test_a_camera_that_cannot_open_is_an_alarm(device: str, expected: str) -> No
         cam.stop()
 
 
+class BrokenDecoder(camera.Decoder):
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decode(self, image: Image.Image) -> list[bytes]:
+        self.calls += 1
+        raise RuntimeError("decoder crashed")
+
+
+def test_a_failing_decoder_is_reported_once_and_capture_goes_on(tmp_path: Path) -> None:
+    for i in range(5):
+        frame("x").save(tmp_path / ("%02d.png" % i))
+    decoder = BrokenDecoder()
+    cam = camera.Camera("counter", frames=camera.ImageFiles(str(tmp_path)), decoder=decoder, max_fps=60)
+    sink = RecordingSink()
+    cam.start(sink)
+    try:
+        assert cam.ended.wait(5)
+        assert decoder.calls == 5
+        assert sink.problems == ["cannot decode frames: decoder crashed"]
+    finally:
+        cam.stop()
+
+
 def test_empty_folder_says_so(tmp_path: Path) -> None:
     with pytest.raises(camera.CameraError, match="no images"):
         camera.ImageFiles(str(tmp_path)).open()
