@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
 # systemd: systemd-analyze, which checks the units (tests/appliance/test_systemd.py);
 # shellcheck: the image's scripts (tests/appliance/test_image.py).
-PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei systemd shellcheck"
+# libzbar0: the zbar QR decoder behind pyzbar (decoder = "zbar" in a camera source).
+PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei libzbar0 systemd shellcheck"
 
 missing=""
 for p in $PACKAGES; do

@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("--root", type=Path, default=Path("/"), help="install under this directory "
                       "instead of / (image builds, tests)")
     prov.set_defaults(func=_provision)
+    doctor = sub.add_parser("doctor", help="what the box sees (scanners, readers, cameras, display, "
+                            "platform, clock) and what to fix")
+    doctor.add_argument("--config", type=Path, help="default %s when it exists" % configuration.DEFAULT_CONFIG)
+    doctor.add_argument("--secrets", type=Path)
+    doctor.add_argument("--socket", type=Path, help="the running daemon's API socket (default: from the config)")
+    doctor.add_argument("--json", action="store_true", help="findings as JSON")
+    doctor.add_argument("--no-probe", action="store_true", help="do not ask unconfigured USB serial ports "
+                        "whether they are ID card readers")
+    doctor.set_defaults(func=_doctor)
 
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
     target = api.add_mutually_exclusive_group()
@@ -330,6 +339,23 @@ def _outbox(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(act())
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    config = None
+    path = args.config or (configuration.DEFAULT_CONFIG if configuration.DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        config = _load(path, args.secrets)
+        if config is None:
+            return 1
+    findings = asyncio.run(doctor.Doctor(config, socket_path=args.socket, probe_unconfigured=not args.no_probe).run())
+    if args.json:
+        print(json.dumps(doctor.to_json(findings), ensure_ascii=False, indent=2))
+    else:
+        print(doctor.report(findings))
+    return 1 if any(f.status == "fail" for f in findings) else 0
 
 
 def _when(ts: float) -> str:

@@ -14,6 +14,9 @@ from types import ModuleType
 SOURCE_DRIVERS: dict[str, str] = {
     "serial_scanner": "drivers.serial_scanner",
     "stdin": "drivers.stdin_scanner",
+    "idcard": "drivers.idcard",
+    "hid": "drivers.hid",
+    "camera": "drivers.camera",
 }
 
 

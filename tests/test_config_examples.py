@@ -35,3 +35,20 @@ def test_the_platform_kind_examples_load(tmp_path):
     assert loaded["wondersgroup"].platform.wondersgroup.pass_word.get_secret_value() == "change-me"
     assert loaded["wondersgroup"].platform.wondersgroup.machine_code == "SB-0001"
     assert loaded["fsjson"].platform.fsjson.app_secret.get_secret_value() == "change-me"
+
+
+def test_the_commented_source_examples_are_valid():
+    """Each commented `# [sources.NAME]` block, uncommented, is a valid section of its driver."""
+    import re
+    import tomllib
+
+    from agent.config import validate_source
+
+    text = (ROOT / "config" / "scanbox.example.toml").read_text(encoding="utf-8")
+    blocks = re.findall(r"^# \[sources\.([a-z0-9_-]+)\]\n((?:#.*\n)+)", text, re.M)
+    drivers = set()
+    for name, body in blocks:
+        lines = [line[2:] for line in body.splitlines() if line.startswith("# ") and not line.startswith("#  ")]
+        options = validate_source(name, tomllib.loads("\n".join(lines)))
+        drivers.add(options.driver)
+    assert drivers == {"hid", "camera", "idcard"}

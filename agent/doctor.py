@@ -1,0 +1,408 @@
+"""`scanbox doctor`: what the box sees, whether it matches the config, and what to fix.
+
+Input devices (and which configured HID scanner each one is), serial ports (and whether a
+configured ID card reader answers the SAM status command), cameras, I2C buses (and whether the
+configured display answers), the platform (from the running daemon's `status`, else asked
+directly) and the clock (TLS and the platforms' signatures need the right time).
+
+Everything under /dev and /sys is read below `Roots`, so tests give it a tree in a temporary
+directory; probes that talk to hardware (I2C, the clock) are injectable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import glob
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from agent.config import Config
+
+Status = Literal["ok", "info", "warn", "fail"]
+
+# a clock before this cannot be right: scanbox did not exist yet
+EARLIEST_PLAUSIBLE = 1735689600  # 2025-01-01T00:00:00Z
+
+
+@dataclass
+class Finding:
+    area: str
+    status: Status
+    subject: str
+    text: str
+    fix: str | None = None
+
+
+@dataclass
+class Roots:
+    dev: Path = Path("/dev")
+    sys: Path = Path("/sys")
+
+
+def i2c_answers(bus: int, address: int) -> bool:
+    """Whether anything acknowledges `address` on /dev/i2c-`bus` (a quick write, as i2cdetect)."""
+    from smbus2 import SMBus  # luma.core's dependency
+
+    with SMBus(bus) as smbus:
+        try:
+            smbus.write_quick(address)
+        except OSError:
+            return False
+    return True
+
+
+def clock_synchronised() -> tuple[bool | None, str]:
+    """(synchronised?, how we know). timedatectl where systemd runs, else the kernel's adjtimex
+    state (TIME_ERROR: not synchronised)."""
+    if shutil.which("timedatectl"):
+        try:
+            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+                                 capture_output=True, text=True, timeout=5)
+            value = out.stdout.strip()
+            if out.returncode == 0 and value in ("yes", "no"):
+                return value == "yes", "timedatectl"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: only read
+        state = libc.adjtimex(timex)
+        if state >= 0:
+            return state != 5, "adjtimex"  # 5 = TIME_ERROR
+    return None, "no way to ask"
+
+
+@dataclass
+class Doctor:
+    config: Config | None
+    roots: Roots = field(default_factory=Roots)
+    socket_path: Path | None = None
+    probe_timeout_s: float = 1.0
+    # ask unconfigured USB serial ports for the SAM status (writes 10 bytes to each)
+    probe_unconfigured: bool = True
+    i2c_probe: Callable[[int, int], bool] = i2c_answers
+    clock_state: Callable[[], tuple[bool | None, str]] = clock_synchronised
+    now: Callable[[], float] = time.time
+
+    async def run(self) -> list[Finding]:
+        findings: list[Finding] = []
+        if self.config is None:
+            findings.append(Finding("config", "warn", "config", "no config: listing devices only",
+                                    "scanbox doctor --config /etc/scanbox/scanbox.toml"))
+        findings += self.input_devices()
+        findings += await asyncio.to_thread(self.serial_ports)
+        findings += self.cameras()
+        findings += self.displays()
+        findings += await self.platform()
+        findings += self.clock()
+        return findings
+
+    def _sources(self, driver: str) -> dict[str, Any]:
+        if self.config is None:
+            return {}
+        return {name: opts for name, opts in self.config.sources.items() if opts.driver == driver}
+
+    def _dev(self, path: str) -> Path:
+        return self.roots.dev / path[len("/dev/"):] if path.startswith("/dev/") else Path(path)
+
+    # -- input devices -------------------------------------------------------------------------
+
+    def input_devices(self) -> list[Finding]:
+        from drivers import hid
+
+        nodes = hid.list_input_nodes(self.roots.dev, self.roots.sys)
+        sources = self._sources("hid")
+        out = []
+        matched: dict[str, list[str]] = {name: [] for name in sources}
+        for node in nodes:
+            owners = [name for name, opts in sources.items()
+                      if any(hid.selector_matches(s, node, self.roots.dev) for s in opts.devices)]
+            for name in owners:
+                matched[name].append(node.path)
+            label = "%s (%s:%s)%s" % (node.name or "?", node.vendor or "?", node.product or "?",
+                                      " " + ", ".join(os.path.basename(p) for p in node.by_id) if node.by_id else "")
+            if owners:
+                readable = os.access(node.path, os.R_OK | os.W_OK)
+                out.append(Finding("input", "ok" if readable else "fail", node.path,
+                                   "%s: scanner for source %s" % (label, ", ".join(owners)),
+                                   None if readable else "the service user cannot open it: add it to group "
+                                   "'input' (the udev rule in systemd/ does this)"))
+            else:
+                out.append(Finding("input", "info", node.path, "%s: not a configured scanner" % label))
+        keyboards = [p for node in nodes for p in node.by_id if p.endswith("-event-kbd")]
+        for name, paths in matched.items():
+            if not paths:
+                out.append(Finding("input", "fail", "hid:%s" % name,
+                                   "no input device matches %s" % ", ".join(sources[name].devices),
+                                   "plug the scanner in, or set devices to one of: %s"
+                                   % (", ".join(keyboards) or "(no keyboard-like device is present)")))
+        return out
+
+    # -- serial ports --------------------------------------------------------------------------
+
+    def serial_ports(self) -> list[Finding]:
+        from drivers import idcard
+
+        out = []
+        ports: list[str] = []
+        for pattern in ("ttyUSB*", "ttyACM*", "ttyAMA*", "serial0", "serial/by-id/*"):
+            ports += sorted(glob.glob(str(self.roots.dev / pattern)))
+        readers = self._sources("idcard")
+        scanners = self._sources("serial_scanner")
+        configured = {}
+        for name, opts in readers.items():
+            configured[str(self._dev(opts.port))] = "idcard:%s" % name
+        for name, opts in scanners.items():
+            configured[str(self._dev(opts.port))] = "serial:%s" % name
+        probed: set[str] = set()
+        for port in ports:
+            real = os.path.realpath(port)
+            owner = configured.get(port) or next((o for p, o in configured.items()
+                                                  if os.path.realpath(p) == real), None)
+            if owner is not None:
+                continue
+            # a USB port nobody configured: is it an ID card reader someone forgot to add?
+            # (only USB ones: the Pi's own UART may carry a console)
+            usb = any(os.path.basename(p).startswith(("ttyUSB", "ttyACM")) for p in (port, real)) \
+                or "/serial/by-id/" in port
+            if self.probe_unconfigured and usb and real not in probed:
+                probed.add(real)
+                try:
+                    answer = idcard.probe(port, 115200, self.probe_timeout_s)
+                except Exception:  # not a reader, or not at the default rate: nothing to say
+                    pass
+                else:
+                    out.append(Finding("serial", "warn", port, "not configured, but an ID card reader answers "
+                                       "(%s)" % answer, "add [sources.idcard] driver = \"idcard\", port = \"%s\""
+                                       % port))
+                    continue
+            out.append(Finding("serial", "info", port, "not configured"))
+        for name, opts in readers.items():
+            port = opts.port if "://" in opts.port else str(self._dev(opts.port))
+            try:
+                answer = idcard.probe(port, opts.baud, self.probe_timeout_s)
+            except idcard.ReaderTimeout:
+                out.append(Finding("serial", "fail", "idcard:%s" % name,
+                                   "%s opens, but nothing answers the SAM status command at %d baud"
+                                   % (opts.port, opts.baud),
+                                   "check that this is the reader's port and its baud rate (SAM modules "
+                                   "default to 115200); power-cycle the reader"))
+            except Exception as exc:
+                out.append(Finding("serial", "fail", "idcard:%s" % name, "cannot open %s: %s" % (opts.port, exc),
+                                   _serial_fix(exc)))
+            else:
+                out.append(Finding("serial", "ok", "idcard:%s" % name, "reader on %s: %s" % (opts.port, answer)))
+        for name, opts in scanners.items():
+            if "://" in opts.port:
+                out.append(Finding("serial", "info", "serial:%s" % name, "%s (a URL: not checked)" % opts.port))
+                continue
+            path = self._dev(opts.port)
+            if not path.exists():
+                out.append(Finding("serial", "fail", "serial:%s" % name, "%s does not exist" % opts.port,
+                                   "plug the scanner in (and set it to USB serial / VCOM mode), or fix port; "
+                                   "present: %s" % (", ".join(ports) or "none")))
+            elif not os.access(path, os.R_OK | os.W_OK):
+                out.append(Finding("serial", "fail", "serial:%s" % name, "%s is not readable" % opts.port,
+                                   "add the service user to group 'dialout'"))
+            else:
+                out.append(Finding("serial", "ok", "serial:%s" % name, "%s present" % opts.port))
+        return out
+
+    # -- cameras -------------------------------------------------------------------------------
+
+    def cameras(self) -> list[Finding]:
+        out = []
+        for path in sorted(glob.glob(str(self.roots.dev / "video*"))):
+            node = os.path.basename(path)
+            name_file = self.roots.sys / "class" / "video4linux" / node / "name"
+            try:
+                name = name_file.read_text().strip()
+            except OSError:
+                name = "?"
+            out.append(Finding("camera", "info", path, name))
+        for name, opts in self._sources("camera").items():
+            subject = "camera:%s" % name
+            if opts.device == "picamera2":
+                try:
+                    import picamera2  # noqa: F401
+                except ImportError:
+                    from drivers.camera import PICAMERA2_MISSING
+
+                    out.append(Finding("camera", "fail", subject, "picamera2 cannot be imported", PICAMERA2_MISSING))
+                else:
+                    out.append(Finding("camera", "ok", subject, "picamera2 is installed"))
+            elif opts.device.startswith("/dev/"):
+                path = self._dev(opts.device)
+                if not path.exists():
+                    out.append(Finding("camera", "fail", subject, "%s does not exist" % opts.device,
+                                       "plug the camera in; `ls /dev/video*`"))
+                elif not os.access(path, os.R_OK | os.W_OK):
+                    out.append(Finding("camera", "fail", subject, "%s is not readable" % opts.device,
+                                       "add the service user to group 'video'"))
+                else:
+                    out.append(Finding("camera", "ok", subject, "%s present" % opts.device))
+            elif not os.path.exists(opts.device):
+                out.append(Finding("camera", "fail", subject, "%s: no such image file or folder" % opts.device))
+            else:
+                out.append(Finding("camera", "ok", subject, "images from %s" % opts.device))
+        return out
+
+    # -- I2C displays --------------------------------------------------------------------------
+
+    def displays(self) -> list[Finding]:
+        out = []
+        buses = sorted(glob.glob(str(self.roots.dev / "i2c-*")))
+        for bus in buses:
+            out.append(Finding("i2c", "info", bus, "I2C bus"))
+        display = self.config.display if self.config is not None else None
+        if display is None or display.model == "dummy" or display.interface != "i2c":
+            return out
+        subject = "display"
+        bus = self.roots.dev / ("i2c-%d" % display.i2c_port)
+        if not bus.exists():
+            out.append(Finding("i2c", "fail", subject, "%s: %s does not exist" % (display.describe(), bus),
+                               "enable I2C (raspi-config nonint do_i2c 0, or dtparam=i2c_arm=on in "
+                               "config.txt) and reboot"))
+            return out
+        try:
+            answers = self.i2c_probe(display.i2c_port, display.i2c_address)
+        except OSError as exc:
+            out.append(Finding("i2c", "fail", subject, "%s: cannot open the bus: %s" % (display.describe(), exc),
+                               "add the service user to group 'i2c'"))
+            return out
+        if answers:
+            out.append(Finding("i2c", "ok", subject, "%s answers" % display.describe()))
+        else:
+            out.append(Finding("i2c", "fail", subject, "nothing answers at 0x%02X on i2c-%d"
+                               % (display.i2c_address, display.i2c_port),
+                               "check the wiring (SDA, SCL, 3.3 V, GND) and the address (`i2cdetect -y %d`; "
+                               "0x3C or 0x3D)" % display.i2c_port))
+        return out
+
+    # -- platform ------------------------------------------------------------------------------
+
+    async def platform(self) -> list[Finding]:
+        status = await self._daemon_status()
+        if status is not None:
+            p = status.get("platform") or {}
+            age = p.get("credential_age_s")
+            text = "%s (from the running daemon): %s" % (
+                p.get("kind"), {True: "reachable", False: "unreachable", None: "not asked yet"}[p.get("reachable")])
+            if p.get("last_ok_at"):
+                text += ", last answer %s" % p["last_ok_at"]
+            if age is not None:
+                text += ", credential %s old" % _age(age)
+            failed = p.get("reachable") is False
+            return [Finding("platform", "fail" if failed else "ok", "platform", text,
+                            ("the platform says: %s; check the network and platform.endpoint"
+                             % p.get("last_error")) if failed else None)]
+        if self.config is None:
+            return []
+        return [await asyncio.to_thread(self._ask_platform)]
+
+    async def _daemon_status(self) -> dict[str, Any] | None:
+        path = self.socket_path or (self.config.unix_socket() if self.config else None)
+        if path is None or not path.exists():
+            return None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        try:
+            writer.write(b'{"jsonrpc":"2.0","id":1,"method":"status","params":{}}\n')
+            line = await asyncio.wait_for(reader.readline(), 5)
+            return json.loads(line).get("result")
+        except (OSError, asyncio.TimeoutError, ValueError, AttributeError):
+            return None
+        finally:
+            writer.close()
+
+    def _ask_platform(self) -> Finding:
+        import httpx
+
+        cfg = self.config.platform  # type: ignore[union-attr]  (platform() asks only with a config)
+        verify = str(cfg.tls_verify) if isinstance(cfg.tls_verify, Path) else cfg.tls_verify
+        try:
+            response = httpx.get(cfg.endpoint, timeout=cfg.timeout_s, verify=verify)
+        except httpx.ConnectError as exc:
+            text = str(exc)
+            fix = "check the network (default route, DNS) and platform.endpoint"
+            if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
+                fix = "TLS failed: check the clock, and platform.tls_verify (the platform's CA)"
+            return Finding("platform", "fail", "platform", "%s: %s" % (cfg.endpoint, text), fix)
+        except httpx.HTTPError as exc:
+            return Finding("platform", "fail", "platform", "%s: %s" % (cfg.endpoint, exc or type(exc).__name__),
+                           "check the network and platform.endpoint; timeout_s is %.0f s" % cfg.timeout_s)
+        credentials = "the box's credentials travel with every call" if cfg.kind == "rhc" else ""
+        return Finding("platform", "ok" if response.status_code < 500 else "warn", "platform",
+                       "%s answers HTTP %d (asked directly: no daemon running); %s"
+                       % (cfg.endpoint, response.status_code, credentials))
+
+    # -- clock ---------------------------------------------------------------------------------
+
+    def clock(self) -> list[Finding]:
+        now = self.now()
+        shown = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
+        if now < EARLIEST_PLAUSIBLE:
+            return [Finding("clock", "fail", "clock", "the clock says %s: wrong" % shown,
+                            "the box has no battery-backed clock: it needs NTP (check network access to "
+                            "an NTP server; `timedatectl set-ntp true`)")]
+        synced, how = self.clock_state()
+        if synced is None:
+            return [Finding("clock", "warn", "clock", "%s; cannot tell whether NTP keeps it right" % shown)]
+        if not synced:
+            return [Finding("clock", "warn", "clock", "%s, not synchronised (%s)" % (shown, how),
+                            "TLS and platform signatures need the right time: `timedatectl set-ntp true`, "
+                            "and let the box reach an NTP server (or the hospital's)")]
+        return [Finding("clock", "ok", "clock", "%s, synchronised (%s)" % (shown, how))]
+
+
+def _serial_fix(exc: Exception) -> str:
+    text = str(exc)
+    if "Permission denied" in text or "Errno 13" in text:
+        return "add the service user to group 'dialout'"
+    if "No such file" in text or "Errno 2" in text:
+        return "plug the reader in, or fix port (ls /dev/ttyUSB* /dev/serial/by-id/)"
+    if "busy" in text.lower() or "lock" in text.lower():
+        return "another program has the port open (is scanbox running? it holds its readers)"
+    return "check the port"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    if seconds < 172800:
+        return "%d h" % (seconds // 3600)
+    return "%d days" % (seconds // 86400)
+
+
+def report(findings: list[Finding]) -> str:
+    lines = []
+    area = None
+    marks = {"ok": "ok  ", "info": "    ", "warn": "WARN", "fail": "FAIL"}
+    for f in findings:
+        if f.area != area:
+            area = f.area
+            lines.append("%s:" % area)
+        lines.append("  %s %s: %s" % (marks[f.status], f.subject, f.text))
+        if f.fix:
+            lines.append("         fix: %s" % f.fix)
+    problems = [f for f in findings if f.status in ("warn", "fail")]
+    lines.append("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s") if problems
+                 else "no problems found")
+    return "\n".join(lines)
+
+
+def to_json(findings: list[Finding]) -> list[dict[str, Any]]:
+    return [asdict(f) for f in findings]

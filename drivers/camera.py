@@ -1,0 +1,453 @@
+"""Cameras that read QR codes: the Raspberry Pi camera (picamera2), USB cameras (V4L2), and
+image files or folders (tests, demos, trying a decoder on photos taken at the counter).
+
+The driver's thread captures a frame, cuts it down to what the decoder needs (grayscale, the
+region of interest, a scale), decodes it, and hands new codes to the sink: nothing runs on the
+event loop. A code seen in consecutive frames is one scan; it is delivered again only after it
+has been out of sight for `dedupe_s`.
+
+QR payloads are taken as bytes, then decoded with the configured charsets in order (UTF-8, then
+GB18030 by default): zbar's own text conversion guesses Shift-JIS or Latin-1 for many UTF-8
+Chinese payloads (你好 comes out as "ä½ å¥½"), so it is switched off (ZBAR_CFG_BINARY) and
+zxing-cpp's raw `bytes` are used.
+
+Decoders: zxing-cpp (the default: faster and reads more hard frames, see bench/bench_drivers.py)
+and zbar through pyzbar, restricted to QR symbols. USB cameras are read with linuxpy (pure Python
+V4L2, no OpenCV: a scan box needs frames, not a vision library); YUYV frames give their luma
+plane without any conversion, MJPEG frames are decoded by Pillow at reduced size.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+import contextlib
+import glob
+import io
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Literal
+
+from PIL import Image
+from pydantic import Field, field_validator
+
+from agent.model import Scan
+from drivers.base import Backoff, DriverOptions, ScanSink, Source
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+
+PICAMERA2_MISSING = (
+    "picamera2 is not installed. On Raspberry Pi OS: `apt install python3-picamera2` and create the "
+    "virtualenv with --system-site-packages (`pip install 'scanbox[camera-pi]'` builds only where "
+    "libcamera and libcap-dev are installed). For a USB camera, set device = \"/dev/video0\".")
+
+# ZBAR_CFG_BINARY in zbar >= 0.23 (after ENABLE, ADD_CHECK, EMIT_CHECK, ASCII); pyzbar 0.1.9's
+# enum predates it
+ZBAR_CFG_BINARY = 4
+
+
+class CameraError(Exception):
+    """A camera that cannot be opened or read; the message says what to do."""
+
+
+class Options(DriverOptions):
+    driver: Literal["camera"]
+    # "picamera2" (the Pi camera), a V4L2 device ("/dev/video0", "/dev/v4l/by-id/..."), or an
+    # image file or a folder of images
+    device: str = Field("picamera2", min_length=1)
+    decoder: Literal["zxing", "zbar"] = "zxing"
+    width: int = Field(640, ge=160, le=4096)
+    height: int = Field(480, ge=120, le=3072)
+    pixel_format: Literal["YUYV", "MJPG", "GREY"] = "YUYV"  # V4L2 only
+    max_fps: float = Field(10.0, gt=0, le=60)
+    # the part of the frame to decode: [x, y, width, height] as fractions of the frame
+    roi: tuple[float, float, float, float] | None = None
+    # decode at this fraction of the captured size (faster; codes must stay >= ~2 px per module)
+    scale: float = Field(1.0, ge=0.1, le=1.0)
+    # a code seen again after this long out of sight is a new scan
+    dedupe_s: float = Field(2.0, ge=0, le=60)
+    charsets: list[str] = Field(["utf-8", "gb18030"], min_length=1)
+    loop: bool = False  # image files: start again after the last one (demos)
+    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if v is not None:
+            x, y, w, h = v
+            if not (0 <= x < 1 and 0 <= y < 1 and 0 < w <= 1 - x + 1e-9 and 0 < h <= 1 - y + 1e-9):
+                raise ValueError("[x, y, width, height] fractions of the frame, inside it: got %r" % (v,))
+        return v
+
+    @field_validator("charsets")
+    @classmethod
+    def _charsets(cls, v: list[str]) -> list[str]:
+        for charset in v:
+            try:
+                codecs.lookup(charset)
+            except LookupError:
+                raise ValueError("unknown charset %r" % charset) from None
+        return v
+
+
+def create(name: str, options: Options) -> "Camera":
+    return Camera(name, frames=frame_source(options), decoder=make_decoder(options.decoder),
+                  roi=options.roi, scale=options.scale, max_fps=options.max_fps, dedupe_s=options.dedupe_s,
+                  charsets=options.charsets, reconnect_max_s=options.reconnect_max_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoders: grayscale PIL image -> payloads as bytes
+
+
+class Decoder(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def decode(self, image: Image.Image) -> list[bytes]: ...
+
+
+class ZxingDecoder(Decoder):
+    name = "zxing"
+
+    def __init__(self) -> None:
+        try:
+            import zxingcpp
+        except ImportError as exc:
+            raise CameraError("zxing-cpp is not installed (pip install zxing-cpp)") from exc
+        self._zxing = zxingcpp
+        self._formats = zxingcpp.BarcodeFormat.QRCode
+
+    def decode(self, image: Image.Image) -> list[bytes]:
+        return [r.bytes for r in self._zxing.read_barcodes(image, formats=self._formats)]
+
+
+class ZbarDecoder(Decoder):
+    """zbar through pyzbar's ctypes wrapper, QR only and in binary mode (pyzbar's decode() offers
+    neither binary mode nor a way to set it, so its few steps are repeated here)."""
+
+    name = "zbar"
+
+    def __init__(self) -> None:
+        try:
+            from pyzbar import pyzbar, wrapper
+        except ImportError as exc:  # pyzbar raises ImportError when libzbar0 is missing too
+            raise CameraError("pyzbar cannot load zbar (%s): apt install libzbar0" % exc) from exc
+        self._pyzbar = pyzbar
+        self._w = wrapper
+
+    def decode(self, image: Image.Image) -> list[bytes]:
+        from ctypes import c_void_p, cast
+
+        pz, w = self._pyzbar, self._w
+        pixels, width, height = pz._pixel_data(image)
+        with pz._image_scanner() as scanner:
+            w.zbar_image_scanner_set_config(scanner, 0, w.ZBarConfig.CFG_ENABLE, 0)  # all symbologies off
+            w.zbar_image_scanner_set_config(scanner, w.ZBarSymbol.QRCODE, w.ZBarConfig.CFG_ENABLE, 1)
+            w.zbar_image_scanner_set_config(scanner, w.ZBarSymbol.QRCODE, ZBAR_CFG_BINARY, 1)
+            with pz._image() as zimage:
+                w.zbar_image_set_format(zimage, pz._FOURCC["L800"])
+                w.zbar_image_set_size(zimage, width, height)
+                w.zbar_image_set_data(zimage, cast(pixels, c_void_p), len(pixels), None)
+                if w.zbar_scan_image(scanner, zimage) < 0:
+                    raise CameraError("zbar refused the image")
+                return [d.data for d in pz._decode_symbols(pz._symbols_for_image(zimage))]
+
+
+DECODERS: dict[str, Callable[[], Decoder]] = {"zxing": ZxingDecoder, "zbar": ZbarDecoder}
+
+
+def make_decoder(name: str) -> Decoder:
+    return DECODERS[name]()
+
+
+def prepare(image: Image.Image, roi: tuple[float, float, float, float] | None, scale: float) -> Image.Image:
+    """What the decoder needs of a frame: grayscale, the region of interest, scaled."""
+    if image.mode != "L":
+        image = image.convert("L")
+    if roi is not None:
+        x, y, w, h = roi
+        W, H = image.size
+        image = image.crop((round(x * W), round(y * H), round((x + w) * W), round((y + h) * H)))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+    return image
+
+
+def payload_text(data: bytes, charsets: list[str]) -> tuple[str, str]:
+    """(text, charset) with the first charset that decodes the bytes; the scan keeps the bytes."""
+    for charset in charsets:
+        try:
+            return data.decode(charset), charset
+        except UnicodeDecodeError:
+            continue
+    return data.decode(charsets[0], errors="backslashreplace"), charsets[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# frame sources
+
+
+class FrameSource(abc.ABC):
+    describe: str
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Raises CameraError (or OSError) with what is wrong."""
+
+    @abc.abstractmethod
+    def read(self) -> Image.Image | None:
+        """The next frame, or None at the end (image files)."""
+
+    def close(self) -> None:  # noqa: B027  (most sources have nothing to release)
+        pass
+
+
+class ImageFiles(FrameSource):
+    """An image file, or every image in a folder in name order: one frame each."""
+
+    def __init__(self, path: str, loop: bool = False) -> None:
+        self.path = path
+        self.loop = loop
+        self.describe = "images %s" % path
+        self._files: list[str] = []
+        self._next = 0
+
+    def open(self) -> None:
+        if os.path.isdir(self.path):
+            self._files = sorted(p for p in glob.glob(os.path.join(self.path, "*"))
+                                 if p.lower().endswith(IMAGE_SUFFIXES))
+        elif os.path.exists(self.path):
+            self._files = [self.path]
+        else:
+            raise CameraError("%s: no such image file or folder" % self.path)
+        if not self._files:
+            raise CameraError("%s: no images (%s)" % (self.path, ", ".join(IMAGE_SUFFIXES)))
+        self._next = 0
+
+    def read(self) -> Image.Image | None:
+        while True:
+            if self._next >= len(self._files):
+                if not self.loop:
+                    return None
+                self._next = 0
+            path = self._files[self._next]
+            self._next += 1
+            try:
+                with Image.open(path) as image:
+                    image.draft("L", image.size)  # JPEG: decode straight to grayscale
+                    return image.convert("L")
+            except OSError as exc:
+                logger.warning("camera: cannot read %s: %s", path, exc)
+                if len(self._files) == 1:
+                    return None
+
+
+def yuyv_luma(data: bytes, width: int, height: int) -> Image.Image:
+    """A YUYV (YUV 4:2:2) frame's luma plane: every other byte, no colour conversion."""
+    return Image.frombytes("L", (width, height), bytes(memoryview(data)[0:width * height * 2:2]))
+
+
+def mjpeg_gray(data: bytes, scale: float = 1.0) -> Image.Image:
+    """An MJPEG frame decoded to grayscale; libjpeg scales by 1/2, 1/4, 1/8 while decoding."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("L", (int(image.width * scale), int(image.height * scale)))
+    return image.convert("L")
+
+
+class V4L2Camera(FrameSource):
+    def __init__(self, path: str, width: int, height: int, pixel_format: str) -> None:
+        self.path = path
+        self.width = width
+        self.height = height
+        self.pixel_format = pixel_format
+        self.describe = "V4L2 %s" % path
+        self._device: Any = None
+        self._capture: Any = None
+        self._frames: Any = None
+
+    def open(self) -> None:
+        try:
+            from linuxpy.video.device import BufferType, Device, VideoCapture
+        except ImportError as exc:
+            raise CameraError("linuxpy is not installed (pip install linuxpy)") from exc
+        if not os.path.exists(self.path):
+            raise CameraError("%s: no such device (is the camera plugged in? `ls /dev/video*`)" % self.path)
+        device = Device(self.path)
+        device.open()
+        try:
+            device.set_format(BufferType.VIDEO_CAPTURE, self.width, self.height, self.pixel_format)
+            fmt = device.get_format(BufferType.VIDEO_CAPTURE)
+            self.width, self.height = fmt.width, fmt.height  # what the camera chose
+            capture = VideoCapture(device)
+            capture.open()
+        except Exception:
+            device.close()
+            raise
+        self._device, self._capture = device, capture
+        self._frames = iter(capture)
+
+    def read(self) -> Image.Image | None:
+        frame = next(self._frames)
+        fmt = frame.pixel_format.name
+        if fmt == "YUYV":
+            return yuyv_luma(frame.data, frame.width, frame.height)
+        if fmt == "GREY":
+            return Image.frombytes("L", (frame.width, frame.height), bytes(frame.data))
+        if fmt in ("MJPEG", "JPEG"):
+            return mjpeg_gray(frame.data)
+        raise CameraError("%s: unsupported pixel format %s" % (self.path, fmt))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._capture is not None:
+                self._capture.close()
+        with contextlib.suppress(Exception):
+            if self._device is not None:
+                self._device.close()
+        self._device = self._capture = self._frames = None
+
+
+class PiCamera(FrameSource):
+    def __init__(self, width: int, height: int) -> None:
+        self.width = width
+        self.height = height
+        self.describe = "picamera2"
+        self._camera: Any = None
+
+    def open(self) -> None:
+        try:
+            from picamera2 import Picamera2
+        except ImportError as exc:
+            raise CameraError(PICAMERA2_MISSING) from exc
+        camera = Picamera2()
+        # YUV420: the first `height` rows are the luma plane, which is all a QR decoder needs
+        camera.configure(camera.create_video_configuration(
+            main={"size": (self.width, self.height), "format": "YUV420"}))
+        camera.start()
+        self._camera = camera
+
+    def read(self) -> Image.Image | None:
+        array = self._camera.capture_array("main")
+        return Image.fromarray(array[:self.height, :self.width])
+
+    def close(self) -> None:
+        if self._camera is not None:
+            with contextlib.suppress(Exception):
+                self._camera.close()
+            self._camera = None
+
+
+def frame_source(options: Options) -> FrameSource:
+    if options.device == "picamera2":
+        return PiCamera(options.width, options.height)
+    if options.device.startswith("/dev/"):
+        return V4L2Camera(options.device, options.width, options.height, options.pixel_format)
+    return ImageFiles(options.device, options.loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+class Camera(Source):
+    def __init__(self, name: str, *, frames: FrameSource, decoder: Decoder,
+                 roi: tuple[float, float, float, float] | None = None, scale: float = 1.0,
+                 max_fps: float = 10.0, dedupe_s: float = 2.0, charsets: list[str] | None = None,
+                 reconnect_max_s: float = 5.0) -> None:
+        super().__init__("camera:" + name)
+        self.frames = frames
+        self.decoder = decoder
+        self.roi = roi
+        self.scale = scale
+        self.min_interval = 1.0 / max_fps
+        self.dedupe_s = dedupe_s
+        self.charsets = charsets or ["utf-8", "gb18030"]
+        self.backoff = Backoff(0.5, reconnect_max_s)
+        self.frames_decoded = 0
+        self.ended = threading.Event()  # image files: all played
+        self._last_seen: dict[bytes, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, sink: ScanSink) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def process(self, image: Image.Image, now: float, sink: ScanSink) -> None:
+        """One frame: decode, and deliver the codes not seen in the last `dedupe_s`."""
+        payloads = self.decoder.decode(prepare(image, self.roi, self.scale))
+        self.frames_decoded += 1
+        for data in payloads:
+            last = self._last_seen.get(data)
+            self._last_seen[data] = now
+            if last is not None and now - last <= self.dedupe_s:
+                continue
+            _, charset = payload_text(data, self.charsets)
+            sink.scan(Scan.from_qr_bytes(self.name, data, charset))
+        if len(self._last_seen) > 64:  # forget codes long out of sight
+            self._last_seen = {k: t for k, t in self._last_seen.items() if now - t <= self.dedupe_s}
+
+    def _run(self, sink: ScanSink) -> None:
+        last_detail: str | None = None
+        while not self._stop.is_set():
+            try:
+                self.frames.open()
+            except Exception as exc:  # a camera stack fails in many ways; each one is an alarm
+                detail = "cannot open %s: %s" % (self.frames.describe, exc)
+                if detail != last_detail:
+                    logger.warning("%s: %s", self.name, detail)
+                    sink.connected(self.name, False, detail)
+                    last_detail = detail
+                self._stop.wait(self.backoff.next())
+                continue
+            logger.info("%s: reading %s with %s", self.name, self.frames.describe, self.decoder.name)
+            sink.connected(self.name, True)
+            last_detail = None
+            detail = self._read_frames(sink)
+            self.frames.close()
+            if self._stop.is_set():
+                break
+            if detail is None:  # image files played to the end
+                self.ended.set()
+                sink.connected(self.name, False, "end of images")
+                return
+            logger.warning("%s: %s", self.name, detail)
+            sink.connected(self.name, False, detail)
+            last_detail = detail
+            self._stop.wait(self.backoff.next())
+        sink.connected(self.name, False, "stopped")
+
+    def _read_frames(self, sink: ScanSink) -> str | None:
+        """Capture and decode until stop, the end of the images (None), or a failure (why)."""
+        failing = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                image = self.frames.read()
+            except Exception as exc:
+                return "lost %s: %s" % (self.frames.describe, exc)
+            if image is None:
+                return None
+            try:
+                self.process(image, time.monotonic(), sink)
+                failing = False
+            except Exception as exc:  # a decoder or sink fault must not end capture
+                if not failing:  # once per run of failing frames, not ten times a second
+                    failing = True
+                    logger.exception("%s: failed to decode a frame", self.name)
+                    sink.problem(self.name, "cannot decode frames: %s" % exc)
+            self._stop.wait(max(0.0, self.min_interval - (time.monotonic() - started)))
+        return "stopped"
+

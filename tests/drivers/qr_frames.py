@@ -1,0 +1,74 @@
+"""Camera frames with generated QR codes, plain and hard (rotated, blurred, low contrast, noisy,
+partly covered), for the camera tests and bench/bench_drivers.py."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import segno
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+
+def qr_image(payload: str | bytes, module_px: int = 4, error: str = "m") -> Image.Image:
+    """The code alone, black on white with its quiet zone, `module_px` pixels per module."""
+    qr = segno.make_qr(payload, error=error, encoding="utf-8" if isinstance(payload, str) else None)
+    out = io.BytesIO()
+    qr.save(out, kind="png", scale=module_px, border=4)
+    out.seek(0)
+    return Image.open(out).convert("L")
+
+
+def frame(payload: str | bytes, size: tuple[int, int] = (640, 480), module_px: int = 4, *,
+          angle: float = 0, blur: float = 0, contrast: float = 1.0, noise: float = 0,
+          cover: float = 0, error: str = "m", seed: int = 0) -> Image.Image:
+    """A camera-like frame: the code on a gray background, then the requested damage.
+    `contrast` < 1 squeezes black and white towards mid-gray; `noise` is a Gaussian sigma;
+    `cover` hides that fraction of the code's width under a bar (error correction has to cope)."""
+    rnd = random.Random(seed)
+    code = qr_image(payload, module_px, error)
+    if angle:
+        code = code.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=255)
+    image = Image.new("L", size, 200)
+    x = (size[0] - code.width) // 2 + rnd.randint(-20, 20)
+    y = (size[1] - code.height) // 2 + rnd.randint(-20, 20)
+    image.paste(code, (x, y))
+    if cover:
+        draw = ImageDraw.Draw(image)
+        quiet = 4 * module_px
+        inner = code.width - 2 * quiet
+        top = y + quiet + inner // 2 - module_px
+        draw.rectangle((x + quiet + inner // 3, top, x + quiet + inner // 3 + int(inner * cover), top + 2 * module_px),
+                       fill=30)
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    if contrast != 1.0:
+        low = 128 - 128 * contrast
+        image = image.point(lambda v: int(low + v * contrast))
+    if noise:
+        # uniform noise with standard deviation `noise`, from the seeded generator (Pillow's
+        # effect_noise cannot be seeded), centred on 128: added with offset -128
+        spread = noise / 73.9  # the standard deviation of uniform bytes
+        grain = Image.frombytes("L", size, rnd.randbytes(size[0] * size[1]))
+        grain = grain.point(lambda v: int(128 + (v - 127.5) * spread))
+        image = ImageChops.add(image, grain, scale=1.0, offset=-128)
+    return image
+
+
+HARD = {
+    "rotated": dict(angle=(5, 355)),
+    "blurred": dict(blur=(0.8, 1.8)),
+    "low contrast": dict(contrast=(0.12, 0.35)),
+    "noisy": dict(noise=(25, 60)),
+}
+
+
+def hard_frames(payload: str, kind: str, count: int, size: tuple[int, int] = (640, 480),
+                seed: int = 1) -> list[Image.Image]:
+    """`count` frames of one kind of damage, its strength drawn at random (seeded)."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(count):
+        params = {k: rnd.uniform(*bounds) for k, bounds in HARD[kind].items()}
+        out.append(frame(payload, size, module_px=rnd.choice((3, 4, 5)), seed=seed * 1000 + i, **params))
+    return out

@@ -1,0 +1,145 @@
+"""`scanbox doctor` over a /dev and /sys tree in a temporary directory, a pty ID card reader,
+the platform simulator, a running daemon, and injected I2C and clock probes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import cli, doctor
+from agent.config import Config
+from tests.conftest import config_dict, make_config, write_config
+from tests.drivers.sam_emulator import SamEmulator
+from tests.drivers.test_hid import fake_sysfs
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> doctor.Roots:
+    dev, sys = fake_sysfs(tmp_path / "root")
+    (dev / "ttyUSB0").touch()
+    (dev / "ttyAMA0").touch()
+    (dev / "video0").touch()
+    (sys / "class" / "video4linux" / "video0").mkdir(parents=True)
+    (sys / "class" / "video4linux" / "video0" / "name").write_text("USB2.0 HD UVC WebCam\n")
+    (dev / "i2c-1").touch()
+    return doctor.Roots(dev, sys)
+
+
+async def findings_of(config: Config | None, roots: doctor.Roots, **kw: Any) -> list[doctor.Finding]:
+    kw.setdefault("clock_state", lambda: (True, "test"))
+    kw.setdefault("i2c_probe", lambda bus, address: True)
+    kw.setdefault("probe_timeout_s", 0.3)
+    return await doctor.Doctor(config, roots, **kw).run()
+
+
+def by_subject(findings: list[doctor.Finding]) -> dict[str, doctor.Finding]:
+    return {f.subject: f for f in findings}
+
+
+async def test_a_box_as_configured(tmp_path: Path, roots: doctor.Roots, sim_server) -> None:
+    reader = SamEmulator(tmp_path)
+    try:
+        config = make_config(sim_server, tmp_path, sources={
+            "counter": {"driver": "hid", "devices": ["/dev/input/by-id/usb-Honeywell*-event-kbd"]},
+            "kiosk": {"driver": "hid", "devices": ["1eab:1a03"]},
+            "reader": {"driver": "idcard", "port": str(reader.path)},
+            "cam": {"driver": "camera", "device": "/dev/video0"},
+        }, display={"model": "ssd1306", "i2c_port": 1})
+        found = by_subject(await findings_of(config, roots))
+    finally:
+        reader.close()
+    event3, event11 = str(roots.dev / "input/event3"), str(roots.dev / "input/event11")
+    assert found[event3].status == "ok" and "scanner for source counter" in found[event3].text
+    assert "Honeywell Imaging 1950g (0c2e:0b61) usb-Honeywell_1950g-event-kbd" in found[event3].text
+    assert found[event11].status == "ok" and "source kiosk" in found[event11].text
+    assert found[str(roots.dev / "input/event0")].status == "info"
+    assert found["idcard:reader"].status == "ok"
+    assert "SAM status 0x90 (ok)" in found["idcard:reader"].text
+    assert found[str(roots.dev / "ttyUSB0")].text == "not configured"
+    assert found[str(roots.dev / "video0")].text == "USB2.0 HD UVC WebCam"
+    assert found["camera:cam"].status == "ok"
+    assert found["display"].status == "ok"
+    assert found["platform"].status == "ok" and "asked directly" in found["platform"].text
+    assert found["clock"].status == "ok"
+    assert not [f for f in found.values() if f.status in ("warn", "fail")]
+
+
+async def test_what_to_fix(tmp_path: Path, roots: doctor.Roots) -> None:
+    silent = SamEmulator(tmp_path)
+    silent.silent = True
+    try:
+        config = make_config(None, tmp_path, sources={
+            "counter": {"driver": "hid", "devices": ["ffff:0001"]},
+            "reader": {"driver": "idcard", "port": str(silent.path)},
+            "gone": {"driver": "idcard", "port": str(tmp_path / "ttyNothing")},
+            "scanner": {"driver": "serial_scanner", "port": "/dev/ttyACM0"},
+            "cam": {"driver": "camera", "device": "picamera2"},
+        }, display={"model": "ssd1306", "i2c_port": 1, "i2c_address": "0x3D"})
+        found = by_subject(await findings_of(config, roots, i2c_probe=lambda bus, address: False,
+                                             clock_state=lambda: (False, "test")))
+    finally:
+        silent.close()
+    hid = found["hid:counter"]
+    assert hid.status == "fail" and "no input device matches ffff:0001" in hid.text
+    assert "usb-Honeywell_1950g-event-kbd" in hid.fix  # what it could be set to
+    assert found["idcard:reader"].status == "fail" and "nothing answers the SAM status" in found["idcard:reader"].text
+    assert "115200" in found["idcard:reader"].fix
+    assert found["idcard:gone"].status == "fail" and "plug the reader in" in found["idcard:gone"].fix
+    assert found["serial:scanner"].status == "fail" and "ttyUSB0" in found["serial:scanner"].fix
+    assert found["camera:cam"].status == "fail" and "python3-picamera2" in found["camera:cam"].fix
+    assert found["display"].status == "fail" and "nothing answers at 0x3D on i2c-1" in found["display"].text
+    assert found["platform"].status == "fail" and "platform.endpoint" in found["platform"].fix
+    assert found["clock"].status == "warn" and "set-ntp" in found["clock"].fix
+
+
+async def test_an_unconfigured_reader_is_found(tmp_path: Path, roots: doctor.Roots) -> None:
+    reader = SamEmulator(tmp_path)
+    (roots.dev / "ttyUSB1").symlink_to(reader.slave_name)  # as a USB reader appears
+    try:
+        found = by_subject(await findings_of(None, roots))
+        assert reader.commands == [(0x11, 0xFF)]
+        quiet = by_subject(await findings_of(None, roots, probe_unconfigured=False))
+    finally:
+        reader.close()
+    usb1 = found[str(roots.dev / "ttyUSB1")]
+    assert usb1.status == "warn" and "an ID card reader answers (SAM status 0x90 (ok))" in usb1.text
+    assert 'driver = "idcard"' in usb1.fix
+    assert found[str(roots.dev / "ttyUSB0")].text == "not configured"  # a plain file: no answer
+    assert quiet[str(roots.dev / "ttyUSB1")].text == "not configured"
+
+
+async def test_a_missing_i2c_bus_and_a_clock_in_the_past(tmp_path: Path, roots: doctor.Roots) -> None:
+    os.unlink(roots.dev / "i2c-1")
+    config = make_config(None, tmp_path, display={"model": "sh1106", "i2c_port": 1})
+    found = by_subject(await findings_of(config, roots, now=lambda: 946684800.0))  # 2000-01-01
+    assert found["display"].status == "fail" and "dtparam=i2c_arm=on" in found["display"].fix
+    assert found["clock"].status == "fail" and "NTP" in found["clock"].fix
+
+
+async def test_the_platform_from_the_running_daemon(tmp_path: Path, roots: doctor.Roots, box) -> None:
+    await box.start(sources={})
+    verify = await box.unix()
+    await verify.call("verify_qr", {"qr": box.resident().static_qr})  # the platform has answered once
+    found = by_subject(await findings_of(box.daemon.config, roots))
+    assert found["platform"].status == "ok"
+    assert "from the running daemon): reachable, last answer" in found["platform"].text
+
+
+def test_the_command(tmp_path: Path, roots: doctor.Roots, capsys: pytest.CaptureFixture[str]) -> None:
+    config_file, secrets = write_config(tmp_path, config_dict(None, tmp_path, sources={
+        "counter": {"driver": "hid", "devices": ["ffff:0001"]}}))
+    code = cli.main(["doctor", "--config", str(config_file), "--secrets", str(secrets), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1  # the scanner is missing (on this machine, whatever its devices)
+    assert {"area": "input", "status": "fail", "subject": "hid:counter"}.items() <= \
+        next(f for f in out if f["subject"] == "hid:counter").items()
+    text = doctor.report([doctor.Finding("clock", "warn", "clock", "not synchronised", "set-ntp"),
+                          doctor.Finding("input", "ok", "/dev/input/event3", "scanner")])
+    assert text.splitlines() == ["clock:", "  WARN clock: not synchronised", "         fix: set-ntp",
+                                 "input:", "  ok   /dev/input/event3: scanner", "1 problem"]
+    assert time.time() > doctor.EARLIEST_PLAUSIBLE
