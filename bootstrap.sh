@@ -7,7 +7,10 @@ cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
+# pcscd + libpcsclite-dev + swig: card readers through PC/SC (pyscard builds against them);
+# vsmartcard-vpcd: the virtual reader the card tests put their emulated cards in.
 PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei"
+PACKAGES="$PACKAGES pcscd libpcsclite-dev swig vsmartcard-vpcd"
 
 missing=""
 for p in $PACKAGES; do

@@ -14,6 +14,7 @@ from types import ModuleType
 SOURCE_DRIVERS: dict[str, str] = {
     "serial_scanner": "drivers.serial_scanner",
     "stdin": "drivers.stdin_scanner",
+    "pcsc": "drivers.pcsc",
 }
 
 
