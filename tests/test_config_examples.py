@@ -18,6 +18,7 @@ def test_the_example_config_and_secrets_load(tmp_path):
     assert config.platform.rhc.user_pwd.get_secret_value() == "change-me"
     assert set(config.api.clients) == {"his", "technician"}
     assert config.sources["counter"].driver == "serial_scanner"
+    assert config.sources["cards"].driver == "pcsc"
     assert config.site.sam == "45600001X5500"
     printed = repr(dump(config))
     assert "change-me" not in printed and "a-long-random-string" not in printed
