@@ -274,6 +274,9 @@ class VirtualSlot:
                 threading.Event().wait(0.05)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # close with a reset: no TIME_WAIT on vpcd's port, which would keep a restarted pcscd's
+        # vpcd from binding it for a minute
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         card.reset()
         self.card, self._sock = card, sock
         self.pulled.clear()

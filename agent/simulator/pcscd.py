@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -69,6 +70,11 @@ class Pcscd:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.TemporaryFile()  # pcscd's output (a pipe nobody reads could fill and block it)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     @property
     def owned(self) -> bool:
@@ -82,11 +88,27 @@ class Pcscd:
             raise PcscdError("pcscd runs but shows no %r (readers: %s): install vsmartcard-vpcd and restart pcscd"
                              % (CARD_READER, present))
 
-    def start(self) -> None:
+    def start(self, timeout: float = 75.0) -> None:
+        """Start pcscd and wait for the virtual readers. vpcd cannot bind a port that still has a
+        connection in TIME_WAIT (pcscd stopped while an emulator was connected): pcscd then runs
+        without that reader, so it is stopped and started again until the port is free (the
+        kernel holds TIME_WAIT for 60 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            output = self._start_once()
+            if output is None:
+                return
+            if "Address already in use" not in output or time.monotonic() > deadline:
+                raise PcscdError("pcscd shows no %r: %s" % (PSAM_READER, output.strip()[-300:]))
+            threading.Event().wait(1.0)
+
+    def _start_once(self) -> str | None:
+        """None once both virtual readers are there; else pcscd's output (and pcscd stopped)."""
         binary = shutil.which("pcscd") or "/usr/sbin/pcscd"
+        self.log.seek(0)
+        self.log.truncate()
         try:
-            self.process = subprocess.Popen([binary, "--foreground"], stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([binary, "--foreground"], stdout=self.log, stderr=subprocess.STDOUT)
         except OSError as exc:
             raise PcscdError("pcscd cannot start (%s): install pcscd and vsmartcard-vpcd (bootstrap.sh)"
                              % exc) from None
@@ -98,10 +120,13 @@ class Pcscd:
             self.stop()
             raise PcscdError(str(exc)) from None
         if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
             self.process = None
             raise PcscdError("pcscd cannot start (exit %s; it must run as root): %s"
-                             % (process.returncode, output.strip()[-500:]))
+                             % (process.returncode, self.output().strip()[-500:]))
+        if PSAM_READER in (readers() or []):
+            return None
+        self.stop()
+        return self.output()
 
     def stop(self) -> None:
         if self.process is not None:
@@ -111,8 +136,6 @@ class Pcscd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-            if self.process.stdout:
-                self.process.stdout.close()
             self.process = None
             wait_for(lambda: readers() is None, 5, "pcscd still answers after it was stopped")
 
