@@ -64,7 +64,7 @@ REASON_DESCRIPTIONS: Mapping[Reason, tuple[str, str]] = {
     Reason.BAD_REQUEST: ("the request is malformed; see the message", "请求错误"),
     Reason.INTERNAL: ("a fault inside scanbox; it has been logged", "内部错误"),
     Reason.PSAM_REQUIRED: ("the card's personal data needs authentication through a PSAM, and this box has "
-                           "none configured; scan.payload holds what the card let us read", "此卡需要PSAM卡才能读取"),
+                           "none configured; scan.payload holds what the card let us read", "本机暂不能读取此卡"),
 }
 
 
