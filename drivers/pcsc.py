@@ -244,8 +244,7 @@ class PcscReader(Source):
                 pnp = False  # no PnP notification here: poll for readers instead
                 continue
             if hresult in _READER_LOST and reader is not None:
-                sink.connected(self.name, False, "reader %s went away" % reader)
-                last_detail, reader = None, None
+                last_detail, reader = self._lost(reader, sink), None
                 continue
             _check("wait for a card", hresult)
             for name, event, atr in states:
@@ -253,16 +252,15 @@ class PcscReader(Source):
                     pnp_state = event & ~scard.SCARD_STATE_CHANGED
                     continue
                 if event & (scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE | scard.SCARD_STATE_UNAVAILABLE):
-                    detail = "reader %s went away" % reader
-                    logger.warning("%s: %s", self.name, detail)
-                    sink.connected(self.name, False, detail)
-                    last_detail = "no reader matching %r" % self.pattern.pattern
-                    reader = None
+                    last_detail, reader = self._lost(reader, sink), None
                     continue
                 was_present = bool(state & scard.SCARD_STATE_PRESENT)
+                # pcsc-lite counts card insertions and removals in the upper 16 bits: a card
+                # swapped between two waits is still a new card
+                swapped = (event >> 16) != (state >> 16) and state != scard.SCARD_STATE_UNAWARE
                 state = event & ~scard.SCARD_STATE_CHANGED
                 present = bool(event & scard.SCARD_STATE_PRESENT)
-                if present and not was_present:
+                if present and (not was_present or swapped):
                     if event & scard.SCARD_STATE_MUTE:
                         sink.problem(self.name, "a card that does not answer (mute) is on %s" % reader)
                     else:
@@ -271,9 +269,14 @@ class PcscReader(Source):
                 # without PnP, look for the reader again on every timeout (cheap)
                 with contextlib.suppress(PcscError):
                     if self._find(context, self.pattern) != reader:
-                        sink.connected(self.name, False, "reader %s went away" % reader)
-                        reader = None
+                        last_detail, reader = self._lost(reader, sink), None
         return last_detail
+
+    def _lost(self, reader: str, sink: ScanSink) -> str:
+        detail = "reader %s went away" % reader
+        logger.warning("%s: %s", self.name, detail)
+        sink.connected(self.name, False, detail)
+        return "no reader matching %r" % self.pattern.pattern
 
     # --- one card ------------------------------------------------------------------------
 

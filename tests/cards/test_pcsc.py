@@ -180,3 +180,16 @@ def test_reader_name_is_matched_by_pattern(reader_driver, card_slot):
     card_slot.insert(emu.ssc("2.00"))
     assert sink.next_scan().source == "pcsc:desk"
     assert CARD_READER
+
+
+def test_a_card_swapped_for_another_is_read_again(reader_driver, card_slot):
+    from agent.simulator.cards import VirtualSlot
+
+    driver, sink = reader_driver()
+    connected(sink)
+    card_slot.insert(emu.ssc("2.00"))
+    assert sink.next_scan().identity.name == PERSON["name"]
+    VirtualSlot.remove(card_slot)  # not waiting for pcscd to see the card go
+    card_slot.insert(emu.ssc("2.00", person={"name": "李四"}))
+    assert sink.next_scan(1).identity.name == "李四"
+    assert sink.problems == []
