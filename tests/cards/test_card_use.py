@@ -72,3 +72,12 @@ async def test_social_security_card_is_not_an_rhc_e0009_record(box, card_slot):
     assert result["verification"]["ok"] is True and result["verification"]["msg_guid"] is None
     assert result["identity"]["name"] == "张晓明"
     assert [e for e in box.sim.sim.journal if e.code == "RHC_E0009"] == []
+
+
+async def test_the_same_card_put_on_again_is_read_again_despite_dedupe(box, card_slot):
+    await box.start(sources=sources(psam=False), scans={"dedupe_s": 30, "hold_s": 0})
+    first = await read_card_with(box, card_slot, emu.ssc("2.00"))
+    await asyncio.to_thread(card_slot.remove)
+    second = await read_card_with(box, card_slot, emu.ssc("2.00"))
+    assert first["identity"]["name"] == second["identity"]["name"] == "张晓明"
+    assert first["scan"]["id"] != second["scan"]["id"]
