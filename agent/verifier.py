@@ -49,7 +49,9 @@ class Verifier:
             return (time.monotonic() - started) * 1000
 
         if scan.partial is not None:
-            # a card read that got only part of the card (no PSAM, a failed authentication)
+            # a card read that got only part of the card (no PSAM, a failed authentication); no
+            # use record either: the platform's needs the personal data (RHC_E0009: id_card)
+            logger.info("scan %s (%s): %s", scan.id, scan.kind.value, scan.partial_message or scan.partial.value)
             return Result(scan, scan.identity, Verification(
                 False, scan.partial, scan.partial_message or scan.partial.description, elapsed_ms=elapsed()))
         if scan.identity is not None:
