@@ -15,8 +15,6 @@ import pytest
 from agent.simulator.cards import VPCD_PORT
 from agent.simulator.pcscd import CARD_READER, PSAM_READER, Pcscd, PcscdError, PcscSlot
 
-__all__ = ["CARD_READER", "PSAM_READER"]
-
 
 @pytest.fixture(scope="session")
 def pcscd():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.simulator import cards as emu
-from tests.cards.conftest import CARD_READER, PSAM_READER
+from agent.simulator.pcscd import CARD_READER, PSAM_READER
 from tests.conftest import until
 
 

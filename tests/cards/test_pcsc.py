@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.model import IdentitySource, Reason, ScanKind
 from agent.simulator import cards as emu
-from tests.cards.conftest import CARD_READER, PSAM_READER
+from agent.simulator.pcscd import CARD_READER, PSAM_READER
 
 PERSON = emu.SAMPLE_PERSON
 
@@ -174,12 +174,13 @@ def test_pcscd_going_away_and_coming_back(reader_driver, card_slot, pcscd):
     assert sink.next_scan().identity.name == PERSON["name"]
 
 
-def test_reader_name_is_matched_by_pattern(reader_driver, card_slot):
-    driver, sink = reader_driver(reader="Virtual PCD 00 0[0]")
+def test_reader_name_is_a_pattern_searched_in_the_names(reader_driver, card_slot, caplog):
+    caplog.set_level("INFO", logger="drivers.pcsc")
+    driver, sink = reader_driver(reader="PCD 00 0[0]")
     connected(sink)
+    assert "pcsc:desk: reader %s" % CARD_READER in caplog.text
     card_slot.insert(emu.ssc("2.00"))
     assert sink.next_scan().source == "pcsc:desk"
-    assert CARD_READER
 
 
 def test_a_card_swapped_for_another_is_read_again(reader_driver, card_slot):
