@@ -260,6 +260,8 @@ class PcscReader(Source):
                 swapped = (event >> 16) != (state >> 16) and state != scard.SCARD_STATE_UNAWARE
                 state = event & ~scard.SCARD_STATE_CHANGED
                 present = bool(event & scard.SCARD_STATE_PRESENT)
+                if was_present and not present:
+                    logger.debug("%s: card removed from %s", self.name, name)
                 if present and (not was_present or swapped):
                     if event & scard.SCARD_STATE_MUTE:
                         sink.problem(self.name, "a card that does not answer (mute) is on %s" % reader)
