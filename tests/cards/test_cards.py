@@ -146,3 +146,12 @@ def test_config_reports_a_bad_card_reader_section_by_key():
     with pytest.raises(ConfigError) as exc:
         validate_source("desk", {"driver": "pcsc", "reader": "ACS (", "cards": ["ssc"]})
     assert "sources.desk.reader" in str(exc.value.problems[0])
+
+
+def test_pcscd_that_cannot_start_is_an_error_with_the_reason(monkeypatch):
+    """The card tests' fixture turns this into a failure (never a skip)."""
+    from agent.simulator import pcscd
+
+    monkeypatch.setattr(pcscd.shutil, "which", lambda name: "/nonexistent/pcscd")
+    with pytest.raises(pcscd.PcscdError, match="pcscd cannot start .*install pcscd and vsmartcard-vpcd"):
+        pcscd.Pcscd().start()
