@@ -192,7 +192,8 @@ class Hub:
 
     async def _verify(self, scan: Scan, step: str | None, verify: bool) -> Result:
         if not verify:
-            return Result(scan, None, None)
+            # a card states its identity itself; only verification (and its use record) is skipped
+            return Result(scan, scan.identity, None)
         result = await self.verifier.verify(scan, step)
         self.publish("verification", result.to_json())
         return result

@@ -172,13 +172,16 @@ class Scan:
                    partial=partial, partial_message=partial_message)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "source": self.source,
             "kind": self.kind.value,
             "at": self.at.isoformat(timespec="milliseconds"),
             "payload": self.payload,
         }
+        if self.partial is not None:  # a card read that could not get everything
+            out["partial"] = {"reason": self.partial.value, "message": self.partial_message}
+        return out
 
 
 class IdentitySource(enum.StrEnum):

@@ -81,3 +81,21 @@ async def test_the_same_card_put_on_again_is_read_again_despite_dedupe(box, card
     second = await read_card_with(box, card_slot, emu.ssc("2.00"))
     assert first["identity"]["name"] == second["identity"]["name"] == "张晓明"
     assert first["scan"]["id"] != second["scan"]["id"]
+
+
+async def test_read_card_without_verification_still_has_the_cards_identity_and_partial_reason(box, card_slot):
+    await box.start(sources=sources(psam=False))
+    client = await box.tcp()
+    call = asyncio.ensure_future(client.call("read_card", {"timeout_s": 10, "verify": False}))
+    await box.waiting(1)
+    await asyncio.to_thread(card_slot.insert, emu.ssc("2.00"))
+    result = await asyncio.wait_for(call, 15)
+    assert result["verification"] is None and result["identity"]["name"] == "张晓明"
+    assert "partial" not in result["scan"]
+    await asyncio.to_thread(card_slot.remove)
+    call = asyncio.ensure_future(client.call("read_card", {"timeout_s": 10, "verify": False}))
+    await box.waiting(1)
+    await asyncio.to_thread(card_slot.insert, emu.health_card())
+    result = await asyncio.wait_for(call, 15)
+    assert result["identity"] is None
+    assert result["scan"]["partial"]["reason"] == "PSAM_REQUIRED" and "EF06" in result["scan"]["partial"]["message"]
