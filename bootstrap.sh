@@ -11,6 +11,9 @@ cd "$(dirname "$0")"
 # shellcheck: the image's scripts (tests/appliance/test_image.py).
 # libzbar0: the zbar QR decoder behind pyzbar (decoder = "zbar" in a camera source).
 PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei libzbar0 systemd shellcheck"
+# pcscd + libpcsclite-dev + swig: card readers through PC/SC (pyscard builds against them);
+# vsmartcard-vpcd: the virtual reader the card tests put their emulated cards in.
+PACKAGES="$PACKAGES pcscd libpcsclite-dev swig vsmartcard-vpcd"
 
 missing=""
 for p in $PACKAGES; do

@@ -102,7 +102,8 @@ class Hub:
         key = (scan.source, scan.payload if isinstance(scan.payload, str)
                else json.dumps(scan.payload, sort_keys=True, default=str))
         now = scan.monotonic
-        last = self._recent.get(key)
+        # a card is read once per insertion: putting it on the reader again is deliberate
+        last = self._recent.get(key) if scan.kind is ScanKind.QR else None
         self._recent[key] = now
         if len(self._recent) > 256:
             self._recent = {k: t for k, t in self._recent.items() if now - t < self.dedupe_s}
@@ -191,7 +192,8 @@ class Hub:
 
     async def _verify(self, scan: Scan, step: str | None, verify: bool) -> Result:
         if not verify:
-            return Result(scan, None, None)
+            # a card states its identity itself; only verification (and its use record) is skipped
+            return Result(scan, scan.identity, None)
         result = await self.verifier.verify(scan, step)
         self.publish("verification", result.to_json())
         return result

@@ -34,6 +34,7 @@ class Reason(enum.StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     BAD_REQUEST = "BAD_REQUEST"
     INTERNAL = "INTERNAL"
+    PSAM_REQUIRED = "PSAM_REQUIRED"
 
     @property
     def description(self) -> str:
@@ -62,6 +63,8 @@ REASON_DESCRIPTIONS: Mapping[Reason, tuple[str, str]] = {
     Reason.UNAUTHORIZED: ("authenticate first (auth with a token)", "未授权"),
     Reason.BAD_REQUEST: ("the request is malformed; see the message", "请求错误"),
     Reason.INTERNAL: ("a fault inside scanbox; it has been logged", "内部错误"),
+    Reason.PSAM_REQUIRED: ("the card's personal data needs authentication through a PSAM, and this box has "
+                           "none configured; scan.payload holds what the card let us read", "本机暂不能读取此卡"),
 }
 
 
@@ -135,6 +138,10 @@ class Scan:
     id: str = field(default_factory=new_scan_id)
     at: datetime = field(default_factory=now_local)
     monotonic: float = field(default_factory=time.monotonic)
+    # a card read that could not get everything (PSAM_REQUIRED, DEVICE_ERROR): the verifier
+    # answers this reason, with whatever the card let us read in payload
+    partial: "Reason | None" = None
+    partial_message: str | None = None
 
     @classmethod
     def from_qr_bytes(cls, source: str, data: bytes, charset: str = "utf-8") -> "Scan":
@@ -154,21 +161,27 @@ class Scan:
         return cls(source=source, kind=ScanKind.QR, payload=text, raw=data)
 
     @classmethod
-    def from_card(cls, source: str, kind: ScanKind, identity: "Identity", fields: Mapping[str, Any],
-                  raw: bytes | None = None) -> "Scan":
-        """A card read: `fields` as the card holds them (JSON-able), `identity` mapped from them."""
+    def from_card(cls, source: str, kind: ScanKind, identity: "Identity | None", fields: Mapping[str, Any],
+                  raw: bytes | None = None, *, partial: "Reason | None" = None,
+                  partial_message: str | None = None) -> "Scan":
+        """A card read: `fields` as the card holds them (JSON-able), `identity` mapped from them.
+        `partial`: why the read is incomplete (identity may then be None)."""
         if kind is ScanKind.QR:
             raise ValueError("a card scan needs a card kind, not qr")
-        return cls(source=source, kind=kind, payload=dict(fields), raw=raw, identity=identity)
+        return cls(source=source, kind=kind, payload=dict(fields), raw=raw, identity=identity,
+                   partial=partial, partial_message=partial_message)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "source": self.source,
             "kind": self.kind.value,
             "at": self.at.isoformat(timespec="milliseconds"),
             "payload": self.payload,
         }
+        if self.partial is not None:  # a card read that could not get everything
+            out["partial"] = {"reason": self.partial.value, "message": self.partial_message}
+        return out
 
 
 class IdentitySource(enum.StrEnum):

@@ -68,6 +68,7 @@ REASON_EN = {
     Reason.NOT_SUPPORTED: "Not supported", Reason.DEVICE_ERROR: "Device error",
     Reason.TIMEOUT: "Timed out", Reason.BUSY: "Busy", Reason.UNAUTHORIZED: "Not authorised",
     Reason.BAD_REQUEST: "Bad request", Reason.INTERNAL: "Internal error",
+    Reason.PSAM_REQUIRED: "Card needs a PSAM",
 }
 
 

@@ -48,10 +48,18 @@ class Verifier:
         def elapsed() -> float:
             return (time.monotonic() - started) * 1000
 
+        if scan.partial is not None:
+            # a card read that got only part of the card (no PSAM, a failed authentication); no
+            # use record either: the platform's needs the personal data (RHC_E0009: id_card)
+            logger.info("scan %s (%s): %s", scan.id, scan.kind.value, scan.partial_message or scan.partial.value)
+            return Result(scan, scan.identity, Verification(
+                False, scan.partial, scan.partial_message or scan.partial.description, elapsed_ms=elapsed()))
         if scan.identity is not None:
-            # a card says who it belongs to; the platform has nothing to add at the counter
+            # a card says who it belongs to; the platform has nothing to add at the counter,
+            # but may keep a record of the card's use (RHC_E0009), on disk before the answer
+            guid = await self._card_use(scan, step or self.default_step, channel or self.default_channel)
             return Result(scan, scan.identity, Verification(True, message="read from the card",
-                                                            elapsed_ms=elapsed()))
+                                                            elapsed_ms=elapsed(), msg_guid=guid))
         if scan.kind is not ScanKind.QR:
             return Result(scan, None, Verification(False, Reason.NOT_SUPPORTED,
                                                    "no verification for %s scans" % scan.kind.value))
@@ -88,6 +96,28 @@ class Verifier:
         if kind is QrKind.STATIC and self.cache_ttl_s > 0:
             self._background_task(self._remember(scan.payload, answer.identity))
         return Result(scan, answer.identity, verification)
+
+    async def _card_use(self, scan: Scan, step: str, channel: str) -> str | None:
+        try:
+            record = self.platform.card_use_record(scan, step, channel)
+        except ScanboxError as exc:
+            logger.warning("scan %s (%s): %s", scan.id, scan.kind.value, exc.message)
+            return None
+        if record is None:
+            return None
+        if self.store is None:
+            logger.warning("scan %s: %s not recorded: no outbox", scan.id, record.operation)
+            return None
+        try:
+            await self.store.enqueue(record)
+        except StoreUnavailable as exc:
+            self.store.unrecorded += 1
+            logger.error("outbox: a card use could not be recorded (%s); %d unrecorded so far", exc,
+                         self.store.unrecorded)
+            return None
+        if self.uploader is not None:
+            self.uploader.wake()
+        return record.guid
 
     async def _offline(self, scan: Scan, kind: QrKind, record: UsageRecord, error: PlatformError,
                        elapsed: Any) -> Result:

@@ -17,6 +17,7 @@ SOURCE_DRIVERS: dict[str, str] = {
     "idcard": "drivers.idcard",
     "hid": "drivers.hid",
     "camera": "drivers.camera",
+    "pcsc": "drivers.pcsc",
 }
 
 

@@ -51,4 +51,4 @@ def test_the_commented_source_examples_are_valid():
         lines = [line[2:] for line in body.splitlines() if line.startswith("# ") and not line.startswith("#  ")]
         options = validate_source(name, tomllib.loads("\n".join(lines)))
         drivers.add(options.driver)
-    assert drivers == {"hid", "camera", "idcard"}
+    assert drivers == {"hid", "camera", "idcard", "pcsc"}

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from agent.codes import Outcome, ReturnCode
-from agent.model import Identity, Reason, ScanboxError, UsageRecord
+from agent.model import Identity, Reason, Scan, ScanboxError, UsageRecord
 from agent.qr import QrKind
 
 
@@ -104,6 +104,12 @@ class Platform(abc.ABC):
 
     async def verify_qr(self, request: VerifyRequest) -> VerifyAnswer:
         return await self.verify(self.verify_record(request))
+
+    def card_use_record(self, scan: Scan, step: str, channel: str) -> UsageRecord | None:
+        """The record of a physical card's use this platform keeps (with a fresh msgGuid), for
+        the outbox; None where it keeps none. Raises ScanboxError(BAD_REQUEST) when the scan
+        lacks what the record needs."""
+        return None
 
     @abc.abstractmethod
     async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:

@@ -1,0 +1,362 @@
+"""Card readers through PC/SC (pcscd + pyscard): social security and resident health cards.
+
+The reader is chosen by a pattern on its PC/SC name (`"ACS ACR1281"`, `"Virtual PCD 00 00"`),
+so a reader that is unplugged and plugged back, even on another USB port, is found again. One
+thread waits on SCardGetStatusChange for the reader and for readers coming and going (the PnP
+pseudo-reader); a card put on the reader is identified by the card profiles (drivers/cards.py,
+card_profiles/*.toml), read, and delivered as one Scan of kind `ssc` or `health_card` with the
+identity it states. A PSAM in a second reader (`psam_reader`) authenticates the box to cards
+that want it (social security cards of version 3, the health card's personal file); without
+one, such a card is delivered with what it let us read and the reason PSAM_REQUIRED.
+
+A card that is pulled mid-read, answers wrong status words, or is neither kind is a `problem`
+(logged with what the card said, counted), never a scan with half-true data. pcscd going away
+is waited out with backoff, like an unplugged scanner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from smartcard import scard
+from smartcard.ATR import ATR
+
+from agent.model import Identity, IdentitySource, Reason, Scan, ScanKind
+from drivers import cards
+from drivers.base import Backoff, DriverOptions, ScanSink, Source
+
+logger = logging.getLogger(__name__)
+
+PNP = "\\\\?PnP?\\Notification"
+KINDS = {"ssc": ScanKind.SSC, "health_card": ScanKind.HEALTH_CARD}
+_GONE = (scard.SCARD_E_NO_SERVICE, scard.SCARD_E_SERVICE_STOPPED, scard.SCARD_F_COMM_ERROR)
+_REMOVED = (scard.SCARD_W_REMOVED_CARD, scard.SCARD_E_NO_SMARTCARD, scard.SCARD_W_RESET_CARD,
+            scard.SCARD_W_UNPOWERED_CARD)
+_READER_LOST = (scard.SCARD_E_UNKNOWN_READER, scard.SCARD_E_READER_UNAVAILABLE)
+
+
+class Options(DriverOptions):
+    driver: Literal["pcsc"]
+    # a regular expression searched in each PC/SC reader name; the first reader that matches
+    reader: str = Field(..., min_length=1)
+    # the reader (slot) that holds the PSAM; none: cards that need one answer PSAM_REQUIRED
+    psam_reader: str | None = Field(None, min_length=1)
+    # which cards to read, tried in this order
+    cards: list[Literal["ssc", "health_card"]] = Field(["ssc", "health_card"], min_length=1)
+    # a corrected file map for a card kind (card_profiles/*.toml is the model)
+    profiles: dict[Literal["ssc", "health_card"], Path] = {}
+    # how often readers coming and going are looked for when the PnP notification is not offered
+    poll_s: float = Field(1.0, ge=0.1, le=10)
+    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+
+    @field_validator("reader", "psam_reader")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError("not a regular expression: %s" % exc) from None
+        return v
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for kind, path in v.items():
+            profile = cards.load_profile(path)  # ValueError names the file and the problem
+            if profile.kind != kind:
+                raise ValueError("%s describes %s, not %s" % (path, profile.kind, kind))
+        return v
+
+
+def create(name: str, options: Options) -> "PcscReader":
+    profiles = [cards.load_profile(options.profiles[k]) if k in options.profiles else cards.builtin_profile(k)
+                for k in options.cards]
+    return PcscReader(name, reader=options.reader, psam_reader=options.psam_reader, profiles=profiles,
+                      poll_s=options.poll_s, reconnect_max_s=options.reconnect_max_s)
+
+
+class PcscError(Exception):
+    def __init__(self, what: str, hresult: int) -> None:
+        super().__init__("%s: %s" % (what, scard.SCardGetErrorMessage(hresult).strip()))
+        self.hresult = hresult
+
+
+class _ServiceGone(Exception):
+    pass
+
+
+def _check(what: str, hresult: int) -> None:
+    if hresult != scard.SCARD_S_SUCCESS:
+        if hresult in _GONE:
+            raise _ServiceGone("%s: %s" % (what, scard.SCardGetErrorMessage(hresult).strip()))
+        raise PcscError(what, hresult)
+
+
+class Connection:
+    """One card in one reader, connected shared; `transmit` is what drivers.cards needs."""
+
+    def __init__(self, context: int, reader: str) -> None:
+        self.context = context
+        self.reader = reader
+        hresult, self.handle, self.protocol = scard.SCardConnect(
+            context, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+        if hresult in _REMOVED:
+            raise cards.CardRemoved("the card left %s before it could be read" % reader)
+        _check("connect to %s" % reader, hresult)
+
+    def transmit(self, apdu: bytes) -> bytes:
+        hresult, response = scard.SCardTransmit(self.handle, self.protocol, list(apdu))
+        if hresult in _REMOVED:
+            raise cards.CardRemoved("the card was removed during the read (%s)"
+                                    % scard.SCardGetErrorMessage(hresult).strip())
+        if hresult in _READER_LOST:
+            raise cards.CardRemoved("the reader went away during the read")
+        _check("transmit", hresult)
+        if len(response) < 2 and self._gone():
+            # some readers (vpcd among them) answer "nothing" rather than "removed" when the
+            # card leaves in the middle of a command
+            raise cards.CardRemoved("the card was removed during the read (the reader answered nothing)")
+        return bytes(response)
+
+    def _gone(self, within_ms: int = 1000) -> bool:
+        """Whether pcscd sees the card leave within `within_ms` (it polls some readers)."""
+        state = scard.SCARD_STATE_UNAWARE
+        deadline = time.monotonic() + within_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            hresult, states = scard.SCardGetStatusChange(self.context, max(left, 0), [(self.reader, state)])
+            if hresult != scard.SCARD_S_SUCCESS:
+                return hresult != scard.SCARD_E_TIMEOUT
+            state = states[0][1] & ~scard.SCARD_STATE_CHANGED
+            if not state & scard.SCARD_STATE_PRESENT:
+                return True
+            if left <= 0:
+                return False
+
+    def close(self) -> None:
+        scard.SCardDisconnect(self.handle, scard.SCARD_LEAVE_CARD)
+
+
+class PcscReader(Source):
+    def __init__(self, name: str, *, reader: str, psam_reader: str | None, profiles: list[cards.Profile],
+                 poll_s: float = 1.0, reconnect_max_s: float = 5.0) -> None:
+        super().__init__("pcsc:" + name)
+        self.pattern = re.compile(reader)
+        self.psam_pattern = re.compile(psam_reader) if psam_reader else None
+        self.profiles = profiles
+        self.poll_ms = int(poll_s * 1000)
+        self.backoff = Backoff(0.2, reconnect_max_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._context: int | None = None
+        self._lock = threading.Lock()
+        # timing of the last read, for the benchmark: state change seen -> scan delivered
+        self.last_read_ms: float | None = None
+
+    def start(self, sink: ScanSink) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._context is not None:
+                scard.SCardCancel(self._context)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # --- the reader thread ---------------------------------------------------------------
+
+    def _run(self, sink: ScanSink) -> None:
+        last_detail: str | None = None
+        while not self._stop.is_set():
+            hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+            if hresult != scard.SCARD_S_SUCCESS:
+                detail = "PC/SC not available (is pcscd running?): %s" % scard.SCardGetErrorMessage(hresult).strip()
+                if detail != last_detail:
+                    logger.warning("%s: %s", self.name, detail)
+                    sink.connected(self.name, False, detail)
+                    last_detail = detail
+                self._stop.wait(self.backoff.next())
+                continue
+            with self._lock:
+                self._context = context
+            try:
+                last_detail = self._serve(context, sink, last_detail)
+            except (_ServiceGone, PcscError) as exc:
+                # pcscd stopped or restarted (a context or handle it no longer knows): start over
+                detail = "PC/SC service went away: %s" % exc
+                logger.warning("%s: %s", self.name, detail)
+                sink.connected(self.name, False, detail)
+                last_detail = detail
+                self._stop.wait(self.backoff.next())
+            finally:
+                with self._lock:
+                    self._context = None
+                scard.SCardReleaseContext(context)
+        sink.connected(self.name, False, "stopped")
+
+    def _find(self, context: int, pattern: re.Pattern[str]) -> str | None:
+        hresult, readers = scard.SCardListReaders(context, [])
+        if hresult in (scard.SCARD_E_NO_READERS_AVAILABLE,):
+            return None
+        _check("list readers", hresult)
+        return next((r for r in readers if pattern.search(r)), None)
+
+    def _serve(self, context: int, sink: ScanSink, last_detail: str | None) -> str | None:
+        reader: str | None = None
+        state = scard.SCARD_STATE_UNAWARE
+        pnp_state = scard.SCARD_STATE_UNAWARE
+        pnp = True
+        while not self._stop.is_set():
+            if reader is None:
+                reader = self._find(context, self.pattern)
+                if reader is None:
+                    detail = "no reader matching %r" % self.pattern.pattern
+                    if detail != last_detail:
+                        logger.warning("%s: %s", self.name, detail)
+                        sink.connected(self.name, False, detail)
+                        last_detail = detail
+                else:
+                    logger.info("%s: reader %s", self.name, reader)
+                    sink.connected(self.name, True)
+                    self.backoff.reset()
+                    last_detail = None
+                    state = scard.SCARD_STATE_UNAWARE
+            watch = ([(reader, state)] if reader else []) + ([(PNP, pnp_state)] if pnp else [])
+            if not watch:
+                self._stop.wait(self.poll_ms / 1000)
+                continue
+            hresult, states = scard.SCardGetStatusChange(context, self.poll_ms, watch)
+            seen = time.monotonic()
+            if hresult in (scard.SCARD_E_TIMEOUT, scard.SCARD_E_CANCELLED):
+                continue
+            if hresult == scard.SCARD_E_INVALID_VALUE and pnp:
+                pnp = False  # no PnP notification here: poll for readers instead
+                continue
+            if hresult in _READER_LOST and reader is not None:
+                last_detail, reader = self._lost(reader, sink), None
+                continue
+            _check("wait for a card", hresult)
+            for name, event, atr in states:
+                if name == PNP:
+                    pnp_state = event & ~scard.SCARD_STATE_CHANGED
+                    continue
+                if event & (scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE | scard.SCARD_STATE_UNAVAILABLE):
+                    last_detail, reader = self._lost(reader, sink), None
+                    continue
+                was_present = bool(state & scard.SCARD_STATE_PRESENT)
+                # pcsc-lite counts card insertions and removals in the upper 16 bits: a card
+                # swapped between two waits is still a new card
+                swapped = (event >> 16) != (state >> 16) and state != scard.SCARD_STATE_UNAWARE
+                state = event & ~scard.SCARD_STATE_CHANGED
+                present = bool(event & scard.SCARD_STATE_PRESENT)
+                if was_present and not present:
+                    logger.debug("%s: card removed from %s", self.name, name)
+                if present and (not was_present or swapped):
+                    if event & scard.SCARD_STATE_MUTE:
+                        sink.problem(self.name, "a card that does not answer (mute) is on %s" % reader)
+                    else:
+                        self._card(context, name, bytes(atr), sink, seen)
+            if reader is not None and not pnp:
+                # without PnP, look for the reader again on every timeout (cheap)
+                with contextlib.suppress(PcscError):
+                    if self._find(context, self.pattern) != reader:
+                        last_detail, reader = self._lost(reader, sink), None
+        return last_detail
+
+    def _lost(self, reader: str, sink: ScanSink) -> str:
+        detail = "reader %s went away" % reader
+        logger.warning("%s: %s", self.name, detail)
+        sink.connected(self.name, False, detail)
+        return "no reader matching %r" % self.pattern.pattern
+
+    # --- one card ------------------------------------------------------------------------
+
+    def _card(self, context: int, reader: str, atr: bytes, sink: ScanSink, seen: float) -> None:
+        connection: Connection | None = None
+        psam: _PsamSlot | None = None
+        try:
+            connection = Connection(context, reader)
+            if self.psam_pattern is not None:
+                psam = _PsamSlot(context, self._find, self.psam_pattern)
+            read = cards.read_card(connection.transmit, atr, self.profiles,
+                                   cards.Psam(psam.channel) if psam else None)
+        except cards.CardError as exc:
+            sink.problem(self.name, "card not read (ATR %s): %s" % (atr.hex().upper(), exc))
+            return
+        except PcscError as exc:
+            sink.problem(self.name, "card not read (ATR %s): %s" % (atr.hex().upper(), exc))
+            return
+        finally:
+            if connection is not None:
+                connection.close()
+            if psam is not None:
+                psam.close()
+        try:
+            sink.scan(self._scan(read))
+        except Exception:  # the sink is the daemon's; never let it end the reader thread
+            logger.exception("%s: failed to deliver a card read", self.name)
+            return
+        self.last_read_ms = (time.monotonic() - seen) * 1000
+        logger.info("%s: %s read in %.0f ms (%d APDUs)%s", self.name, read.kind, self.last_read_ms, read.apdus,
+                    "; %s" % read.incomplete_message if read.incomplete else "")
+
+    def _scan(self, read: cards.CardRead) -> Scan:
+        profile = next(p for p in self.profiles if p.kind == read.kind)
+        values, problems = cards.identity_fields(profile, read)
+        problems = read.problems + problems
+        fields: dict[str, Any] = dict(read.fields, atr=read.atr.hex().upper(),
+                                      atr_historical=bytes(ATR(list(read.atr)).getHistoricalBytes()).hex().upper())
+        if problems:
+            fields["problems"] = problems
+        identity = Identity(source=IdentitySource.CARD, **values) if values.get("id_number") or values.get(
+            "name") else None
+        partial: Reason | None = None
+        if read.incomplete == "psam_required":
+            partial = Reason.PSAM_REQUIRED
+        elif read.incomplete:
+            partial = Reason.DEVICE_ERROR
+        return Scan.from_card(self.name, KINDS[read.kind], identity, fields, raw=read.atr,
+                              partial=partial, partial_message=read.incomplete_message)
+
+
+class _PsamSlot:
+    """The PSAM's reader, connected on first use for one card read."""
+
+    def __init__(self, context: int, find: Any, pattern: re.Pattern[str]) -> None:
+        self.context = context
+        self.find = find
+        self.pattern = pattern
+        self.connection: Connection | None = None
+
+    def channel(self) -> cards.Channel:
+        if self.connection is None:
+            reader = self.find(self.context, self.pattern)
+            if reader is None:
+                raise cards.CardError("no PSAM reader matching %r" % self.pattern.pattern)
+            try:
+                self.connection = Connection(self.context, reader)
+            except cards.CardRemoved:
+                raise cards.CardError("no PSAM in %s" % reader) from None
+        return cards.Channel(self._transmit)
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        assert self.connection is not None
+        try:
+            return self.connection.transmit(apdu)
+        except cards.CardRemoved as exc:  # the PSAM's, not the patient's card
+            raise cards.CardError("PSAM: %s" % exc) from None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
