@@ -41,10 +41,17 @@ from agent.codes import wondersgroup as codes
 from agent.config import FsjsonConfig, PlatformConfig, SiteConfig
 from agent.model import Reason, ScanboxError, UsageRecord
 from agent.platforms import wondersgroup_schema as schema
-from agent.platforms.base import (Platform, PlatformError, PlatformHealth, PlatformRejected, PlatformUnavailable,
-                                  VerifyAnswer, VerifyRequest)
+from agent.platforms.base import (
+    Platform,
+    PlatformError,
+    PlatformHealth,
+    PlatformRejected,
+    PlatformUnavailable,
+    VerifyAnswer,
+    VerifyRequest,
+)
 from agent.platforms.credentials import Credential, CredentialCache
-from agent.platforms.rhc import _http_error, _preview
+from agent.platforms.transport import http_error, preview
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ def answer_of(body: Any) -> dict[str, Any]:
         key = str(key).strip()
         out["QrCode" if key.lower() == "qrcode" else key] = value.strip() if isinstance(value, str) else value
     if "resultCode" not in out:
-        raise PlatformUnavailable("platform answer has no resultCode: %s" % _preview(json.dumps(body)))
+        raise PlatformUnavailable("platform answer has no resultCode: %s" % preview(json.dumps(body)))
     out["resultCode"] = str(out["resultCode"]).strip()
     return out
 
@@ -296,18 +303,18 @@ class FsjsonPlatform(Platform):
         except httpx.TimeoutException:
             raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
         except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (url, _http_error(exc))) from None
+            raise PlatformUnavailable("%s: %s" % (url, http_error(exc))) from None
         skewed = self._learn_clock(response.headers.get("date"))
         if response.status_code >= 500:
             raise PlatformUnavailable("platform answered HTTP %d: %s" % (response.status_code,
-                                                                        _preview(response.text) or "(empty)"))
+                                                                        preview(response.text) or "(empty)"))
         try:
             # response.text decodes by the Content-Type charset: a platform answering GBK is read right
             parsed = json.loads(response.text)
         except ValueError:
             raise PlatformUnavailable("platform answered HTTP %d, %s, not JSON: %s" % (
                 response.status_code, response.headers.get("content-type", "no content type"),
-                _preview(response.text) or "(empty)")) from None
+                preview(response.text) or "(empty)")) from None
         return answer_of(parsed), skewed
 
     def _learn_clock(self, date_header: str | None) -> bool:

@@ -23,16 +23,22 @@ import zeep
 import zeep.exceptions
 from lxml import etree
 from zeep.proxy import AsyncServiceProxy
-from zeep.transports import AsyncTransport
 
 from agent.codes import Outcome
 from agent.codes import qwb002 as codes
 from agent.config import PlatformConfig, SiteConfig
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanboxError, ScanKind, UsageRecord
 from agent.platforms import wsdl
-from agent.platforms.base import (Platform, PlatformError, PlatformRejected, PlatformUnavailable,
-                                  VerifyAnswer, VerifyRequest)
+from agent.platforms.base import (
+    Platform,
+    PlatformError,
+    PlatformRejected,
+    PlatformUnavailable,
+    VerifyAnswer,
+    VerifyRequest,
+)
 from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, Operation, check_fields, check_message
+from agent.platforms.transport import CheckedTransport, NotSoap, http_error, preview
 from agent.qr import QrKind
 
 logger = logging.getLogger(__name__)
@@ -77,7 +83,7 @@ def parse_response(text: str, op: Operation) -> RhcResponse:
     try:
         root = etree.fromstring(text.strip().encode("utf-8"), _PARSER)
     except etree.XMLSyntaxError as exc:
-        raise PlatformUnavailable("platform reply is not XML (%s): %s" % (exc, _preview(text))) from None
+        raise PlatformUnavailable("platform reply is not XML (%s): %s" % (exc, preview(text))) from None
     if root.tag != "response":
         raise PlatformUnavailable("platform reply is <%s>, not <response>" % root.tag)
     result = (root.findtext("result") or "").strip().lower()
@@ -327,13 +333,13 @@ class RhcPlatform(Platform):
         except httpx.TimeoutException:
             raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
         except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (self.endpoint, _http_error(exc))) from None
+            raise PlatformUnavailable("%s: %s" % (self.endpoint, http_error(exc))) from None
         except zeep.exceptions.Fault as exc:
-            raise PlatformUnavailable("platform answered a SOAP fault: %s" % _preview(str(exc.message))) from None
-        except _NotSoap as exc:
+            raise PlatformUnavailable("platform answered a SOAP fault: %s" % preview(str(exc.message))) from None
+        except NotSoap as exc:
             raise PlatformUnavailable(str(exc)) from None
         except (zeep.exceptions.Error, etree.XMLSyntaxError, ValueError) as exc:
-            raise PlatformUnavailable("platform reply is not SOAP: %s" % _preview(str(exc))) from None
+            raise PlatformUnavailable("platform reply is not SOAP: %s" % preview(str(exc))) from None
         return reply
 
     async def _ensure_service(self) -> tuple[Any, tuple[str, str]]:
@@ -356,7 +362,7 @@ class RhcPlatform(Platform):
 
     async def _load_service(self) -> tuple[Any, tuple[str, str]]:
         path, note = await wsdl.resolve(self.wsdl_source, self.wsdl_cache, self._http, self.timeout_s * 2)
-        transport = _CheckedTransport(client=self._http)
+        transport = CheckedTransport(client=self._http)
         settings = zeep.Settings(strict=False, xml_huge_tree=False)
         # parsing a WSDL is blocking CPU work: off the event loop
         client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=transport, settings=settings)
@@ -402,48 +408,3 @@ def card_atr_number(card: dict[str, Any]) -> str:
     if len(historical) >= 16:
         return historical[-16:]
     return str(card.get("atr") or "")[-20:]
-
-
-class _CheckedTransport(AsyncTransport):
-    """zeep reads any HTTP 500 as a SOAP fault and any body as XML; a proxy's error page or a
-    captive portal then surfaces as "Unknown fault". Refuse what is not XML before zeep looks,
-    so the error says what the platform actually answered."""
-
-    async def post_xml(self, address: str, envelope: Any, headers: Any) -> Any:
-        response = await super().post_xml(address, envelope, headers)
-        content_type = response.headers.get("content-type", "")
-        if "xml" not in content_type.lower() or not response.content:
-            raise _NotSoap("platform answered HTTP %d, %s, not SOAP: %s" % (
-                response.status_code, content_type or "no content type",
-                _preview(_text(response.content)) or "(empty)"))
-        return response
-
-
-class _NotSoap(Exception):
-    """The platform answered something other than XML (an error page, a portal, nothing)."""
-
-
-def _preview(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split())
-    text = "".join(c if c.isprintable() else "\\x%02x" % ord(c) for c in text)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, bytes):
-        return content.decode("utf-8", errors="replace")
-    return str(content or "")
-
-
-_HTTP_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
-    (httpx.ConnectError, "cannot connect"),
-    (httpx.ReadError, "connection broken while waiting for the answer"),
-    (httpx.WriteError, "connection broken while sending"),
-    (httpx.RemoteProtocolError, "connection closed without a valid HTTP answer"),
-)
-
-
-def _http_error(exc: httpx.HTTPError) -> str:
-    what = next((text for kind, text in _HTTP_ERRORS if isinstance(exc, kind)), type(exc).__name__)
-    detail = str(exc) or str(exc.__cause__ or exc.__context__ or "")
-    return "%s (%s)" % (what, detail) if detail else what

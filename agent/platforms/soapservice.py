@@ -21,7 +21,7 @@ from zeep.proxy import AsyncServiceProxy
 from agent.model import Reason, ScanboxError
 from agent.platforms import wsdl
 from agent.platforms.base import PlatformUnavailable
-from agent.platforms.rhc import _CheckedTransport, _http_error, _NotSoap, _preview
+from agent.platforms.transport import CheckedTransport, NotSoap, http_error, preview
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class SoapService:
         path, note = await wsdl.resolve(self.source, self.cache_dir, self.http, self.timeout_s * 2)
         settings = zeep.Settings(strict=False, xml_huge_tree=False, raw_response=True)
         # parsing a WSDL is blocking CPU work: off the event loop
-        client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=_CheckedTransport(client=self.http),
+        client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=CheckedTransport(client=self.http),
                                          settings=settings)
         for service in client.wsdl.services.values():
             for port in service.ports.values():
@@ -96,8 +96,8 @@ class SoapService:
         except (TimeoutError, httpx.TimeoutException):
             raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
         except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (self.endpoint, _http_error(exc))) from None
-        except _NotSoap as exc:
+            raise PlatformUnavailable("%s: %s" % (self.endpoint, http_error(exc))) from None
+        except NotSoap as exc:
             raise PlatformUnavailable(str(exc)) from None
         except (zeep.exceptions.ValidationError, ValueError, TypeError) as exc:
             # zeep refusing to build the request from these parameters: a site WSDL that does
@@ -125,14 +125,14 @@ def parse_envelope(content: bytes, content_type: str, operation: str, status: in
         root = etree.fromstring(content, _PARSER)
     except etree.XMLSyntaxError as exc:
         raise PlatformUnavailable("platform reply is not XML (%s): %s"
-                                  % (exc, _preview(content.decode("utf-8", "replace")))) from None
+                                  % (exc, preview(content.decode("utf-8", "replace")))) from None
     body = root.find("{%s}Body" % SOAP_ENV)
     if root.tag != "{%s}Envelope" % SOAP_ENV or body is None or not len(body):
         raise PlatformUnavailable("platform reply is not a SOAP envelope: <%s>" % etree.QName(root).localname)
     answer = body[0]
     if answer.tag == "{%s}Fault" % SOAP_ENV:
         text = answer.findtext("faultstring") or "(no faultstring)"
-        raise PlatformUnavailable("platform answered a SOAP fault: %s" % _preview(text))
+        raise PlatformUnavailable("platform answered a SOAP fault: %s" % preview(text))
     if status >= 400:
         raise PlatformUnavailable("platform answered HTTP %d" % status)
     if etree.QName(answer).localname != operation + "Response":
