@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 
 # gcc + python3-dev: evdev builds from source. python3-venv: the virtualenv itself.
 # fonts-wqy-zenhei: the Chinese font the OLED screens use (bitmaps drawn for 12 and 16 px).
-PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei"
+PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei chromium chromium-driver"
 
 missing=""
 for p in $PACKAGES; do
