@@ -117,7 +117,8 @@ class Api:
         self.uploader = uploader
         self.status_provider = status
         self.guard = AuthGuard(clients)
-        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty)
+        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty,
+                                 self.guard.forgive)
 
     def methods(self) -> list[Method]:
         return [

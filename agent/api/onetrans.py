@@ -147,7 +147,8 @@ REASON_CODES: dict[Reason, str] = {
 
 # pInData's common fields (spec 004 table 3-1): name -> (max length, required)
 ENVELOPE = {
-    "app_id": (50, True), "recer_sys_code": (10, True), "prd_id": (32, False), "msgid": (30, True),
+    # recer_sys_code: the table says 10, the spec's own recharge example sends 13 ("HIS-INPATIENT")
+    "app_id": (50, True), "recer_sys_code": (32, True), "prd_id": (32, False), "msgid": (30, True),
     "timestamp": (30, True), "dev_no": (100, False), "signtype": (10, True), "enc_type": (5, True),
     "dept_codg": (20, True), "dept_name": (30, True), "opter": (30, True), "opter_name": (50, True),
     "opter_type": (3, True), "trans_type": (50, True),
@@ -208,10 +209,12 @@ TransHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 class OneTrans:
     def __init__(self, config: OnetransConfig,
                  read_card: Callable[[list[ScanKind], float, str | None], Awaitable[Result]],
-                 penalty: Callable[[str], float] | None = None) -> None:
+                 penalty: Callable[[str], float] | None = None,
+                 forgive: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.read_card = read_card
         self.penalty = penalty
+        self.forgive = forgive
         self._busy = False
         self._serial = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self.trans_types: dict[str, TransHandler] = {"hos.user.get": self.user_get}
@@ -243,6 +246,8 @@ class OneTrans:
                 await self._slow(peer)
                 raise Refused(BAD_SIGNATURE, "签名验证失败: sign is missing or wrong")
             app_key = key  # from here on the answer is signed
+            if self.forgive is not None:
+                self.forgive(peer)
             enc_type = message.get("enc_type")
             if enc_type not in ("SM4", "NONE"):
                 raise Refused(UNSUPPORTED_ALGORITHM, "enc_type %r is not supported: SM4 or NONE" % _short(enc_type))
