@@ -215,7 +215,10 @@ async def test_envelope_errors_have_their_own_codes(box):
         (request(SPEC_RECHARGE, encrypt=True), "100007", True),
     ]
     for message, code, signed in cases:
+        failures = box.daemon.api.guard._failures.get("tcp:127.0.0.1", (0, 0))[0]
         answer = await call(client, message)
+        if code in ("100003", "100004"):  # a wrong app or signature counts against the address
+            assert box.daemon.api.guard._failures["tcp:127.0.0.1"][0] == failures + 1
         assert answer["code"] == code, (message, answer)
         assert answer["data"] == {} or answer["enc_type"] == "SM4"
         assert ("sign" in answer) is signed, answer
