@@ -66,13 +66,20 @@ async def test_http_without_or_with_a_wrong_token_is_refused_and_slowed(box, htt
     assert box.daemon.api.guard._failures["127.0.0.1"][0] == 1
     status, _ = await post_rpc(http, box, request, TOKEN)
     assert status == 200 and "127.0.0.1" not in box.daemon.api.guard._failures
+    for method, params in ADMIN_CALLS + READ_CALLS + [("onetrans", {"pInData": "{}"})]:
+        status, body = await post_rpc(http, box, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
+                                      None)
+        assert status == 401 and body["error"]["data"]["reason"] == "UNAUTHORIZED", method
 
 
-@pytest.mark.parametrize("transport", ["http", "websocket"])
+@pytest.mark.parametrize("transport", ["tcp", "http", "websocket"])
 async def test_admin_methods_need_the_admin_scope_on_every_transport(box, http, transport):
     await box.start(sources={}, api=HTTP_API)
 
     async def call(token: str, method: str, params: dict) -> dict:
+        if transport == "tcp":
+            client = await box.tcp(token)
+            return await client.request(method, params)
         if transport == "http":
             return (await post_rpc(http, box, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params},
                                    token))[1]
@@ -93,10 +100,18 @@ async def test_admin_methods_need_the_admin_scope_on_every_transport(box, http, 
         assert answer.get("error", {}).get("data", {}).get("reason") != "UNAUTHORIZED", (method, answer)
 
 
+async def test_unauthenticated_tcp_calls_are_refused(box):
+    await box.start(sources={}, api=HTTP_API)
+    client = await box.tcp(token=None)
+    for method, params in ADMIN_CALLS + READ_CALLS + [("subscribe", {}), ("onetrans", {"pInData": "{}"})]:
+        refused = await client.request(method, params)
+        assert refused["error"]["data"]["reason"] == "UNAUTHORIZED", method
+
+
 async def test_unauthenticated_websocket_calls_are_refused_until_auth(box, http):
     await box.start(sources={}, api=HTTP_API)
     client = await open_ws(http, box)
-    for method, params in ADMIN_CALLS + READ_CALLS + [("subscribe", {})]:
+    for method, params in ADMIN_CALLS + READ_CALLS + [("subscribe", {}), ("onetrans", {"pInData": "{}"})]:
         refused = await client.request(method, params)
         assert refused["error"]["data"]["reason"] == "UNAUTHORIZED", method
     wrong = await client.request("auth", {"token": "guess"})
