@@ -97,14 +97,12 @@ class HttpServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await self._site.start()
-        server = self._site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.address = sockets[0].getsockname()[:2] if sockets else (host, port)
+        self.address = tuple(self._runner.addresses[0][:2])
         logger.info("api: listening on http://%s:%d", *self.address)
 
     def serving(self) -> bool:
-        server = self._site._server if self._site is not None else None
-        return server is not None and server.is_serving()
+        # the listening sockets of a closed or broken server are gone
+        return self._runner is not None and bool(self._runner.addresses)
 
     async def close(self) -> None:
         for ws in list(self.websockets):

@@ -138,12 +138,8 @@ REASON_CODES: dict[Reason, str] = {
     Reason.PLATFORM_REJECTED: "200007",
     Reason.PLATFORM_AUTH: "200008",
     Reason.DEVICE_ERROR: "200009",
-    Reason.BUSY: CONCURRENT,
-    Reason.NOT_SUPPORTED: UNKNOWN_TRANS_TYPE,
-    Reason.BAD_REQUEST: BAD_ENVELOPE,
-    Reason.UNAUTHORIZED: UNKNOWN_APP,
-    Reason.INTERNAL: "999999",
 }
+OTHER = "999999"  # any other reason: a fault inside scanbox, or the box stopping during the read
 
 # pInData's common fields (spec 004 table 3-1): name -> (max length, required)
 ENVELOPE = {
@@ -278,8 +274,7 @@ class OneTrans:
             code, err_msg = OK, "成功"
         except Refused as exc:
             code, err_msg, out_data = exc.code, exc.message, {}
-        logger.info("onetrans: %s from %s answered %s", _short(str(p_in.get("trans_type") if isinstance(p_in, dict)
-                                                                      else "?")), peer, code)
+        logger.info("onetrans: %s answered %s", peer, code)
         reply: dict[str, Any] = {
             "code": code,
             "data": out_data,
@@ -360,11 +355,11 @@ class OneTrans:
         try:
             result = await self.read_card(list(CERT_KINDS[cert_type]), self.config.read_timeout_s, step)
         except ScanboxError as exc:
-            raise Refused(REASON_CODES.get(exc.reason, "999999"), exc.message) from None
+            raise Refused(REASON_CODES.get(exc.reason, OTHER), exc.message) from None
         verification = result.verification
         if verification is not None and not verification.ok:
             reason = verification.reason or Reason.INTERNAL
-            raise Refused(REASON_CODES.get(reason, "999999"), verification.message or reason.value)
+            raise Refused(REASON_CODES.get(reason, OTHER), verification.message or reason.value)
         identity = result.identity
         if identity is None:
             raise Refused(REASON_CODES[Reason.QR_UNKNOWN], "the scan carries no identity")

@@ -30,7 +30,7 @@ async def page_server():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     yield "http://127.0.0.1:%d" % port
     await runner.cleanup()
 
