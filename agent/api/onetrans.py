@@ -394,16 +394,23 @@ class OneTrans:
         return out
 
 
+def _born(birthday: str | None) -> dt.date | None:
+    """The platform gives yyyyMMdd, some card readers yyyy-MM-dd."""
+    digits = re.sub(r"[-/.]", "", birthday or "")
+    try:
+        return dt.datetime.strptime(digits, "%Y%m%d").date() if len(digits) == 8 else None
+    except ValueError:
+        return None
+
+
 def _brdy(birthday: str | None) -> str:
-    if birthday and re.fullmatch(r"[0-9]{8}", birthday):
-        return "%s-%s-%s" % (birthday[:4], birthday[4:6], birthday[6:])
-    return birthday or ""
+    born = _born(birthday)
+    return born.isoformat() if born else birthday or ""
 
 
 def _age(birthday: str | None, today: dt.date | None = None) -> int | None:
-    try:
-        born = dt.datetime.strptime(birthday or "", "%Y%m%d").date()
-    except ValueError:
+    born = _born(birthday)
+    if born is None:
         return None
     today = today or now_local().date()
     return today.year - born.year - ((today.month, today.day) < (born.month, born.day))

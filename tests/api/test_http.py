@@ -213,3 +213,14 @@ async def test_a_websocket_client_that_stops_reading_is_dropped_and_others_are_s
     assert (await other.call("status"))["device_id"] == "test-box"
     await other.close()
     await lazy.close()
+
+
+async def test_an_idle_websocket_is_closed_and_a_frame_over_max_message_closes_it(box, http):
+    await box.start(sources={}, api=dict(HTTP_API, idle_timeout_s=0.3, max_message=2048))
+    idle = await open_ws(http, box, TOKEN)
+    assert (await idle.next_unsolicited())["closed"] is True
+    big = await open_ws(http, box, TOKEN)
+    await big.ws.send_str('"%s"' % ("x" * 4096))
+    closed = await big.next_unsolicited()
+    assert closed["closed"] is True and closed["code"] == 1009
+    await until(lambda: not box.daemon.http.websockets)

@@ -265,3 +265,25 @@ async def test_post_onetrans_in_gbk_and_utf8(box):
         async with await pending as r:
             answer = json.loads((await r.read()).decode("gbk"))
         assert opened(answer)["data"]["baseinfo"]["psn_name"] == box.resident().name
+
+
+async def test_hos_user_get_for_an_id_card_waits_for_the_card_not_a_qr(box):
+    from agent.model import Identity, IdentitySource, Scan, ScanKind
+
+    await box.start(api=dict(ONETRANS, onetrans=dict(ONETRANS["onetrans"], read_timeout_s=10)))
+    client = await box.tcp(TOKEN)
+    data = {"mdtrt_cert_type": "02", "business_type": "01101", "treatment_code": "0101051"}
+    pending = asyncio.get_running_loop().create_task(call(client, request(SPEC_READ_CARD, data=data)))
+    await box.waiting(1)
+    box.scan(box.resident().static_qr)  # a QR does not answer a request for an ID card
+    await box.events.wait("verification")
+    assert not pending.done()
+    identity = Identity(IdentitySource.CARD, name="张三", sex="1", nation="01", id_type="01",
+                        id_number="110101199003071234", birthday="1990-03-07")
+    box.daemon.hub.accept(Scan.from_card("idcard:desk", ScanKind.ID_CARD, identity,
+                                         {"name": "张三", "id_number": "110101199003071234"}, raw=b"\x00" * 256))
+    answer = opened(await pending)
+    assert answer["code"] == "000000" and answer["data"]["mdtrt_cert_type"] == "02"
+    assert answer["data"]["baseinfo"]["certno"] == "110101199003071234"
+    assert answer["data"]["baseinfo"]["brdy"] == "1990-03-07" and isinstance(answer["data"]["baseinfo"]["age"], int)
+    assert "ehcinfo" not in answer["data"]
