@@ -221,7 +221,7 @@ class OneTrans:
         app_key: str | None = None
         encrypt = False
         try:
-            message = self._parse(p_in)
+            sent, message = self._parse(p_in)
             app_id = message.get("app_id")
             app = self.config.apps.get(app_id) if isinstance(app_id, str) else None
             if app is None:
@@ -238,7 +238,7 @@ class OneTrans:
                               "document)" % _short(message.get("signtype")))
             given = message.get("sign")
             if not isinstance(given, str) or not hmac.compare_digest(
-                    given.lower().encode("ascii", "replace"), signature(message, key).encode("ascii")):
+                    given.lower().encode("ascii", "replace"), signature(sent, key).encode("ascii")):
                 await self._slow(peer)
                 raise Refused(BAD_SIGNATURE, "签名验证失败: sign is missing or wrong")
             app_key = key  # from here on the answer is signed
@@ -297,7 +297,8 @@ class OneTrans:
             await asyncio.sleep(self.penalty(peer))
 
     @staticmethod
-    def _parse(p_in: Any) -> dict[str, Any]:
+    def _parse(p_in: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the object as sent, which the signature covers; the same with aliases resolved)"""
         if isinstance(p_in, str):
             if len(p_in) > 1 << 20:
                 raise Refused(BAD_ENVELOPE, "pInData is too long")
@@ -311,7 +312,7 @@ class OneTrans:
         for alias, name in ALIASES.items():
             if alias in message and name not in message:
                 message[name] = message.pop(alias)
-        return message
+        return p_in, message
 
     @staticmethod
     def _check_envelope(message: dict[str, Any]) -> None:

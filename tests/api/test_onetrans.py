@@ -224,6 +224,9 @@ async def test_envelope_errors_have_their_own_codes(box):
         assert ("sign" in answer) is signed, answer
         if signed:
             opened(answer)
+    # the spec's read-card example spells appId in camel case: signed as sent, it is accepted
+    camel = {("appId" if k == "app_id" else k): v for k, v in request(SPEC_RECHARGE).items() if k != "sign"}
+    assert opened(await call(client, sign(camel, APP_KEY)))["code"] == "100007"
     unknown = await call(client, request(SPEC_RECHARGE))
     assert "hop.trade.recharge" in unknown["err_msg"] and "hos.user.get" in unknown["err_msg"]
     # pInData as the DLL's string works as the object does
