@@ -14,6 +14,8 @@ PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei libzbar0 systemd
 # pcscd + libpcsclite-dev + swig: card readers through PC/SC (pyscard builds against them);
 # vsmartcard-vpcd: the virtual reader the card tests put their emulated cards in.
 PACKAGES="$PACKAGES pcscd libpcsclite-dev swig vsmartcard-vpcd"
+# chromium + chromium-driver: the web HIS example is tested in a real headless browser.
+PACKAGES="$PACKAGES chromium chromium-driver"
 
 missing=""
 for p in $PACKAGES; do

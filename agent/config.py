@@ -203,6 +203,23 @@ class ClientConfig(Section):
     scopes: list[Literal["read", "admin"]] = ["read"]
 
 
+class OnetransApp(Section):
+    """A HIS program that calls `onetrans` (spec 004's OneTrans2.dll envelope) under its app_id:
+    app_key is the key its requests are signed (HMAC-SM3) and encrypted (SM4) with (docs/api.md)."""
+
+    app_key: Secret
+
+
+class OnetransConfig(Section):
+    """The OneTrans2.dll compatibility layer (spec 004): `onetrans` over JSON-RPC, POST /onetrans."""
+
+    # receiver's region code (医保区划, 6 digits): the start of every inf_refmsgid
+    region: str = Field("000000", pattern=r"^[0-9]{6}$")
+    # hos.user.get waits this long for a card (the spec's envelope has no timeout of its own)
+    read_timeout_s: float = Field(60, gt=0, le=3600)
+    apps: dict[str, OnetransApp] = {}
+
+
 class ApiConfig(Section):
     unix: Path | None = None  # default: $RUNTIME_DIRECTORY/api.sock, else /run/scanbox/api.sock
     unix_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
@@ -214,6 +231,15 @@ class ApiConfig(Section):
     auth_timeout_s: float = Field(10, gt=0)
     max_clients: int = Field(64, ge=1, le=4096)
     clients: dict[str, ClientConfig] = {}
+    # HTTP POST /rpc, WebSocket /ws and POST /onetrans: off unless set; "PORT" or ":PORT" alone
+    # listens on loopback (127.0.0.1), never on every interface by accident
+    http: str | None = None
+    # browser origins (scheme://host[:port]) whose pages may call the HTTP API and open /ws
+    cors_origins: list[str] = []
+    # per client address over HTTP and WebSocket: sustained requests per second, and the burst
+    rate_per_s: float = Field(50, gt=0, le=100000)
+    rate_burst: int = Field(100, ge=1, le=100000)
+    onetrans: OnetransConfig = OnetransConfig()
 
     @field_validator("tcp")
     @classmethod
@@ -221,6 +247,22 @@ class ApiConfig(Section):
         if v:
             parse_hostport(v)
         return v or None
+
+    @field_validator("http")
+    @classmethod
+    def _http_hostport(cls, v: str | None) -> str | None:
+        if v:
+            parse_http_listen(v)
+        return v or None
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+                                origin):
+                raise ValueError("%r is not an origin (scheme://host[:port], no path, no trailing slash)" % origin)
+        return v
 
     @field_validator("trusted")
     @classmethod
@@ -299,6 +341,16 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if match is None or int(match.group(3)) > 65535:
         raise ValueError("%r is not HOST:PORT (an IPv6 host goes in brackets: [::1]:7800)" % value)
     return match.group(1) or match.group(2), int(match.group(3))
+
+
+def parse_http_listen(value: str) -> tuple[str, int]:
+    """`api.http`: HOST:PORT as parse_hostport, or "PORT" / ":PORT" for loopback only."""
+    match = re.fullmatch(r":?([0-9]{1,5})", value)
+    if match is not None:
+        if int(match.group(1)) > 65535:
+            raise ValueError("%r: port over 65535" % value)
+        return "127.0.0.1", int(match.group(1))
+    return parse_hostport(value)
 
 
 @dataclass(frozen=True)

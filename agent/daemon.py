@@ -17,10 +17,11 @@ from typing import Any
 
 import drivers
 from agent import __version__, platforms, provision
+from agent.api.http import HttpServer
 from agent.api.jsonrpc import Dispatcher
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
-from agent.config import Config, parse_hostport
+from agent.config import Config, parse_hostport, parse_http_listen
 from agent.hub import Hub, HubSink
 from agent.model import device_id_default
 from agent.outbox import Store, StoreUnavailable, Uploader
@@ -88,8 +89,10 @@ class Daemon:
             self.ui = Ui(self.display.show, config.display.size, Fonts(config.display.font),
                          result_s=config.display.result_s)
         self.api = Api(self.hub, self.platform, self.status, config.api.clients, self.store, self.uploader,
-                       ui=self.ui)
-        self.stream = StreamServer(Dispatcher(self.api.methods()), config.api)
+                       ui=self.ui, onetrans=config.api.onetrans)
+        self.dispatcher = Dispatcher(self.api.methods())
+        self.stream = StreamServer(self.dispatcher, config.api)
+        self.http = HttpServer(self.dispatcher, self.api, config.api, self.health)
         self.notifier = notifier or Notifier()
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
@@ -161,7 +164,14 @@ class Daemon:
             except OSError as exc:
                 logger.error("api: cannot listen on tcp:%s: %s", api.tcp, exc)
                 self._api_alarms.append(_alarm("API_UNAVAILABLE", "tcp:%s" % api.tcp, str(exc)))
-        if self.stream.unix_path is None and self.stream.tcp_address is None:
+        if api.http:
+            host, port = parse_http_listen(api.http)
+            try:
+                await self.http.start(host, port)
+            except OSError as exc:
+                logger.error("api: cannot listen on http:%s: %s", api.http, exc)
+                self._api_alarms.append(_alarm("API_UNAVAILABLE", "http:%s" % api.http, str(exc)))
+        if self.stream.unix_path is None and self.stream.tcp_address is None and self.http.address is None:
             raise RuntimeError("the HIS API could not listen anywhere: %s"
                                % "; ".join(a["text"] for a in self._api_alarms))
 
@@ -171,6 +181,7 @@ class Daemon:
         self._stopped = True
         self.notifier.stopping()
         await self.stream.close()
+        await self.http.close()
         await self.hub.close()
         # drivers block while they release their devices: off the loop
         stopping = [asyncio.to_thread(s.stop) for s in self.sources]
@@ -208,7 +219,7 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def _alive(self) -> bool:
-        return self.stream.serving()
+        return self.stream.serving() and (self.http.address is None or self.http.serving())
 
     async def _watch_network(self) -> None:
         """Whether the box is on a network at all (a default route), apart from whether the
@@ -336,9 +347,16 @@ class Daemon:
             "display": self._display_status(),
             "outbox": dict(outbox, available=True) if outbox else {"available": False, "error": self.store.error},
             "alarms": self.alarms(outbox),
-            "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting},
+            "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting,
+                    "websockets": len(self.http.websockets)},
             "scans": self.hub.scans_total,
         }
+
+    async def health(self) -> dict[str, Any]:
+        """GET /healthz, for monitoring without a token: no personal data, no configuration."""
+        outbox = await self._outbox_stats()
+        return {"ok": True, "version": __version__, "uptime_s": round(time.monotonic() - self.started_at, 1),
+                "alarms": sorted({a["code"] for a in self.alarms(outbox)})}
 
     def status_line(self, outbox: dict[str, Any] | None = None) -> str:
         health = self.platform.health()

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Awaitable, Callable, Literal
 from pydantic import AfterValidator, Field
 
 from agent.api.jsonrpc import Method, NoParams, Params, Session
+from agent.api.onetrans import OneTrans
 from agent.codes import member_of, qwb002
-from agent.config import ClientConfig
+from agent.config import ClientConfig, OnetransConfig
 from agent.hub import EVENT_TYPES, Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import Store, StoreUnavailable, Uploader
@@ -68,6 +69,11 @@ class PlatformCallParams(Params):
     params: dict[str, str | int] = {}
 
 
+class OnetransParams(Params):
+    # the DLL took a string; the object itself is accepted too
+    pInData: dict[str, Any] | Annotated[str, Field(max_length=1 << 20)]
+
+
 class AuthGuard:
     """Tokens compared in constant time; each failure from a peer doubles the wait before the
     answer (up to MAX_DELAY_S), so guessing is slow; a success or a quiet hour forgives."""
@@ -102,7 +108,8 @@ class AuthGuard:
 
 class Api:
     def __init__(self, hub: Hub, platform: Platform, status: Callable[[], Awaitable[dict[str, Any]]],
-                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader, ui: Ui | None = None) -> None:
+                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader, ui: Ui | None = None,
+                 onetrans: OnetransConfig | None = None) -> None:
         self.hub = hub
         self.ui = ui
         self.platform = platform
@@ -110,6 +117,8 @@ class Api:
         self.uploader = uploader
         self.status_provider = status
         self.guard = AuthGuard(clients)
+        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty,
+                                 self.guard.forgive)
 
     def methods(self) -> list[Method]:
         return [
@@ -124,6 +133,7 @@ class Api:
             # records hold personal data (a physical card's use record has the holder's name)
             Method("outbox.list", OutboxListParams, self.outbox_list, scope="admin"),
             Method("outbox.retry", OutboxRetryParams, self.outbox_retry, scope="admin"),
+            Method("onetrans", OnetransParams, self.onetrans_call),
         ]
 
     async def auth(self, session: Session, params: AuthParams) -> dict[str, Any]:
@@ -197,3 +207,9 @@ class Api:
     async def platform_call(self, session: Session, params: PlatformCallParams) -> dict[str, Any]:
         logger.info("api: %s calls platform operation %s", session.client or session.transport, params.operation)
         return await self.platform.call(params.operation, params.params)
+
+    async def _read_for_onetrans(self, kinds: list[ScanKind], timeout_s: float, step: str | None) -> Any:
+        return await self.hub.read_card(kinds, timeout_s, step, True)
+
+    async def onetrans_call(self, session: Session, params: OnetransParams) -> dict[str, Any]:
+        return await self.onetrans.handle(params.pInData, "%s:%s" % (session.transport, session.peer))

@@ -1,0 +1,292 @@
+"""OneTrans2.dll compatibility (spec 004): crypto against the standard vectors, the envelope's
+checks, golden request/answer pairs from the spec's examples, 600001 under concurrency, on
+JSON-RPC and on POST /onetrans."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime as dt
+import json
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from agent.api import onetrans
+from agent.api.onetrans import canonical, decrypt_data, encrypt_data, msgid_ok, sign, signature, sm3
+from tests.api.webclient import HTTP_API, base_url
+from tests.conftest import TOKEN
+
+APP_ID = "HIS0000000000001"
+APP_KEY = "app-key-5f1c9d2e7a"
+ONETRANS = {"onetrans": {"region": "630000", "read_timeout_s": 2, "apps": {APP_ID: {"app_key": APP_KEY}}}}
+
+# spec 004 4.1 读卡入参示例, as printed (its camel-case appId/appKey are accepted too)
+SPEC_READ_CARD = {
+    "msgid": "H35058300252202308170959539B2",
+    "timestamp": "20230817095953001",
+    "appId": "zxm3QCh5RA5SrXm2C3b5JDcGAHMtepFN",
+    "appKey": "St72fYdfk6ph4YiFpMwa4yw8TYr8wCmM",
+    "dev_no": "H35058300252_lyj",
+    "signtype": "SM3",
+    "enc_type": "SM4",
+    "recer_sys_code": "HIS",
+    "dept_codg": "275",
+    "dept_name": "妇产科",
+    "opter": "H35058300252_lyj",
+    "opter_name": "lyj",
+    "opter_type": "1",
+    "trans_type": "hos.user.get",
+    "data": {"begntime": "20220301", "business_type": "01101", "mdtrt_cert_type": "09"},
+}
+# spec 004 hop.trade.recharge 入参示例 (a trans_type this box does not do)
+SPEC_RECHARGE = {
+    "app_id": "zxm3QCh5RA5SrXm2C3b5JDcGAHMtepFN", "app_key": "St72fYdfk6ph4YiFpMwa4yw8TYr8wCmM",
+    "recer_sys_code": "HIS-INPATIENT", "msgid": "xmfdzl001202312111626173099", "timestamp": "20231211162617285",
+    "dev_no": "H35058300252_lyj", "signtype": "SM3", "enc_type": "SM4", "dept_codg": "32760",
+    "dept_name": "消化内科", "opter": "test001", "opter_name": "超级管理员", "opter_type": "1",
+    "trans_type": "hop.trade.recharge",
+    "data": {"payAppId": "1FDP92C2500I0105A8C00000A25D84E2", "payAppSecret": "1FDP92C1I04F0105A8C00000CA6C3FBF",
+             "termNo": "xmfdzl001", "cardType": "01", "cardNo": "DD456004X", "accountType": "01",
+             "hisCustId": "000239281700", "idNo": "身份证号", "userName": "姓名", "amount": "0.01",
+             "outChargeNo": "1702283177285398", "origBalance": "10"},
+}
+# the answer's keys, per spec 004's 出参示例 and tables 3-2 / baseinfo / ehcinfo
+OUT_KEYS = {"code", "data", "err_msg", "inf_refmsgid", "refmsg_time", "respond_time", "signtype", "enc_type", "sign"}
+BASEINFO_KEYS = {"psn_no", "psn_cert_type", "certno", "psn_name", "gend", "naty", "brdy", "age"}
+
+
+def request(example: dict, encrypt: bool = False, **changes) -> dict:
+    """The spec's example as this box's app sends it: our app_id, no key on the wire, signed."""
+    message = copy.deepcopy(example)
+    for name in ("appId", "appKey", "app_key"):
+        message.pop(name, None)
+    message["app_id"] = APP_ID
+    message["enc_type"] = "SM4" if encrypt else "NONE"
+    message.update(changes)
+    if encrypt:
+        message["data"] = encrypt_data(message["data"], APP_KEY)
+    return sign(message, APP_KEY)
+
+
+def opened(answer: dict) -> dict:
+    """Check the answer's signature and decrypt its data."""
+    assert set(answer) == OUT_KEYS, answer
+    assert answer["sign"] == signature(answer, APP_KEY)
+    out = dict(answer)
+    if answer["enc_type"] == "SM4":
+        out["data"] = decrypt_data(answer["data"], APP_KEY)
+    return out
+
+
+# --- crypto --------------------------------------------------------------------------------
+
+def test_sm3_and_sm4_standard_vectors():
+    # GB/T 32905 A.1 and GB/T 32907 A.1 (OpenSSL through cryptography)
+    assert sm3(b"abc").hex() == "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
+    assert sm3(b"abcd" * 16).hex() == "debe9ff92275b8a138604889c18e5a4d6fdb70e5387e5765293dcba39c0c5732"
+    key = bytes.fromhex("0123456789abcdeffedcba9876543210")
+    encryptor = Cipher(algorithms.SM4(key), modes.ECB()).encryptor()
+    assert (encryptor.update(key) + encryptor.finalize()).hex() == "681edf34d206965e86b3e94f536e4246"
+    # HMAC-SM3 is HMAC (RFC 2104) over SM3: the same construction computed by hand
+    block = 64
+    k = APP_KEY.encode().ljust(block, b"\0")
+    inner = sm3(bytes(b ^ 0x36 for b in k) + b"message")
+    assert onetrans.hmac_sm3(APP_KEY.encode(), b"message") == sm3(bytes(b ^ 0x5C for b in k) + inner)
+
+
+def test_sm4_round_trip_with_a_fresh_iv_and_the_wrong_key_or_tampering_refused():
+    data = {"mdtrt_cert_type": "09", "business_type": "01101", "名": "张"}
+    first, second = encrypt_data(data, APP_KEY), encrypt_data(data, APP_KEY)
+    assert first != second  # a fresh IV each time
+    assert decrypt_data(first, APP_KEY) == data == decrypt_data(second, APP_KEY)
+    with pytest.raises(onetrans.DecryptError):
+        decrypt_data(first, "another-key")
+    raw = bytearray(base64.b64decode(first))
+    raw[-1] ^= 0x01
+    with pytest.raises(onetrans.DecryptError):
+        decrypt_data(base64.b64encode(bytes(raw)).decode(), APP_KEY)
+    for bad in ("not base64!", "QUJD", ""):
+        with pytest.raises(onetrans.DecryptError):
+            decrypt_data(bad, APP_KEY)
+
+
+def test_signature_covers_every_member_but_sign_and_app_key_in_canonical_form():
+    signed = request(SPEC_READ_CARD)
+    assert canonical({"b": 1, "a": {"d": "张", "c": [1, 2]}}) == '{"a":{"c":[1,2],"d":"张"},"b":1}'.encode()
+    assert signed["sign"] == signature(dict(signed, app_key=APP_KEY), APP_KEY)  # app_key is not signed
+    reordered = dict(reversed(list(signed.items())))
+    assert signature(reordered, APP_KEY) == signed["sign"]
+    assert signature(dict(signed, dept_name="外科"), APP_KEY) != signed["sign"]
+    assert signature(signed, "another-key") != signed["sign"]
+
+
+def test_msgid_format():
+    # both of the spec's own examples, and the 12 + 14 + 4 its table describes
+    for good in ("H35058300252202308170959539B2", "xmfdzl001202312111626173099", "H35058300252202311221021070001"):
+        assert msgid_ok(good), good
+    for bad in ("", "20231211162617", "H350583002522023081709595", "H35058300252202313170959530001",
+                "H3505830025212345202308170959530001", "H35058300252-20230817095953-0001",
+                "张35058300252202308170959530001"):
+        assert not msgid_ok(bad), bad
+
+
+# --- the envelope on a running box ------------------------------------------------------------
+
+async def call(client, message) -> dict:
+    return await client.call("onetrans", {"pInData": message}, timeout=15)
+
+
+async def test_hos_user_get_golden_pair_from_the_spec_example_plain_and_encrypted(box):
+    await box.start(api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    resident = box.resident()
+    for encrypt in (False, True):
+        pending = asyncio.get_running_loop().create_task(call(client, request(SPEC_READ_CARD, encrypt)))
+        await box.waiting(1)
+        box.scan(resident.static_qr)
+        raw = await pending
+        assert isinstance(raw["data"], str) is encrypt  # the answer's data is encrypted like the request's
+        answer = opened(raw)
+        assert answer["code"] == "000000" and answer["err_msg"] == "成功"
+        assert answer["enc_type"] == ("SM4" if encrypt else "NONE")
+        data = answer["data"]
+        assert set(data["baseinfo"]) == BASEINFO_KEYS
+        born = dt.datetime.strptime(resident.birthday, "%Y%m%d").date()
+        today = dt.date.today()
+        assert data["baseinfo"] == {
+            "psn_no": data["ehcinfo"]["mindex_id"], "psn_cert_type": "01", "certno": resident.id_card,
+            "psn_name": resident.name, "gend": resident.sex, "naty": resident.nation,
+            "brdy": "%s-%s-%s" % (resident.birthday[:4], resident.birthday[4:6], resident.birthday[6:]),
+            "age": today.year - born.year - ((today.month, today.day) < (born.month, born.day)),
+        }
+        assert data["mdtrt_cert_type"] == "07"
+        assert data["ehcinfo"]["id_no"] == resident.id_card and data["ehcinfo"]["user_name"] == resident.name
+        assert data["ehcinfo"]["id_type"] == "01" and data["ehcinfo"]["birthday"] == resident.birthday
+        assert len(answer["inf_refmsgid"]) == 30 and answer["inf_refmsgid"].startswith("630000")
+        assert answer["inf_refmsgid"][6:20].isdigit() and len(answer["refmsg_time"]) == 17
+        assert answer["respond_time"] >= answer["refmsg_time"]
+
+
+async def test_a_failed_verification_and_a_timeout_answer_their_codes(box):
+    await box.start(api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    pending = asyncio.get_running_loop().create_task(call(client, request(SPEC_READ_CARD)))
+    await box.waiting(1)
+    box.scan(box.sim.sim.issue_dynamic(box.resident().id_card, -1))
+    answer = opened(await pending)
+    assert answer["code"] == "200003" and answer["data"] == {} and answer["err_msg"]
+    # nobody scans within read_timeout_s (2 s here)
+    timed_out = opened(await call(client, request(SPEC_READ_CARD)))
+    assert timed_out["code"] == "200001"
+
+
+async def test_envelope_errors_have_their_own_codes(box):
+    await box.start(sources={}, api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    good = request(SPEC_READ_CARD)
+    cases = [
+        ("not json at all", "100001", False),
+        ("[1, 2]", "100001", False),
+        # (a good signature in between forgives the address its failures, as a good token does)
+        (dict(good, app_id="nobody"), "100004", False),
+        (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
+        (sign(dict(good, app_key="wrong"), APP_KEY), "100004", False),
+        (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
+        (dict(good, sign="0" * 64), "100003", False),
+        (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
+        ({k: v for k, v in good.items() if k != "sign"}, "100003", False),
+        (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
+        (dict(good, dept_name="外科"), "100003", False),  # changed after signing
+        (sign(dict(good, signtype="SM2"), APP_KEY), "100006", False),
+        (request(SPEC_READ_CARD, msgid="H350583002522023081709"), "100002", True),
+        (request(SPEC_READ_CARD, timestamp="2023-08-17"), "100001", True),
+        (request(SPEC_READ_CARD, opter_type="7"), "100001", True),
+        (request(SPEC_READ_CARD, dept_name="科" * 31), "100001", True),
+        (sign({k: v for k, v in request(SPEC_READ_CARD).items() if k not in ("opter", "sign")}, APP_KEY),
+         "100001", True),
+        (request(SPEC_READ_CARD, data={"business_type": "01101", "mdtrt_cert_type": "05"}), "100001", True),
+        (request(SPEC_READ_CARD, data={"mdtrt_cert_type": "01"}), "100001", True),
+        (sign(dict(request(SPEC_READ_CARD), enc_type="SM4"), APP_KEY), "100005", True),
+        (sign(dict(request(SPEC_READ_CARD), enc_type="SM4", data=encrypt_data({}, "other")), APP_KEY), "100005", True),
+        (request(SPEC_RECHARGE), "100007", True),
+        (request(SPEC_RECHARGE, encrypt=True), "100007", True),
+    ]
+    for message, code, signed in cases:
+        failures = box.daemon.api.guard._failures.get("tcp:127.0.0.1", (0, 0))[0]
+        answer = await call(client, message)
+        if code in ("100003", "100004"):  # a wrong app or signature counts against the address
+            assert box.daemon.api.guard._failures["tcp:127.0.0.1"][0] == failures + 1
+        assert answer["code"] == code, (message, answer)
+        assert answer["data"] == {} or answer["enc_type"] == "SM4"
+        assert ("sign" in answer) is signed, answer
+        if signed:
+            opened(answer)
+    # the spec's read-card example spells appId in camel case: signed as sent, it is accepted
+    camel = {("appId" if k == "app_id" else k): v for k, v in request(SPEC_RECHARGE).items() if k != "sign"}
+    assert opened(await call(client, sign(camel, APP_KEY)))["code"] == "100007"
+    unknown = await call(client, request(SPEC_RECHARGE))
+    assert "hop.trade.recharge" in unknown["err_msg"] and "hos.user.get" in unknown["err_msg"]
+    # pInData as the DLL's string works as the object does
+    assert (await call(client, json.dumps(request(SPEC_RECHARGE), ensure_ascii=False)))["code"] == "100007"
+
+
+async def test_a_second_concurrent_call_answers_600001(box):
+    await box.start(api=dict(ONETRANS, onetrans=dict(ONETRANS["onetrans"], read_timeout_s=10)))
+    first_client, second_client = await box.tcp(TOKEN), await box.tcp(TOKEN)
+    first = asyncio.get_running_loop().create_task(call(first_client, request(SPEC_READ_CARD)))
+    await box.waiting(1)
+    answers = await asyncio.gather(*(call(second_client, request(SPEC_READ_CARD)) for _ in range(5)))
+    assert [opened(a)["code"] for a in answers] == ["600001"] * 5
+    assert "并发" in answers[0]["err_msg"]
+    box.scan(box.resident().static_qr)
+    assert opened(await first)["code"] == "000000"
+    # and the next call is served again
+    again = asyncio.get_running_loop().create_task(call(second_client, request(SPEC_READ_CARD)))
+    await box.waiting(1)
+    box.scan(box.resident(1).static_qr)
+    assert opened(await again)["code"] == "000000"
+
+
+async def test_post_onetrans_in_gbk_and_utf8(box):
+    await box.start(api=dict(ONETRANS, **HTTP_API))
+    async with aiohttp.ClientSession() as http:
+        for charset in ("gbk", "utf-8"):
+            body = json.dumps(request(SPEC_RECHARGE), ensure_ascii=False).encode(charset)
+            async with http.post(base_url(box) + "/onetrans", data=body,
+                                 headers={"Content-Type": "application/json; charset=%s" % charset}) as r:
+                assert r.status == 200 and r.charset == charset
+                answer = json.loads((await r.read()).decode(charset))
+            assert opened(answer)["code"] == "100007"
+        # no charset given and not UTF-8: GBK, as the DLL spoke
+        body = json.dumps(request(SPEC_READ_CARD, dept_name="妇产科"), ensure_ascii=False).encode("gbk")
+        pending = asyncio.get_running_loop().create_task(http.post(base_url(box) + "/onetrans", data=body))
+        await box.waiting(1)
+        box.scan(box.resident().static_qr)
+        async with await pending as r:
+            answer = json.loads((await r.read()).decode("gbk"))
+        assert opened(answer)["data"]["baseinfo"]["psn_name"] == box.resident().name
+
+
+async def test_hos_user_get_for_an_id_card_waits_for_the_card_not_a_qr(box):
+    from agent.model import Identity, IdentitySource, Scan, ScanKind
+
+    await box.start(api=dict(ONETRANS, onetrans=dict(ONETRANS["onetrans"], read_timeout_s=10)))
+    client = await box.tcp(TOKEN)
+    data = {"mdtrt_cert_type": "02", "business_type": "01101", "treatment_code": "0101051"}
+    pending = asyncio.get_running_loop().create_task(call(client, request(SPEC_READ_CARD, data=data)))
+    await box.waiting(1)
+    box.scan(box.resident().static_qr)  # a QR does not answer a request for an ID card
+    await box.events.wait("verification")
+    assert not pending.done()
+    identity = Identity(IdentitySource.CARD, name="张三", sex="1", nation="01", id_type="01",
+                        id_number="110101199003071234", birthday="1990-03-07")
+    box.daemon.hub.accept(Scan.from_card("idcard:desk", ScanKind.ID_CARD, identity,
+                                         {"name": "张三", "id_number": "110101199003071234"}, raw=b"\x00" * 256))
+    answer = opened(await pending)
+    assert answer["code"] == "000000" and answer["data"]["mdtrt_cert_type"] == "02"
+    assert answer["data"]["baseinfo"]["certno"] == "110101199003071234"
+    assert answer["data"]["baseinfo"]["brdy"] == "1990-03-07" and isinstance(answer["data"]["baseinfo"]["age"], int)
+    assert "ehcinfo" not in answer["data"]

@@ -1,0 +1,104 @@
+"""examples/read_card.html in real headless Chromium (Debian's chromium and chromedriver; nothing
+is downloaded) against a running daemon: a nurse's page reads a card over the WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import TOKEN
+
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+async def page_server():
+    """The example page served from its own origin, as a web HIS would serve it."""
+    app = web.Application()
+    app.router.add_static("/", EXAMPLES)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield "http://127.0.0.1:%d" % port
+    await runner.cleanup()
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    for path in (CHROMIUM, CHROMEDRIVER):
+        assert Path(path).exists(), "%s is missing: bootstrap.sh installs chromium and chromium-driver" % path
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--user-data-dir=%s" % (tmp_path / "chromium")):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _text_is(element_id: str, text: str):
+    return expected_conditions.text_to_be_present_in_element((By.ID, element_id), text)
+
+
+async def test_the_html_example_reads_a_card_over_the_websocket_in_chromium(box, page_server, browser):
+    await box.start(api={"http": "127.0.0.1:0", "cors_origins": [page_server]})
+    ws_url = "ws://%s:%d/ws" % box.daemon.http.address
+
+    def open_and_connect() -> None:
+        browser.get(page_server + "/read_card.html")
+        box_field = browser.find_element(By.ID, "box")
+        box_field.clear()
+        box_field.send_keys(ws_url)
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        WebDriverWait(browser, 15).until(_text_is("state", "connected as his"))
+        browser.find_element(By.ID, "read").click()
+
+    await asyncio.to_thread(open_and_connect)
+    await box.waiting(1)
+    resident = box.resident()
+    box.scan(resident.static_qr)
+
+    def result_shown() -> dict[str, str]:
+        WebDriverWait(browser, 15).until(_text_is("name", resident.name))
+        WebDriverWait(browser, 5).until(_text_is("events", "verification"))
+        return {key: browser.find_element(By.ID, key).text
+                for key in ("name", "id_number", "verified", "payload", "state", "events")}
+
+    shown = await asyncio.to_thread(result_shown)
+    assert shown["id_number"] == resident.id_card
+    assert shown["verified"].startswith("是") and shown["payload"] == resident.static_qr
+    assert "done" in shown["state"]
+    assert "scan: qr from serial:counter" in shown["events"]
+
+
+async def test_a_page_from_another_origin_cannot_connect(box, page_server, browser):
+    await box.start(sources={}, api={"http": "127.0.0.1:0", "cors_origins": ["http://his.example"]})
+    ws_url = "ws://%s:%d/ws" % box.daemon.http.address
+
+    def try_to_connect() -> str:
+        browser.get(page_server + "/read_card.html")
+        box_field = browser.find_element(By.ID, "box")
+        box_field.clear()
+        box_field.send_keys(ws_url)
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        WebDriverWait(browser, 15).until(_text_is("state", "连接失败"))
+        return browser.find_element(By.ID, "state").text
+
+    assert "cannot connect" in await asyncio.to_thread(try_to_connect)
+    assert box.daemon.http.websockets == set()
