@@ -278,7 +278,6 @@ class Daemon:
 
     def _spawn_outbox_event(self) -> None:
         self._outbox_event_pending = False
-        self.network_up: bool | None = None
         self._spawn(self._publish_outbox())
 
     async def _publish_outbox(self) -> None:

@@ -37,3 +37,17 @@ def test_an_ipv6_default_route_counts_but_not_on_loopback(tmp_path):
 
 def test_unreadable_route_files_mean_no_network(tmp_path):
     assert network_up((str(tmp_path / "missing"),)) is False
+
+
+async def test_the_network_state_outlives_outbox_events(box):
+    """The box's network state is only ever changed by the network watch (an outbox event used
+    to reset it to unknown until the next check, 10 s later)."""
+    from tests.conftest import until
+
+    await box.start()
+    await until(lambda: box.daemon.network_up is not None)
+    known = box.daemon.network_up
+    box.daemon._outbox_changed()
+    await box.events.wait("status", lambda d: "outbox" in d)
+    assert box.daemon.network_up is known
+    assert (await box.daemon.status())["network"]["up"] is known
