@@ -136,10 +136,15 @@ class RpcClient:
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}
         if params is not None:
             message["params"] = params
-        self.writer.write(json.dumps(message, ensure_ascii=False).encode() + b"\n")
-        await self.writer.drain()
-        async with asyncio.timeout(timeout):
-            return await fut
+        try:
+            self.writer.write(json.dumps(message, ensure_ascii=False).encode() + b"\n")
+            await self.writer.drain()
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            # a request that ends without its answer (a send that failed, a timeout) leaves no
+            # future behind for the reader to fail unobserved
+            self._pending.pop(id_, None)
 
     async def call(self, method: str, params: Any = None, timeout: float = 10) -> Any:
         response = await self.request(method, params, timeout)
