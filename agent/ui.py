@@ -59,6 +59,8 @@ TEXT = {
     "health_card": ("居民健康卡", "health card"),
     "ssc": ("社保卡", "social security card"),
     "from_cache": ("离线核验", "offline check"),
+    "read": ("已读取", "Code read"),
+    "wait_staff": ("请等候工作人员", "Please wait for the staff"),
 }
 REASON_EN = {
     Reason.QR_INVALID: "Invalid code", Reason.QR_EXPIRED: "Code expired, refresh it",
@@ -76,7 +78,7 @@ REASON_EN = {
 class Screen:
     """Everything one picture shows. Texts are keys of TEXT or already-masked strings."""
 
-    kind: str  # ready, offline, verifying, success, failure, device_missing, provisioning, message
+    kind: str  # ready, offline, verifying, success, failure, read, device_missing, provisioning, message
     clock: str = ""
     network: bool | None = None  # a default route: the box is on a network
     online: bool | None = None  # the platform answers
@@ -130,7 +132,7 @@ def render(screen: Screen, size: tuple[int, int], fonts: Fonts) -> Image.Image:
     if kind == "verifying":
         _centered(draw, fonts.text("verifying"), fonts.small, width, body_top + (6 if tall else 1))
         _progress(draw, screen.progress, width, body_top + (26 if tall else 20))
-    elif kind in ("success", "failure", "provisioning"):
+    elif kind in ("success", "failure", "read", "provisioning"):
         title_font = fonts.large if tall else fonts.small
         _centered(draw, fonts.text(screen.title), title_font, width, body_top + (0 if tall else 1))
         y = body_top + (18 if tall else 17)
@@ -242,6 +244,7 @@ def samples(fonts: Fonts) -> dict[str, Screen]:
         "failure": replace(base, kind="failure", title="failed", lines=(reason_text(Reason.QR_EXPIRED, fonts),)),
         "failure-unavailable": replace(base, kind="failure", online=False, title="failed",
                                        lines=(reason_text(Reason.PLATFORM_UNAVAILABLE, fonts),)),
+        "read": replace(base, kind="read", title="read", lines=(fonts.text("wait_staff"),)),
         "offline": replace(base, kind="offline", network=False, online=False, pending=12, lines=(
             fonts.text("show_card"), fonts.text("offline_mode"))),
         "device-missing": replace(base, kind="device_missing", lines=(
@@ -341,6 +344,9 @@ class Ui:
             reason = Reason(v.get("reason")) if v.get("reason") else None
         except ValueError:
             reason = Reason.INTERNAL
+        if reason is Reason.NOT_SUPPORTED:
+            # nothing failed: this box only passes the code on (a platform with no verify call)
+            return Screen("read", title="read", lines=(self.fonts.text("wait_staff"),))
         return Screen("failure", title="failed", lines=(reason_text(reason, self.fonts),))
 
     # --- the screen now -----------------------------------------------------------------------

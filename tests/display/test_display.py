@@ -241,6 +241,18 @@ def test_failure_shows_a_reason_a_patient_understands(fonts):
     assert Reason.QR_EXPIRED.patient_text == "二维码已过期，请刷新"
 
 
+def test_a_code_the_box_only_passes_on_is_read_not_failed(fonts):
+    """A platform with no verify call (fsjson) answers NOT_SUPPORTED for every code: the patient
+    sees that the code was read, not a failure on every scan."""
+    ui, frames, clock = make_ui(fonts)
+    ui.on_event("verification", verification(False, reason="NOT_SUPPORTED"))
+    ui.refresh()
+    assert ui.screen.kind == "read" and ui.screen.title == "read" and ui.screen.lines == ("请等候工作人员",)
+    ui.on_event("verification", verification(False, reason="QR_UNKNOWN"))
+    ui.refresh()
+    assert ui.screen.kind == "failure"  # the wrong code shown at a verifying box is worth saying
+
+
 def test_offline_with_the_pending_count_and_answers_from_the_cache(fonts):
     ui, frames, clock = make_ui(fonts)
     ui.on_event("status", {"platform": {"reachable": False}})
