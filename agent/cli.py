@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the box with a simulated platform and a scanner on stdin")
     demo.add_argument("--tcp", default="127.0.0.1:7800", help="HIS API TCP address (default %(default)s); "
                       "'off' to disable")
+    demo.add_argument("--http", default="127.0.0.1:7801", help="HIS API HTTP/WebSocket address (default "
+                      "%(default)s); 'off' for none")
     demo.add_argument("--verbose", action="store_true", help="show the daemon's log")
     demo.set_defaults(func=_demo)
 
@@ -158,8 +160,9 @@ def _demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
     tcp = None if args.tcp in ("", "off") else args.tcp
+    http = None if args.http in ("", "off") else args.http
     try:
-        asyncio.run(run_demo(tcp))
+        asyncio.run(run_demo(tcp, http=http))
     except RuntimeError as exc:
         print("scanbox demo: %s" % exc, file=sys.stderr)
         return 1

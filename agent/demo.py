@@ -32,7 +32,13 @@ DEMO_SITE = {
 }
 
 
-def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool) -> dict[str, Any]:
+# the demo's HTTP/WebSocket token (HTTP has no trusted networks: a browser on the same machine is
+# any web page's reach). A real box's tokens are long random strings in its secrets file.
+DEMO_TOKEN = "demo-token"
+
+
+def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool,
+                http: str | None = None) -> dict[str, Any]:
     return {
         "device": {"id": "demo", "state_dir": str(state_dir)},
         "site": DEMO_SITE,
@@ -43,8 +49,9 @@ def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool) -
             "timeout_s": 5,
             "rhc": {"org_id": "QH0001", "user_name": sim.sim.user_name, "user_pwd": sim.sim.user_pwd},
         },
-        "api": {"unix": str(state_dir / "api.sock"), "unix_group": None, "tcp": tcp,
-                "trusted": ["127.0.0.1/32", "::1/128"]},
+        "api": {"unix": str(state_dir / "api.sock"), "unix_group": None, "tcp": tcp, "http": http,
+                "trusted": ["127.0.0.1/32", "::1/128"],
+                "clients": {"demo": {"token": DEMO_TOKEN, "scopes": ["read"]}}},
         "sources": {"demo": {"driver": "stdin"}} if stdin else {},
     }
 
@@ -115,9 +122,16 @@ def banner(sim: SimServer, daemon: Daemon, out: TextIO) -> None:
     if daemon.stream.tcp_address:
         host, port = daemon.stream.tcp_address
         lines.append("  tcp          %s:%d (no token needed from localhost in the demo)" % (host, port))
-    lines += [
-        "  e.g. in another terminal:",
-        "    %s api --socket %s read_card '{\"timeout_s\": 60}'" % (_scanbox_command(), daemon.stream.unix_path),
+    example = ["  e.g. in another terminal:",
+               "    %s api --socket %s read_card '{\"timeout_s\": 60}'" % (_scanbox_command(), daemon.stream.unix_path)]
+    if daemon.http.address:
+        url = "http://%s:%d" % daemon.http.address
+        lines.append("  http         POST %s/rpc, WebSocket %s/ws (bearer token %s)"
+                     % (url, "ws" + url[4:], DEMO_TOKEN))
+        example += ["  or over HTTP:",
+                    "    curl -H 'Authorization: Bearer %s' -d '{\"jsonrpc\":\"2.0\",\"id\":1,"
+                    "\"method\":\"read_card\",\"params\":{\"timeout_s\":60}}' %s/rpc" % (DEMO_TOKEN, url)]
+    lines += example + [
         "  then paste a code here.",
         "",
         "Ctrl-C stops the demo.",
@@ -132,11 +146,11 @@ def _scanbox_command() -> str:
     return str(beside) if beside.exists() else "scanbox"
 
 
-async def run_demo(tcp: str | None, stdin: bool = True, out: TextIO = sys.stdout) -> None:
+async def run_demo(tcp: str | None, stdin: bool = True, out: TextIO = sys.stdout, http: str | None = None) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="scanbox-demo-"))
     sim = await SimServer(RhcSimulator()).start("127.0.0.1", 0)
     try:
-        config = validate(demo_config(sim, state_dir, tcp, stdin))
+        config = validate(demo_config(sim, state_dir, tcp, stdin, http))
         daemon = Daemon(config)
         printer = Printer(out)
         daemon.hub.listen(printer)

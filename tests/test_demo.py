@@ -8,6 +8,8 @@ import re
 import signal
 import sys
 
+import httpx
+
 from agent.simulator.rhc import default_residents
 from tests.conftest import RpcClient
 
@@ -26,11 +28,14 @@ async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float 
 
 async def test_demo_verifies_a_pasted_code_and_serves_the_api():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "demo", "--tcp", "127.0.0.1:0",
+        sys.executable, "-m", "agent", "demo", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         tcp_line = await read_until(proc.stdout, r"^\s+tcp\s+127\.0\.0\.1:\d+")
         port = int(re.search(r"127\.0\.0\.1:(\d+)", tcp_line).group(1))
+        http_line = await read_until(proc.stdout, r"^\s+http\s+POST http://127\.0\.0\.1:\d+/rpc")
+        rpc_url = re.search(r"(http://127\.0\.0\.1:\d+/rpc)", http_line).group(1)
+        token = re.search(r"bearer token (\S+)\)", http_line).group(1)
         await read_until(proc.stdout, "Ctrl-C stops the demo")
         resident = default_residents()[0]  # the demo's simulator has the same residents
 
@@ -44,6 +49,13 @@ async def test_demo_verifies_a_pasted_code_and_serves_the_api():
         result = (await pending)["result"]
         assert result["identity"]["name"] == resident.name  # full values to the API client
         await client.close()
+
+        # the banner's HTTP endpoint and token work as printed; without the token they do not
+        async with httpx.AsyncClient() as http:
+            call = {"jsonrpc": "2.0", "id": 1, "method": "status"}
+            answer = await http.post(rpc_url, json=call, headers={"Authorization": "Bearer " + token})
+            assert answer.status_code == 200 and answer.json()["result"]["platform"]["kind"] == "rhc"
+            assert (await http.post(rpc_url, json=call)).status_code == 401
 
         proc.stdin.write(b"https://example.com/ticket/42\n")  # the banner's own sample
         await proc.stdin.drain()
