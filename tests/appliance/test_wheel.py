@@ -4,6 +4,7 @@ here works in a checkout and fails only on a box."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +15,13 @@ DATA = ("*.wsdl", "*.toml")
 
 
 def test_the_wheel_carries_every_module_and_data_file(tmp_path):
+    # from a copy without build/ and *.egg-info: files left there by an earlier build would be
+    # packed again and hide what pyproject.toml leaves out
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", ".venv", ".git", "__pycache__", ".pytest_cache", "dist"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
-                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+                    "-w", str(tmp_path), str(source)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("scanbox-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = set()
