@@ -239,6 +239,9 @@ class ApiConfig(Section):
     # per client address over HTTP and WebSocket: sustained requests per second, and the burst
     rate_per_s: float = Field(50, gt=0, le=100000)
     rate_burst: int = Field(100, ge=1, le=100000)
+    # open HTTP connections (WebSockets included) at most; a request head must arrive within
+    # auth_timeout_s of connecting
+    http_max_connections: int = Field(256, ge=1, le=4096)
     onetrans: OnetransConfig = OnetransConfig()
 
     @field_validator("tcp")

@@ -81,6 +81,10 @@ class HttpServer:
         self.websockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        # connections that sent a whole request head; a connection not here when its
+        # auth_timeout_s is up is holding a slot with headers that never end (slowloris)
+        self._served: set[Any] = set()
+        self.refused_connections = 0
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_message, middlewares=[self._guard])
@@ -95,10 +99,42 @@ class HttpServer:
         # handler_cancellation: a HIS that hangs up stops its read_card waiting
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
+        self._limit_connections(self._runner.server)
         self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await self._site.start()
         self.address = tuple(self._runner.addresses[0][:2])
         logger.info("api: listening on http://%s:%d", *self.address)
+
+    def _limit_connections(self, server: web.Server) -> None:
+        """aiohttp limits neither how many connections are open nor how long a request head may
+        take. Both matter on a hospital LAN: every connection is a file descriptor the Unix socket
+        and the platform share, and a client that trickles headers holds one forever. So: at most
+        `api.http_max_connections` open (more are cut at once), and a connection that has not sent
+        a whole request head within `api.auth_timeout_s` is closed. (aiohttp's Server calls
+        `connection_made` on itself for every connection: that is the hook.)"""
+        loop = asyncio.get_running_loop()
+        accept = server.connection_made
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            accept(handler, transport)
+            if len(server.connections) > self.config.http_max_connections:
+                self.refused_connections += 1
+                if self.refused_connections % 100 == 1:
+                    logger.warning("api: more than %d HTTP connections open; cutting new ones (%d so far)",
+                                   self.config.http_max_connections, self.refused_connections)
+                transport.abort()
+                return
+            loop.call_later(self.config.auth_timeout_s, self._reap, handler, transport)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+
+    def _reap(self, handler: Any, transport: asyncio.Transport) -> None:
+        if handler in self._served:
+            self._served.discard(handler)
+        elif not transport.is_closing():
+            logger.info("api: closed an HTTP connection that sent no whole request in %.0f s",
+                        self.config.auth_timeout_s)
+            transport.abort()
 
     def serving(self) -> bool:
         # the listening sockets of a closed or broken server are gone
@@ -117,6 +153,7 @@ class HttpServer:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
+        self._served.add(request.protocol)
         origin = request.headers.get("Origin")
         if origin is not None and origin not in self.origins:
             logger.warning("api: refused %s %s from origin %r (not in api.cors_origins)", request.method,

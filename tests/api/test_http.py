@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 
 import aiohttp
 import pytest
@@ -247,3 +249,46 @@ async def test_no_token_key_or_personal_data_in_scanboxs_own_log_records(box, ht
     assert "api: http auth refused" in own and "onetrans" in own
     for secret in (wrong, TOKEN, ADMIN_TOKEN, APP_KEY, resident.name, resident.id_card):
         assert secret not in own, secret
+
+
+async def _closed_by_the_box(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
+    """True when the box closes the connection (EOF or reset) before the deadline."""
+    async with asyncio.timeout(timeout):
+        try:
+            return await reader.read(1) == b""
+        except ConnectionError:
+            return True
+
+
+async def _status_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """One keep-alive POST /rpc status on a raw connection; the HTTP status code."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "status"}).encode()
+    writer.write(b"POST /rpc HTTP/1.1\r\nHost: box\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (TOKEN.encode(), len(body), body))
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = int(re.search(r"(?im)^content-length: *(\d+)", head).group(1))
+    await reader.readexactly(length)
+    return int(head.split()[1])
+
+
+async def test_http_connections_are_capped_and_a_head_that_never_ends_is_cut(box):
+    await box.start(sources={}, api=dict(HTTP_API, http_max_connections=3, auth_timeout_s=0.5))
+    host, port = box.daemon.http.address
+    # a connection that completed a request first: kept alive past its deadline
+    served = await asyncio.open_connection(host, port)
+    assert await _status_over(*served) == 200
+    trickling = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /rpc HTTP/1.1\r\nHost: bo")
+        trickling.append((reader, writer))
+    # the fourth connection is over the cap: cut at once
+    over_reader, over = await asyncio.open_connection(host, port)
+    assert await _closed_by_the_box(over_reader, timeout=2)
+    assert box.daemon.http.refused_connections == 1
+    # the tricklers are cut at their deadline, which comes after the served connection's
+    for reader, _ in trickling:
+        assert await _closed_by_the_box(reader)
+    assert await _status_over(*served) == 200
+    for writer in (served[1], over, *(w for _, w in trickling)):
+        writer.close()
