@@ -176,6 +176,9 @@ class PlatformConfig(Section):
     endpoint: str = Field(..., pattern=r"^https?://")
     wsdl: str | None = None  # URL or file; default: the WSDL shipped with scanbox
     timeout_s: float = Field(5.0, gt=0, le=120)
+    # the whole of one verification at the counter, however many calls it takes (a credential
+    # refresh, a retry); past it the scan is answered as the platform being unavailable
+    verify_deadline_s: float = Field(8.0, gt=0, le=300)
     tls_verify: bool | Path = True  # or the CA bundle of a private CA
     rhc: RhcConfig | None = None
     wondersgroup: WondersgroupConfig | None = None

@@ -77,7 +77,8 @@ class Daemon:
                                  backoff=Backoff(config.outbox.backoff_initial, config.outbox.backoff_max))
         self.verifier = Verifier(self.platform, Classifier.from_rules(config.platform.qr),
                                  config.site.medstep, config.site.channel, store=self.store,
-                                 uploader=self.uploader, cache_ttl_s=config.cache.ttl)
+                                 uploader=self.uploader, cache_ttl_s=config.cache.ttl,
+                                 deadline_s=config.platform.verify_deadline_s)
         self.hub = Hub(self.verifier, dedupe_s=config.scans.dedupe_s, hold_s=config.scans.hold_s)
         self.sources = sources if sources is not None else [
             drivers.source_module(options.driver).create(name, options)

@@ -23,7 +23,7 @@ from typing import Any
 from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
                          ScanKind, UsageRecord, Verification)
 from agent.outbox import Store, StoreUnavailable, Uploader
-from agent.platforms.base import Platform, PlatformError, VerifyRequest
+from agent.platforms.base import Platform, PlatformError, PlatformUnavailable, VerifyRequest
 from agent.privacy import mask_qr
 from agent.qr import Classifier, QrKind
 
@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 
 class Verifier:
     def __init__(self, platform: Platform, classifier: Classifier, default_step: str, default_channel: str,
-                 *, store: Store | None = None, uploader: Uploader | None = None, cache_ttl_s: float = 0.0) -> None:
+                 *, store: Store | None = None, uploader: Uploader | None = None, cache_ttl_s: float = 0.0,
+                 deadline_s: float | None = None) -> None:
         self.platform = platform
+        # a nurse waits for this at the counter: one verification's whole budget
+        self.deadline_s = deadline_s
         self.classifier = classifier
         self.default_step = default_step
         self.default_channel = default_channel
@@ -76,7 +79,13 @@ class Verifier:
                                 channel or self.default_channel)
         try:
             record = self.platform.verify_record(request, scan.id)
-            answer = await self.platform.verify(record)
+            try:
+                async with asyncio.timeout(self.deadline_s):
+                    answer = await self.platform.verify(record)
+            except TimeoutError:
+                late = PlatformUnavailable("no answer from the platform within %g s" % self.deadline_s)
+                self.platform.record_failure(late)
+                raise late from None
         except PlatformError as exc:
             if exc.transient:
                 return await self._offline(scan, kind, record, exc, elapsed)

@@ -174,3 +174,24 @@ async def test_at_start_the_daemon_purges_expired_identities_and_old_uploaded_re
 
     with sqlite3.connect(tmp_path / "state" / "outbox.db") as conn:  # the expired identity is gone, not hidden
         assert conn.execute("SELECT count(*) FROM identity_cache").fetchone()[0] == 0
+
+
+async def test_a_verification_gets_one_deadline_then_is_answered_as_offline_and_recorded(box):
+    """However many calls a platform needs (a credential refresh, a retry), the nurse waits at
+    most `platform.verify_deadline_s`; a known static code is then answered from the cache and
+    its use is kept for upload."""
+    await box.start(sources={}, platform={"verify_deadline_s": 0.5, "timeout_s": 30})
+    client = await box.unix()
+    resident = box.resident()
+    assert (await client.call("verify_qr", {"qr": resident.static_qr}))["verification"]["ok"]
+    box.sim.faults.base_latency_s = 20  # every answer now takes longer than the deadline
+    late = await client.call("verify_qr", {"qr": resident.static_qr}, timeout=10)
+    v = late["verification"]
+    assert v["ok"] is True and v["offline"] is True and late["identity"]["source"] == "cache"
+    assert v["elapsed_ms"] < 5000
+    never_seen = await client.call("verify_qr", {"qr": box.resident(1).static_qr}, timeout=10)
+    assert never_seen["verification"]["reason"] == "PLATFORM_UNAVAILABLE"
+    assert "within 0.5 s" in never_seen["verification"]["message"]
+    status = await client.call("status")
+    assert status["platform"]["reachable"] is False and status["outbox"]["pending"] == 1
+    box.sim.faults.base_latency_s = 0

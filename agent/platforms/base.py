@@ -132,7 +132,8 @@ class Platform(abc.ABC):
         self._health.last_ok_at = time.time()
         self._health.last_error = None
 
-    def _record_failure(self, error: PlatformError) -> None:
+    def record_failure(self, error: PlatformError) -> None:
+        """What `health()` says after a failed call (also one given up on by its caller)."""
         if error.transient:
             self._health.reachable = False
             self._health.last_error = error.message

@@ -185,7 +185,7 @@ class FsjsonPlatform(Platform):
         try:
             await self.work_key.get()  # today's workKey now, not at the first request
         except PlatformError as exc:
-            self._record_failure(exc)
+            self.record_failure(exc)
             logger.warning("platform fsjson not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
@@ -259,7 +259,7 @@ class FsjsonPlatform(Platform):
                 answer, _ = await self._signed(method, data, key)
             self._check(answer)
         except PlatformError as exc:
-            self._record_failure(exc)
+            self.record_failure(exc)
             logger.info("%s failed after %.0f ms: %s", method, (time.monotonic() - started) * 1000, exc.message)
             raise
         self._record_ok()

@@ -282,7 +282,7 @@ class RhcPlatform(Platform):
             reply = await self._send(action, message)
             response = parse_response(reply, op)
         except PlatformError as exc:
-            self._record_failure(exc)
+            self.record_failure(exc)
             logger.info("%s failed after %.0f ms: %s", code, (time.monotonic() - started) * 1000, exc.message)
             raise
         if not response.ok:
@@ -293,7 +293,7 @@ class RhcPlatform(Platform):
                                             platform_code=rc.code, platform_message=response.desc or rc.text)
             else:
                 error = PlatformRejected(rc, response.desc)
-            self._record_failure(error)
+            self.record_failure(error)
             logger.info("%s answered %s (%s)", code, response.code, response.desc)
             raise error
         self._record_ok()
@@ -355,7 +355,7 @@ class RhcPlatform(Platform):
                     self._load_failed_at = time.monotonic()
                     self._load_error = str(exc)
                     error = PlatformUnavailable("platform WSDL not loaded: %s" % exc)
-                    self._record_failure(error)
+                    self.record_failure(error)
                     raise error from None
                 self._load_failed_at = None
             return self._bound

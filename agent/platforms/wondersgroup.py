@@ -108,7 +108,7 @@ class WondersgroupPlatform(Platform):
             # an authKey now, so the first scan at the counter costs one round trip, not two
             await self.auth.get()
         except PlatformError as exc:
-            self._record_failure(exc)
+            self.record_failure(exc)
             logger.warning("platform wondersgroup not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
@@ -201,7 +201,7 @@ class WondersgroupPlatform(Platform):
                 result = await self._send(operation, {"orgCode": self.wg.org_code, "authKey": key, **values})
             self._check(operation, result)
         except PlatformError as exc:
-            self._record_failure(exc)
+            self.record_failure(exc)
             logger.info("%s failed after %.0f ms: %s", operation, (time.monotonic() - started) * 1000, exc.message)
             raise
         self._record_ok()
