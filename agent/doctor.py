@@ -1,7 +1,8 @@
 """`scanbox doctor`: what the box sees, whether it matches the config, and what to fix.
 
 Input devices (and which configured HID scanner each one is), serial ports (and whether a
-configured ID card reader answers the SAM status command), cameras, I2C buses (and whether the
+configured ID card reader answers the SAM status command), PC/SC card readers (through pcscd, and
+which configured reader or PSAM slot each one is), cameras, I2C buses (and whether the
 configured display answers), the platform (from the running daemon's `status`, else asked
 directly) and the clock (TLS and the platforms' signatures need the right time).
 
@@ -59,6 +60,30 @@ def i2c_answers(bus: int, address: int) -> bool:
     return True
 
 
+class PcscUnavailable(Exception):
+    """pcscd is not running (or pyscard cannot reach it)."""
+
+
+def pcsc_readers() -> list[str]:
+    """The reader names pcscd offers now; raises PcscUnavailable when pcscd cannot be reached."""
+    from smartcard.scard import (SCARD_E_NO_READERS_AVAILABLE, SCARD_S_SUCCESS, SCARD_SCOPE_USER,
+                                 SCardEstablishContext, SCardGetErrorMessage, SCardListReaders,
+                                 SCardReleaseContext)
+
+    hresult, context = SCardEstablishContext(SCARD_SCOPE_USER)
+    if hresult != SCARD_S_SUCCESS:
+        raise PcscUnavailable(SCardGetErrorMessage(hresult))
+    try:
+        hresult, readers = SCardListReaders(context, [])
+        if hresult == SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if hresult != SCARD_S_SUCCESS:
+            raise PcscUnavailable(SCardGetErrorMessage(hresult))
+        return list(readers)
+    finally:
+        SCardReleaseContext(context)
+
+
 def clock_synchronised() -> tuple[bool | None, str]:
     """(synchronised?, how we know). timedatectl where systemd runs, else the kernel's adjtimex
     state (TIME_ERROR: not synchronised)."""
@@ -90,6 +115,7 @@ class Doctor:
     # ask unconfigured USB serial ports for the SAM status (writes 10 bytes to each)
     probe_unconfigured: bool = True
     i2c_probe: Callable[[int, int], bool] = i2c_answers
+    pcsc_list: Callable[[], list[str]] = pcsc_readers
     clock_state: Callable[[], tuple[bool | None, str]] = clock_synchronised
     now: Callable[[], float] = time.time
 
@@ -100,6 +126,7 @@ class Doctor:
                                     "scanbox doctor --config /etc/scanbox/scanbox.toml"))
         findings += self.input_devices()
         findings += await asyncio.to_thread(self.serial_ports)
+        findings += await asyncio.to_thread(self.card_readers)
         findings += self.cameras()
         findings += self.displays()
         findings += await self.platform()
@@ -215,6 +242,40 @@ class Doctor:
                                    "add the service user to group 'dialout'"))
             else:
                 out.append(Finding("serial", "ok", "serial:%s" % name, "%s present" % opts.port))
+        return out
+
+    # -- PC/SC card readers --------------------------------------------------------------------
+
+    def card_readers(self) -> list[Finding]:
+        """The readers pcscd offers, which configured pcsc source (or PSAM slot) each one is,
+        and the configured sources no reader matches."""
+        import re
+
+        sources = self._sources("pcsc")
+        try:
+            readers = self.pcsc_list()
+        except (PcscUnavailable, ImportError) as exc:
+            if not sources:
+                return []  # no card reader configured: pcscd is not needed
+            return [Finding("cards", "fail", "pcscd", "PC/SC is not available: %s" % exc,
+                            "start pcscd: `systemctl enable --now pcscd.socket` (package pcscd)")]
+        roles: dict[str, str] = {}
+        out = []
+        for name, opts in sources.items():
+            for role, pattern in (("pcsc:%s" % name, opts.reader), ("PSAM of pcsc:%s" % name, opts.psam_reader)):
+                if pattern is None:
+                    continue
+                found = next((r for r in readers if re.search(pattern, r)), None)
+                if found is None:
+                    out.append(Finding("cards", "fail", role, "no PC/SC reader matches %r" % pattern,
+                                       "plug the reader in, or set the pattern to one of: %s"
+                                       % (", ".join(repr(r) for r in readers) or "(pcscd sees no reader)")))
+                else:
+                    roles.setdefault(found, role)
+                    out.append(Finding("cards", "ok", role, "reader %r" % found))
+        for reader in readers:
+            if reader not in roles:
+                out.append(Finding("cards", "info", reader, "PC/SC reader, not configured"))
         return out
 
     # -- cameras -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def roots(tmp_path: Path) -> doctor.Roots:
 async def findings_of(config: Config | None, roots: doctor.Roots, **kw: Any) -> list[doctor.Finding]:
     kw.setdefault("clock_state", lambda: (True, "test"))
     kw.setdefault("i2c_probe", lambda bus, address: True)
+    kw.setdefault("pcsc_list", lambda: [])  # the real pcscd: tests/cards/test_doctor_pcsc.py
     kw.setdefault("probe_timeout_s", 0.3)
     return await doctor.Doctor(config, roots, **kw).run()
 
@@ -143,3 +144,14 @@ def test_the_command(tmp_path: Path, roots: doctor.Roots, capsys: pytest.Capture
     assert text.splitlines() == ["clock:", "  WARN clock: not synchronised", "         fix: set-ntp",
                                  "input:", "  ok   /dev/input/event3: scanner", "1 problem"]
     assert time.time() > doctor.EARLIEST_PLAUSIBLE
+
+
+async def test_a_configured_card_reader_without_pcscd(tmp_path: Path, roots: doctor.Roots) -> None:
+    def no_pcscd() -> list[str]:
+        raise doctor.PcscUnavailable("Service not available.")
+
+    bare = await findings_of(None, roots, pcsc_list=no_pcscd)
+    assert not [f for f in bare if f.area == "cards"]  # no card reader configured: nothing to say
+    config = make_config(None, tmp_path, sources={"cards": {"driver": "pcsc", "reader": "ACR1281"}})
+    (finding,) = [f for f in await findings_of(config, roots, pcsc_list=no_pcscd) if f.area == "cards"]
+    assert finding.status == "fail" and "Service not available" in finding.text and "pcscd" in finding.fix
