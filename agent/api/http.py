@@ -27,14 +27,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from agent.api.jsonrpc import (APPLICATION_ERROR, INVALID_REQUEST, PARSE_ERROR, Dispatcher, RpcError, Session,
                                encode, error_response)
 from agent.api.methods import Api
+from agent.api.outbound import MAX_IN_FLIGHT, Outbound, answer
 from agent.config import ApiConfig
 from agent.model import Reason
 
 logger = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 8  # per WebSocket, as per stream connection
-OUTGOING_QUEUE = 256
-SEND_TIMEOUT_S = 10.0
 JSON_TYPE = "application/json"
 
 
@@ -292,7 +290,7 @@ class HttpServer:
                         APPLICATION_ERROR, "too many requests; slow down", {"reason": Reason.BUSY.value}))))
                     continue
                 await slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._answer(session, conn, data, slots))
+                task = asyncio.get_running_loop().create_task(answer(self.dispatcher, session, conn, data, slots))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         finally:
@@ -308,62 +306,25 @@ class HttpServer:
                 sender.cancel()
         return ws
 
-    async def _answer(self, session: Session, conn: "_WsConnection", data: bytes, slots: asyncio.Semaphore) -> None:
-        try:
-            response = await self.dispatcher.handle_bytes(session, data)
-            if response is not None:
-                conn.send(response)
-        finally:
-            slots.release()
-
-
-class _WsConnection:
-    """The sending half of a WebSocket: one sender task, a bounded queue (a client that stops
-    reading is closed, not buffered without end)."""
+class _WsConnection(Outbound):
+    """A WebSocket client: one JSON message a text frame."""
 
     def __init__(self, ws: web.WebSocketResponse, label: str) -> None:
+        super().__init__(label)
         self.ws = ws
-        self.label = label
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(OUTGOING_QUEUE)
-        self.closed = False
 
-    def send(self, data: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
-            logger.warning("api: %s is not reading its messages; disconnecting it", self.label)
-            self.closed = True
-            asyncio.get_running_loop().create_task(self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                                                                 message=b"not reading"))
+    async def _write(self, data: bytes) -> None:
+        await self.ws.send_str(data.decode("utf-8"))
 
-    def notify(self, message: dict[str, Any]) -> None:
-        self.send(encode(message))
+    def _drop(self) -> None:
+        self._closing = asyncio.get_running_loop().create_task(self._close_quietly())  # kept: not GC'd
 
-    async def send_loop(self) -> None:
-        try:
-            while True:
-                data = await self.queue.get()
-                if data is None:
-                    break
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await self.ws.send_str(data.decode("utf-8"))
-        except (TimeoutError, ConnectionError, OSError, RuntimeError):
-            self.closed = True
-
-    async def finish(self, sender: asyncio.Task[None]) -> None:
-        self.closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await sender
-        except TimeoutError:
-            sender.cancel()
+    async def _close_quietly(self) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.close()
+            await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading")
 
+    async def _close(self) -> None:
+        await self.ws.close()
 
 
 def _peer(request: web.Request) -> str:

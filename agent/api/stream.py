@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.api.jsonrpc import APPLICATION_ERROR, INVALID_REQUEST, Dispatcher, RpcError, Session, encode, error_response
+from agent.api.outbound import MAX_IN_FLIGHT, Outbound, answer
 from agent.config import ApiConfig
 
 logger = logging.getLogger(__name__)
 
 UNIX_SCOPES = frozenset({"read", "admin"})  # whoever can open the socket file (mode, group)
 TRUSTED_SCOPES = frozenset({"read"})
-MAX_IN_FLIGHT = 8  # requests per connection being answered at once; more wait (backpressure)
-OUTGOING_QUEUE = 256  # messages waiting to be written to one client
-WRITE_TIMEOUT_S = 10.0
 
 
 class StreamServer:
@@ -109,7 +107,7 @@ class StreamServer:
         peername = writer.get_extra_info("peername")
         peer = peername[0] if transport == "tcp" and peername else "local"
         conn = _Connection(writer, "%s:%s" % (transport, peer))
-        writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
+        writer_task = asyncio.get_running_loop().create_task(conn.send_loop())
         session = Session(transport, peer, notify=conn.notify)
         if transport == "unix":
             session.scopes = UNIX_SCOPES
@@ -154,7 +152,7 @@ class StreamServer:
                 if not line.strip():
                     continue
                 await slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._answer(session, conn, line, slots))
+                task = asyncio.get_running_loop().create_task(answer(self.dispatcher, session, conn, line, slots))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 if reader.at_eof():
@@ -167,66 +165,27 @@ class StreamServer:
             session.close()
             await conn.finish(writer_task)
 
-    async def _answer(self, session: Session, conn: "_Connection", line: bytes, slots: asyncio.Semaphore) -> None:
-        try:
-            response = await self.dispatcher.handle_bytes(session, line)
-            if response is not None:
-                conn.send(response)
-        finally:
-            slots.release()
-
-
-class _Connection:
-    """The writing half of a client connection: one writer task, a bounded queue."""
+class _Connection(Outbound):
+    """A Unix or TCP client: one JSON message a line."""
 
     def __init__(self, writer: asyncio.StreamWriter, label: str) -> None:
+        super().__init__(label)
         self.writer = writer
-        self.label = label
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(OUTGOING_QUEUE)
-        self.closed = False
 
-    def send(self, data: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            self.queue.put_nowait(data + b"\n")
-        except asyncio.QueueFull:
-            logger.warning("api: %s is not reading its messages; disconnecting it", self.label)
-            self.closed = True
-            self.writer.transport.abort()
+    async def _write(self, data: bytes) -> None:
+        self.writer.writelines((data, b"\n"))
+        await self.writer.drain()
 
-    def notify(self, message: dict[str, Any]) -> None:
-        self.send(encode(message))
+    def _drop(self) -> None:
+        self.writer.transport.abort()
 
-    async def write_loop(self) -> None:
-        try:
-            while True:
-                data = await self.queue.get()
-                if data is None:
-                    break
-                self.writer.write(data)
-                async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    await self.writer.drain()
-        except (TimeoutError, ConnectionError, OSError):
-            self.closed = True
-            self.writer.transport.abort()
+    async def _close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
 
     async def close_with(self, message: dict[str, Any]) -> None:
         self.send(encode(message))
         self.closed = True
-
-    async def finish(self, writer_task: asyncio.Task[None]) -> None:
-        self.closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
-        try:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await writer_task
-        except TimeoutError:
-            writer_task.cancel()
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
 
 
 def _remove_stale_socket(path: Path) -> None:
