@@ -12,7 +12,6 @@ demand through /_sim/expire_auth. Answers carry a `Date` header from the simulat
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import hashlib
 import json
@@ -198,14 +197,6 @@ class FsjsonServer(SimServer):
         return web.Response(status=405, text="POST only")
 
     async def _soap(self, request: web.Request) -> web.StreamResponse:
-        self.requests += 1
-        if self.faults.base_latency_s:
-            await asyncio.sleep(self.faults.base_latency_s)
-        fault = self.faults.take()
-        if fault is not None:
-            response = await self._apply(fault, request)
-            if response is not None:
-                return response
         method = request.match_info["method"]
         try:
             body = json.loads((await request.read()).decode("utf-8"))

@@ -224,21 +224,21 @@ class SimServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await self._soap(request)
+            self.requests += 1
+            if self.faults.base_latency_s:
+                await asyncio.sleep(self.faults.base_latency_s)
+            fault = self.faults.take()
+            if fault is not None:
+                response = await self._apply(fault, request)
+                if response is not None:
+                    return response
+            return await self._soap(request)  # the platform's own handling (subclasses: theirs)
         finally:
             self.in_flight -= 1
             self.service_ms.append((time.perf_counter() - started) * 1000)
             del self.service_ms[:-100000]
 
     async def _soap(self, request: web.Request) -> web.StreamResponse:
-        self.requests += 1
-        if self.faults.base_latency_s:
-            await asyncio.sleep(self.faults.base_latency_s)
-        fault = self.faults.take()
-        if fault is not None:
-            response = await self._apply(fault, request)
-            if response is not None:
-                return response
         body = await request.read()
         try:
             action, message = self._unwrap(body)

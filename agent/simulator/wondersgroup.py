@@ -15,7 +15,6 @@ unqualified parameters as the spec's samples send them. Replies can be sent in G
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -293,14 +292,6 @@ class WondersgroupServer(SimServer):
         return web.Response(status=404, text="no such document")
 
     async def _soap(self, request: web.Request) -> web.StreamResponse:
-        self.requests += 1
-        if self.faults.base_latency_s:
-            await asyncio.sleep(self.faults.base_latency_s)
-        fault = self.faults.take()
-        if fault is not None:
-            response = await self._apply(fault, request)
-            if response is not None:
-                return response
         try:
             operation, params = _unwrap(await request.read())
         except ValueError as exc:
