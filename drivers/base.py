@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import random
+import threading
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +42,38 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop reading and release the device; returns within a few seconds."""
+
+
+class ThreadedSource(Source):
+    """A source read in its own thread until `stop`: the thread runs `_run(sink)`, which returns
+    once `_stop` is set. `_interrupt` wakes the thread from whatever it blocks on (a port read,
+    a PC/SC wait, a select) so stopping takes milliseconds, not a timeout."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, sink: ScanSink) -> None:
+        self._stop.clear()
+        self._prepare()
+        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._interrupt()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _prepare(self) -> None:
+        """Before the thread starts (the thread's own wake-up pipe, say)."""
+
+    def _interrupt(self) -> None:
+        """Wake the thread from a blocking call; called after `_stop` is set."""
+
+    @abc.abstractmethod
+    def _run(self, sink: ScanSink) -> None: ...
 
 
 class Backoff:

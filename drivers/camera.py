@@ -34,7 +34,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import Backoff, DriverOptions, ScanSink, Source
+from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def frame_source(options: Options) -> FrameSource:
 # the driver
 
 
-class Camera(Source):
+class Camera(ThreadedSource):
     def __init__(self, name: str, *, frames: FrameSource, decoder: Decoder,
                  roi: tuple[float, float, float, float] | None = None, scale: float = 1.0,
                  max_fps: float = 10.0, dedupe_s: float = 2.0, charsets: list[str] | None = None,
@@ -372,18 +372,6 @@ class Camera(Source):
         self.frames_decoded = 0
         self.ended = threading.Event()  # image files: all played
         self._last_seen: dict[bytes, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, sink: ScanSink) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def process(self, image: Image.Image, now: float, sink: ScanSink) -> None:
         """One frame: decode, and deliver the codes not seen in the last `dedupe_s`."""

@@ -33,7 +33,7 @@ from evdev import InputEvent, ecodes
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import DriverOptions, ScanSink, Source
+from drivers.base import DriverOptions, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ class _Open:
     assembler: ScanAssembler
 
 
-class HidScanner(Source):
+class HidScanner(ThreadedSource):
     def __init__(self, name: str, *, layout: Layout, alt_charset: str | None = "gb18030", end_chars: str,
                  suffix: str | None, idle_end_s: float | None, grab: bool, rescan_s: float, max_length: int,
                  discover: Callable[[], list[str]], opener: Callable[[str], InputDeviceLike],
@@ -480,26 +480,18 @@ class HidScanner(Source):
         self.wanted = wanted
         self.devices: dict[str, _Open] = {}
         self.rescans = 0  # how often the device list was looked at (tests check it does not spin)
-        self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
-        self._thread: threading.Thread | None = None
         self._failed: dict[str, str] = {}  # path -> why it could not be opened
         self._next_rescan = 0.0
         self._lock = threading.Lock()
 
-    def start(self, sink: ScanSink) -> None:
-        self._stop.clear()
+    def _prepare(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _interrupt(self) -> None:
         with self._lock:  # the thread closes the pipe under the same lock when it ends
             if self._wake_w >= 0:
                 os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(5)
 
     def _run(self, sink: ScanSink) -> None:
         state: tuple[bool, str | None] | None = None

@@ -22,7 +22,6 @@ import base64
 import contextlib
 import logging
 import termios
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +30,7 @@ import serial
 from pydantic import Field
 
 from agent.model import Identity, IdentitySource, Scan, ScanKind
-from drivers.base import Backoff, DriverOptions, ScanSink, Source
+from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +355,7 @@ def probe(url: str, baud: int = 115200, timeout_s: float = 1.0) -> str:
     return "SAM status 0x%02X (%s)" % (sw3, STATUS_TEXT.get(sw3, "unknown status"))
 
 
-class IdCardReader(Source):
+class IdCardReader(ThreadedSource):
     # consecutive unanswered commands before the reader is reported as not answering
     TIMEOUTS_BEFORE_ALARM = 3
 
@@ -368,19 +367,7 @@ class IdCardReader(Source):
         self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.backoff = Backoff(0.2, reconnect_max_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.reads = 0  # complete card reads (the benchmark and tests look)
-
-    def start(self, sink: ScanSink) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def _run(self, sink: ScanSink) -> None:
         last_detail: str | None = None

@@ -30,7 +30,7 @@ from smartcard.ATR import ATR
 
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanKind
 from drivers import cards
-from drivers.base import Backoff, DriverOptions, ScanSink, Source
+from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Connection:
         scard.SCardDisconnect(self.handle, scard.SCARD_LEAVE_CARD)
 
 
-class PcscReader(Source):
+class PcscReader(ThreadedSource):
     def __init__(self, name: str, *, reader: str, psam_reader: str | None, profiles: list[cards.Profile],
                  poll_s: float = 1.0, reconnect_max_s: float = 5.0) -> None:
         super().__init__("pcsc:" + name)
@@ -154,25 +154,15 @@ class PcscReader(Source):
         self.profiles = profiles
         self.poll_ms = int(poll_s * 1000)
         self.backoff = Backoff(0.2, reconnect_max_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._context: int | None = None
         self._lock = threading.Lock()
         # timing of the last read, for the benchmark: state change seen -> scan delivered
         self.last_read_ms: float | None = None
 
-    def start(self, sink: ScanSink) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _interrupt(self) -> None:
         with self._lock:
             if self._context is not None:
                 scard.SCardCancel(self._context)
-        if self._thread is not None:
-            self._thread.join(5)
 
     # --- the reader thread ---------------------------------------------------------------
 

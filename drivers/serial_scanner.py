@@ -20,7 +20,7 @@ import serial.threaded
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import Backoff, DriverOptions, ScanSink, Source
+from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ScanFramer(serial.threaded.Protocol):
         self.lost.set()
 
 
-class SerialScanner(Source):
+class SerialScanner(ThreadedSource):
     def __init__(self, name: str, *, port: str, baud: int, parity: str, terminators: list[bytes],
                  charset: str, max_length: int, reconnect_max_s: float) -> None:
         super().__init__("serial:" + name)
@@ -145,25 +145,15 @@ class SerialScanner(Source):
         self.charset = charset
         self.max_length = max_length
         self.backoff = Backoff(0.2, reconnect_max_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._reader: serial.threaded.ReaderThread | None = None
         self._lock = threading.Lock()
 
-    def start(self, sink: ScanSink) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _interrupt(self) -> None:
         # under the lock: _run closes the port only after taking it, so cancel_read() never
         # writes to a pipe that close() is tearing down (pyserial's close is not thread-safe)
         with self._lock:
             if self._reader is not None:
                 self._reader.stop()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def _open(self) -> serial.SerialBase:
         return serial.serial_for_url(self.port, baudrate=self.baud, parity=self.parity,
