@@ -169,6 +169,8 @@ class SimServer:
         self.requests = 0
         # time each SOAP request spent inside the simulator (ms), so benchmarks can subtract it
         self.service_ms: list[float] = []
+        # when each request arrived (time.monotonic()), faulted ones included: retry timing
+        self.arrivals: list[float] = []
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests it was answering at once
         self._runner: web.AppRunner | None = None
@@ -221,6 +223,8 @@ class SimServer:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        self.arrivals.append(time.monotonic())
+        del self.arrivals[:-100000]
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
