@@ -16,6 +16,8 @@ PACKAGES="python3 python3-venv python3-dev gcc fonts-wqy-zenhei libzbar0 systemd
 PACKAGES="$PACKAGES pcscd libpcsclite-dev swig vsmartcard-vpcd"
 # chromium + chromium-driver: the web HIS example is tested in a real headless browser.
 PACKAGES="$PACKAGES chromium chromium-driver"
+# curl: the demo banner's HTTP example.
+PACKAGES="$PACKAGES curl"
 
 missing=""
 for p in $PACKAGES; do

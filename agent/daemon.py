@@ -207,8 +207,9 @@ class Daemon:
             await self.start()
             await self._stopping.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            # the handlers stay until the loop closes: a second Ctrl-C (or `timeout`, which
+            # signals the whole process group) must not kill the process halfway through closing
+            # the outbox, nor the demo before it removes its temporary state
             await self.stop()
 
     async def _watchdog(self, interval: float) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import re
 import signal
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -31,6 +32,9 @@ async def test_demo_verifies_a_pasted_code_and_serves_the_api():
         sys.executable, "-m", "agent", "demo", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
+        socket_line = await read_until(proc.stdout, r"^\s+unix socket\s+")
+        state_dir = Path(socket_line.split()[-1]).parent
+        assert state_dir.name.startswith("scanbox-demo-")
         tcp_line = await read_until(proc.stdout, r"^\s+tcp\s+127\.0\.0\.1:\d+")
         port = int(re.search(r"127\.0\.0\.1:(\d+)", tcp_line).group(1))
         http_line = await read_until(proc.stdout, r"^\s+http\s+POST http://127\.0\.0\.1:\d+/rpc")
@@ -60,6 +64,14 @@ async def test_demo_verifies_a_pasted_code_and_serves_the_api():
         proc.stdin.write(b"https://example.com/ticket/42\n")  # the banner's own sample
         await proc.stdin.drain()
         assert "QR_UNKNOWN" in await read_until(proc.stdout, "✘")
+
+        # Ctrl-C twice (or `timeout`, which signals the whole group): still a clean stop, and
+        # the demo's temporary state (an outbox with personal data) is removed
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+        assert not state_dir.exists()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
