@@ -13,11 +13,10 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import drivers
 from agent import __version__, platforms, provision
-from agent.api.http import HttpServer
 from agent.api.jsonrpc import Dispatcher
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
@@ -32,6 +31,9 @@ from agent.ui import Fonts, Ui
 from agent.verifier import Verifier
 from drivers.base import Backoff, Source
 from drivers.display import Display
+
+if TYPE_CHECKING:
+    from agent.api.http import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,12 @@ class Daemon:
                        ui=self.ui, onetrans=config.api.onetrans)
         self.dispatcher = Dispatcher(self.api.methods())
         self.stream = StreamServer(self.dispatcher, config.api)
-        self.http = HttpServer(self.dispatcher, self.api, config.api, self.health)
+        # aiohttp's server is a fifth of the start-up imports: loaded only for a box that serves HTTP
+        self.http: HttpServer | None = None
+        if config.api.http:
+            from agent.api.http import HttpServer
+
+            self.http = HttpServer(self.dispatcher, self.api, config.api, self.health)
         self.notifier = notifier or Notifier()
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
@@ -165,14 +172,14 @@ class Daemon:
             except OSError as exc:
                 logger.error("api: cannot listen on tcp:%s: %s", api.tcp, exc)
                 self._api_alarms.append(_alarm("API_UNAVAILABLE", "tcp:%s" % api.tcp, str(exc)))
-        if api.http:
+        if self.http is not None:
             host, port = parse_http_listen(api.http)
             try:
                 await self.http.start(host, port)
             except OSError as exc:
                 logger.error("api: cannot listen on http:%s: %s", api.http, exc)
                 self._api_alarms.append(_alarm("API_UNAVAILABLE", "http:%s" % api.http, str(exc)))
-        if self.stream.unix_path is None and self.stream.tcp_address is None and self.http.address is None:
+        if self.stream.unix_path is None and self.stream.tcp_address is None and self.http_address is None:
             raise RuntimeError("the HIS API could not listen anywhere: %s"
                                % "; ".join(a["text"] for a in self._api_alarms))
 
@@ -182,7 +189,8 @@ class Daemon:
         self._stopped = True
         self.notifier.stopping()
         await self.stream.close()
-        await self.http.close()
+        if self.http is not None:
+            await self.http.close()
         await self.hub.close()
         # drivers block while they release their devices: off the loop
         stopping = [asyncio.to_thread(s.stop) for s in self.sources]
@@ -221,7 +229,7 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def _alive(self) -> bool:
-        return self.stream.serving() and (self.http.address is None or self.http.serving())
+        return self.stream.serving() and (self.http is None or self.http_address is None or self.http.serving())
 
     async def _watch_network(self) -> None:
         """Whether the box is on a network at all (a default route), apart from whether the
@@ -349,9 +357,14 @@ class Daemon:
             "outbox": dict(outbox, available=True) if outbox else {"available": False, "error": self.store.error},
             "alarms": self.alarms(outbox),
             "api": {"clients": self.stream.clients, "waiting_read_card": self.hub.waiting,
-                    "websockets": len(self.http.websockets)},
+                    "websockets": len(self.http.websockets) if self.http is not None else 0},
             "scans": self.hub.scans_total,
         }
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where the HTTP/WebSocket API listens; None when it does not."""
+        return self.http.address if self.http is not None else None
 
     async def health(self) -> dict[str, Any]:
         """GET /healthz, for monitoring without a token: no personal data, no configuration."""

@@ -124,8 +124,8 @@ def banner(sim: SimServer, daemon: Daemon, out: TextIO) -> None:
         lines.append("  tcp          %s:%d (no token needed from localhost in the demo)" % (host, port))
     example = ["  e.g. in another terminal:",
                "    %s api --socket %s read_card '{\"timeout_s\": 60}'" % (_scanbox_command(), daemon.stream.unix_path)]
-    if daemon.http.address:
-        url = "http://%s:%d" % daemon.http.address
+    if daemon.http_address:
+        url = "http://%s:%d" % daemon.http_address
         lines.append("  http         POST %s/rpc, WebSocket %s/ws (bearer token %s)"
                      % (url, "ws" + url[4:], DEMO_TOKEN))
         example += ["  or over HTTP:",
