@@ -479,7 +479,6 @@ class HidScanner(ThreadedSource):
         self.opener = opener
         self.wanted = wanted
         self.devices: dict[str, _Open] = {}
-        self.rescans = 0  # how often the device list was looked at (tests check it does not spin)
         self._wake_r, self._wake_w = -1, -1
         self._failed: dict[str, str] = {}  # path -> why it could not be opened
         self._next_rescan = 0.0
@@ -551,7 +550,6 @@ class HidScanner(ThreadedSource):
         return False, "no input device matches %s" % self.wanted
 
     def _rescan(self) -> None:
-        self.rescans += 1
         try:
             paths = self.discover()
         except OSError as exc:

@@ -8,6 +8,7 @@ import asyncio
 import errno
 import os
 import string
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -171,6 +172,8 @@ class FakeBus:
 
     def __init__(self) -> None:
         self.plugged: dict[str, FakeDevice] = {}
+        self.discoveries = 0  # how often the driver listed the devices
+        self._discovered = threading.Condition()
 
     def plug(self, device: FakeDevice) -> FakeDevice:
         self.plugged[device.path] = device
@@ -180,7 +183,15 @@ class FakeBus:
         self.plugged.pop(path).unplug()
 
     def discover(self) -> list[str]:
+        with self._discovered:
+            self.discoveries += 1
+            self._discovered.notify_all()
         return list(self.plugged)
+
+    def wait_discoveries(self, n: int, timeout: float = 5.0) -> None:
+        with self._discovered:
+            assert self._discovered.wait_for(lambda: self.discoveries >= n, timeout), \
+                "the driver listed the devices %d times, not %d" % (self.discoveries, n)
 
     def open(self, path: str) -> FakeDevice:
         if path not in self.plugged:
@@ -308,22 +319,14 @@ def test_unplug_is_an_alarm_and_replug_is_grabbed_again(bus: FakeBus, started) -
     assert "no input device matches /dev/input/by-id/usb-*-event-kbd" in sink.connected_state[-1][1]
     assert "gone in the middle of a scan; 2 characters dropped" in sink.problems[-1]
     # unplugged: the device list is looked at every rescan_s, not in a loop
-    rescans, t0 = source.rescans, time.monotonic()
-    wait_for(lambda: source.rescans >= rescans + 3)
+    listed, t0 = bus.discoveries, time.monotonic()
+    bus.wait_discoveries(listed + 3)
     assert time.monotonic() - t0 >= 2 * 0.1
     replugged = bus.plug(FakeDevice("/dev/input/event7"))
     sink.wait_connected(True)
     assert replugged.grabbed
     replugged.type(hid.keystrokes("back", US))
     assert sink.next("scan").payload == "back"
-
-
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met within %.1f s" % timeout)
-        time.sleep(0.01)
 
 
 def test_a_fault_in_discovery_is_reported_and_survived(bus: FakeBus) -> None:
