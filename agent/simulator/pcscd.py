@@ -117,7 +117,12 @@ class Pcscd:
             wait_for(lambda: CARD_READER in (readers() or []) or process.poll() is not None, 10,
                      "pcscd started but shows no %r: is vsmartcard-vpcd installed?" % CARD_READER)
         except TimeoutError as exc:
+            output = self.output()
             self.stop()
+            if "Address already in use" in output:
+                raise PcscdError("pcscd's virtual reader cannot listen: another program holds vpcd's TCP port "
+                                 "(another pcscd, perhaps in a container or chroot): %s"
+                                 % output.strip()[-300:]) from None
             raise PcscdError(str(exc)) from None
         if process.poll() is not None:
             self.process = None
