@@ -148,9 +148,9 @@ class WondersgroupConfig(Section):
     dep_type: Annotated[str, AfterValidator(member_of(wondersgroup.DEPARTMENT_TYPE, "spec 001 12.1.14"))] = "1"
     # 机具号; the spec's fixed value when a scanner has no number of its own
     machine_code: str = Field("SweepBlock", min_length=1, max_length=64)
-    med_stepcode: Annotated[str, AfterValidator(member_of(wondersgroup.MEDICAL_STEP, "spec 001 12.1.15"))] = "010101"
     med_type: Annotated[str, AfterValidator(member_of(wondersgroup.MEDICAL_TYPE, "spec 001 12.1.18"))] = "2"
-    terminal_type: Annotated[str, AfterValidator(member_of(wondersgroup.TERMINAL_TYPE, "spec 001 6.3"))] = "1"
+    # medStepcode and terminalType are the caller's step and channel, else [site] medstep and
+    # channel: one place says where the box stands, whatever the platform
 
 
 class FsjsonConfig(Section):

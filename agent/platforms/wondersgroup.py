@@ -38,10 +38,13 @@ VERIFY = "virIdCardVerify"
 OPERATIONS = tuple(schema.OPERATIONS)
 
 
-def use_card_info(config: WondersgroupConfig) -> dict[str, str]:
+def use_card_info(config: WondersgroupConfig, step: str, channel: str) -> dict[str, str]:
+    """useCardInfo: the box's own fields from config; the step and channel of this use (the
+    caller's, else the site's). The HIS API speaks spec 000's channel codes (01 人工窗口, 02 自助机);
+    spec 001's terminalType is the same code without the leading zero."""
     return {"issuingMode": config.issuing_mode, "depCode": config.dep_code, "depType": config.dep_type,
-            "machineCode": config.machine_code, "medStepcode": config.med_stepcode, "medType": config.med_type,
-            "terminalType": config.terminal_type}
+            "machineCode": config.machine_code, "medStepcode": step, "medType": config.med_type,
+            "terminalType": channel.lstrip("0") or channel}
 
 
 def identity_from(result: Mapping[str, Any], source: IdentitySource = IdentitySource.PLATFORM) -> Identity:
@@ -124,15 +127,8 @@ class WondersgroupPlatform(Platform):
 
     def verify_record(self, request: VerifyRequest, scan_id: str | None = None) -> UsageRecord:
         """virIdCardVerify records where the code was used (useCardInfo), so the verification is
-        the platform's use record. useCardInfo comes from [platform.wondersgroup]; a read_card
-        or verify_qr that names its own step or channel overrides medStepcode/terminalType."""
-        info = use_card_info(self.wg)
-        if request.step != self.site.medstep:
-            info["medStepcode"] = request.step
-        if request.channel != self.site.channel:
-            # the HIS API speaks spec 000's channel codes (01 人工窗口, 02 自助机); spec 001's
-            # terminalType is the same code without the leading zero
-            info["terminalType"] = request.channel.lstrip("0") or request.channel
+        the platform's use record."""
+        info = use_card_info(self.wg, request.step, request.channel)
         problems = schema.check_fields(schema.USE_CARD_INFO, info, "useCardInfo.")
         if problems:
             raise ScanboxError(Reason.BAD_REQUEST, "virIdCardVerify not sent: %s" % "; ".join(map(str, problems)))
@@ -166,7 +162,8 @@ class WondersgroupPlatform(Platform):
         values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
         if operation == VERIFY:
             given = values.get("useCardInfo")
-            values["useCardInfo"] = {**use_card_info(self.wg), **(given if isinstance(given, dict) else {})}
+            values["useCardInfo"] = {**use_card_info(self.wg, self.site.medstep, self.site.channel),
+                                     **(given if isinstance(given, dict) else {})}
         elif operation == "syncCardInfo" and isinstance(values.get("cardInfo"), dict):
             card = values["cardInfo"]
             card.setdefault("klx", "3")

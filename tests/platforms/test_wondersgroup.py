@@ -92,22 +92,19 @@ async def test_verify_static_code_maps_people_info_to_identity(platform, wg_sim)
 
 
 async def test_use_card_info_from_config_and_per_call_overrides(wg_server, wg_sim, tmp_path):
-    p = new_platform(wg_server, tmp_path, issuing_mode="6", dep_code="0300", dep_type="3", med_type="1",
-                     terminal_type="2", med_stepcode="010104")
+    p = new_platform(wg_server, tmp_path, issuing_mode="6", dep_code="0300", dep_type="3", med_type="1")
     await p.start()
     try:
         qr = first(wg_sim, "欧阳喆").static_qr
-        await p.verify_qr(scan(qr))  # the site's defaults: config decides
+        await p.verify_qr(scan(qr))  # the site's step and channel (010101, 01)
         assert wg_sim.journal_for("virIdCardVerify")[-1].values["useCardInfo"] == {
             "issuingMode": "6", "depCode": "0300", "depType": "3", "machineCode": "SB-0001",
-            "medStepcode": "010104", "medType": "1", "terminalType": "2"}
-        await p.verify_qr(scan(qr, step="010103", channel="01"))  # a caller naming its step
+            "medStepcode": "010101", "medType": "1", "terminalType": "1"}
+        await p.verify_qr(scan(qr, step="010103", channel="02"))  # a kiosk caller naming its step
         sent = wg_sim.journal_for("virIdCardVerify")[-1].values["useCardInfo"]
         assert (sent["medStepcode"], sent["terminalType"]) == ("010103", "2")
-        await p.verify_qr(scan(qr, channel="02"))
-        assert wg_sim.journal_for("virIdCardVerify")[-1].values["useCardInfo"]["terminalType"] == "2"
         with pytest.raises(ScanboxError) as err:
-            p.verify_record(scan(qr, step="020101"))  # a spec 000 step that spec 001 does not have
+            p.verify_record(scan(qr, step="020101"))  # no such step (the API refuses it before this)
         assert err.value.reason is Reason.BAD_REQUEST and "medStepcode" in err.value.message
         result = await p.call("virIdCardVerify", {"qrCode": qr, "useCardInfo": {"depCode": "1000"}})
         assert result["data"]["peopleInfo"]["xm"] == "欧阳喆"
