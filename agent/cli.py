@@ -191,9 +191,9 @@ def _simulate_rhc(args: argparse.Namespace) -> int:
         return 2
     style = WsdlStyle(args.namespace or DEFAULT_NAMESPACE, parts[0], parts[1], args.external_schema)
 
-    async def serve() -> None:
-        import signal
+    from agent.simulator.standalone import until_signalled
 
+    async def serve() -> None:
         server = await SimServer(RhcSimulator(), style).start(host, port)
         server.faults.base_latency_s = args.latency_ms / 1000
         print("RHC simulator: endpoint %s\n  WSDL %s\n  credentials: userName=%s userPwd=%s orgId=QH0001"
@@ -203,12 +203,7 @@ def _simulate_rhc(args: argparse.Namespace) -> int:
         for r in server.sim.residents.values():
             print("  %s status %s static QR %s" % (r.id_card[-4:], r.status, r.static_qr))
         sys.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.close()
+        await until_signalled(server)
 
     asyncio.run(serve())
     return 0

@@ -25,18 +25,10 @@ from aiohttp import web
 from agent.codes import wondersgroup as codes
 from agent.platforms.fsjson import SIGNED, check_data, sign, signed_values
 from agent.simulator.soap import SimServer
-from agent.simulator.wondersgroup import JournalEntry, Person, WondersgroupSimulator, default_people
+from agent.simulator.wondersgroup import Answer, JournalEntry, Person, WondersgroupSimulator, default_people
 
 PATH = "/jkfs-dzjkk/dzjkk/websvi"
 APP_FIELDS = ("termId", "version", "appVersion", "appPackageName", "digestType", "encType")
-
-
-class Answer(Exception):
-    def __init__(self, code: str, message: str, data: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = dict(data or {})
 
 
 class FsjsonSimulator:

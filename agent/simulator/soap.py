@@ -253,14 +253,7 @@ class SimServer:
                             charset="utf-8")
 
     def _unwrap(self, body: bytes) -> tuple[str | None, str | None]:
-        try:
-            root = etree.fromstring(body, _PARSER)
-        except etree.XMLSyntaxError as exc:
-            raise ValueError("Unmarshalling Error: %s" % exc) from None
-        if root.tag != "{%s}Envelope" % SOAP_ENV:
-            raise ValueError("Unmarshalling Error: not a SOAP 1.1 envelope: %s" % root.tag)
-        body_el = root.find("{%s}Body" % SOAP_ENV)
-        call = body_el[0] if body_el is not None and len(body_el) else None
+        call = soap_call(body)
         if call is None or call.tag != "{%s}%s" % (self.style.namespace, OPERATION):
             raise ValueError("Cannot find dispatch method for %s" % (call.tag if call is not None else "(empty body)"))
         parts = {self.style.action_part: None, self.style.message_part: None}
@@ -349,6 +342,19 @@ def _soap_reply(namespace: str, text: str) -> bytes:
     resp = etree.SubElement(body, "{%s}RHCMessageServerResponse" % namespace, nsmap={"ns2": namespace})
     etree.SubElement(resp, "return").text = text
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+
+
+def soap_call(body: bytes) -> Any:
+    """The operation element of a SOAP 1.1 request (None for an empty Body); ValueError with the
+    text JAX-WS answers for a request that is not XML or not an envelope."""
+    try:
+        root = etree.fromstring(body, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise ValueError("Unmarshalling Error: %s" % exc) from None
+    if root.tag != "{%s}Envelope" % SOAP_ENV:
+        raise ValueError("Unmarshalling Error: not a SOAP 1.1 envelope: %s" % root.tag)
+    body_el = root.find("{%s}Body" % SOAP_ENV)
+    return body_el[0] if body_el is not None and len(body_el) else None
 
 
 def _soap_fault(text: str) -> web.Response:

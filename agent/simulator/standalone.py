@@ -23,6 +23,11 @@ async def _serve(server: Any, host: str, port: int, latency_ms: float, banner: l
     for person in server.sim.people.values():
         print("  %s status %s static QR %s" % (person.people["zjhm"][-4:], person.status, person.static_qr))
     sys.stdout.flush()
+    await until_signalled(server)
+
+
+async def until_signalled(server: Any) -> None:
+    """Serve until SIGINT or SIGTERM, then close the server (every `scanbox simulate`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

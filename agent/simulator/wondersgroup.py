@@ -34,12 +34,11 @@ from agent.codes import wondersgroup as codes
 from agent.platforms import wondersgroup_schema as schema
 from agent.platforms.soapservice import SOAP_ENV, element_data
 from agent.simulator.rhc import make_id
-from agent.simulator.soap import SimServer, _soap_fault
+from agent.simulator.soap import SimServer, _soap_fault, soap_call
 
 NAMESPACE = "http://www.wondersgroup.com/card"
 PATH = "/hcpde/services/healthCardService"
 SHIPPED_WSDL = Path(__file__).resolve().parent.parent / "platforms" / "wsdl" / "wondersgroup.wsdl"
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
 # CardInfo.jkkzt: 1 正常, 3 挂失, 9 注销; the sim adds 4 for a voided card (作废, return code 1040)
 _STATUS_CODES = {"3": ("1010", "卡已挂失"), "9": ("1020", "卡已注销"), "4": ("1040", "卡已作废")}
 
@@ -101,6 +100,8 @@ class JournalEntry:
 
 
 class Answer(Exception):
+    """Ends handling with a result code, a message and optional data (also fsjson's)."""
+
     def __init__(self, code: str, message: str, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
@@ -305,14 +306,7 @@ class WondersgroupServer(SimServer):
 
 
 def _unwrap(body: bytes) -> tuple[str, dict[str, Any]]:
-    try:
-        root = etree.fromstring(body, _PARSER)
-    except etree.XMLSyntaxError as exc:
-        raise ValueError("Unmarshalling Error: %s" % exc) from None
-    if root.tag != "{%s}Envelope" % SOAP_ENV:
-        raise ValueError("Unmarshalling Error: not a SOAP 1.1 envelope: %s" % root.tag)
-    body_el = root.find("{%s}Body" % SOAP_ENV)
-    call = body_el[0] if body_el is not None and len(body_el) else None
+    call = soap_call(body)
     operation = etree.QName(call).localname if call is not None else ""
     if call is None or etree.QName(call).namespace != NAMESPACE or operation not in (
             "getAuthKey", *schema.OPERATIONS):
