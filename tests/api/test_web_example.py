@@ -54,17 +54,22 @@ def _text_is(element_id: str, text: str):
     return expected_conditions.text_to_be_present_in_element((By.ID, element_id), text)
 
 
+def _connect(browser, page_server: str, ws_url: str) -> None:
+    """Open the example page as a web HIS developer would: the box's address, a token, Connect."""
+    browser.get(page_server + "/read_card.html")
+    box_field = browser.find_element(By.ID, "box")
+    box_field.clear()
+    box_field.send_keys(ws_url)
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+
+
 async def test_the_html_example_reads_a_card_over_the_websocket_in_chromium(box, page_server, browser):
     await box.start(api={"http": "127.0.0.1:0", "cors_origins": [page_server]})
     ws_url = "ws://%s:%d/ws" % box.daemon.http.address
 
     def open_and_connect() -> None:
-        browser.get(page_server + "/read_card.html")
-        box_field = browser.find_element(By.ID, "box")
-        box_field.clear()
-        box_field.send_keys(ws_url)
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        _connect(browser, page_server, ws_url)
         WebDriverWait(browser, 15).until(_text_is("state", "connected as his"))
         browser.find_element(By.ID, "read").click()
 
@@ -91,12 +96,7 @@ async def test_a_page_from_another_origin_cannot_connect(box, page_server, brows
     ws_url = "ws://%s:%d/ws" % box.daemon.http.address
 
     def try_to_connect() -> str:
-        browser.get(page_server + "/read_card.html")
-        box_field = browser.find_element(By.ID, "box")
-        box_field.clear()
-        box_field.send_keys(ws_url)
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
+        _connect(browser, page_server, ws_url)
         WebDriverWait(browser, 15).until(_text_is("state", "连接失败"))
         return browser.find_element(By.ID, "state").text
 
