@@ -18,6 +18,9 @@ PACKAGES="$PACKAGES pcscd libpcsclite-dev swig vsmartcard-vpcd"
 PACKAGES="$PACKAGES chromium chromium-driver"
 # curl: the demo banner's HTTP example.
 PACKAGES="$PACKAGES curl"
+# prometheus: a real Prometheus scrapes a running box (tests/fleet), and its promtool checks and
+# unit-tests the alert rules in contrib/prometheus.
+PACKAGES="$PACKAGES prometheus"
 
 missing=""
 for p in $PACKAGES; do

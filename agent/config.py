@@ -69,6 +69,10 @@ class DeviceConfig(Section):
     id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     state_dir: Path | None = None  # default: $STATE_DIRECTORY, else /var/lib/scanbox
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": journald's native protocol (with scan fields) under journald, else text lines;
+    # "json": one JSON object a line on stderr, for a collector that is not journald
+    # (the environment variable SCANBOX_LOG_FORMAT overrides; docs/fleet.md)
+    log_format: Literal["auto", "journal", "json", "text"] = "auto"
 
 
 def _department(value: str) -> str:
@@ -203,7 +207,8 @@ class PlatformConfig(Section):
 
 class ClientConfig(Section):
     token: Secret
-    scopes: list[Literal["read", "admin"]] = ["read"]
+    # "metrics": GET /metrics only (a Prometheus server's token)
+    scopes: list[Literal["read", "admin", "metrics"]] = ["read"]
 
 
 class OnetransApp(Section):
@@ -301,6 +306,47 @@ class OutboxConfig(Section):
     backoff_max: Duration = 300.0
 
 
+_LABEL_NAME = r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$"
+
+
+class MetricsConfig(Section):
+    """GET /metrics for Prometheus (agent/metrics.py, docs/fleet.md): always on the HTTP API's
+    listener for a client with the "metrics" (or "admin") scope; optionally on a port of its own
+    for a scraper on a management network."""
+
+    listen: str | None = None  # "HOST:PORT"; "PORT" or ":PORT" alone listens on loopback
+    # false: anyone who reaches `listen` may scrape (a management network behind a firewall);
+    # the API listener's /metrics always wants a token
+    require_token: bool = True
+    # constant labels on scanbox_build_info, e.g. {region = "xining", site = "clinic-4"}
+    labels: dict[str, str] = {}
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v:
+            parse_http_listen(v)
+        return v or None
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, v: dict[str, str]) -> dict[str, str]:
+        problems = ["%r is not a label name (letters, digits and _, not first a digit)" % k
+                    for k in v if not re.fullmatch(_LABEL_NAME, k) or k.startswith("__")]
+        problems += ["%s: longer than 128 characters" % k for k, value in v.items() if len(value) > 128]
+        taken = sorted(set(v) & BUILD_LABELS)
+        if taken:
+            problems.append("%s: scanbox_build_info sets these itself" % ", ".join(taken))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+
+# the labels scanbox_build_info carries whatever the config says
+BUILD_LABELS = frozenset({"version", "python", "box_id", "config_hash", "platform", "org_code",
+                          "hospital_code", "city_code", "department"})
+
+
 class CacheConfig(Section):
     """Identities of static codes verified online, for answering while the platform is down."""
 
@@ -315,6 +361,7 @@ class Config(Section):
     scans: ScansConfig = ScansConfig()
     outbox: OutboxConfig = OutboxConfig()
     cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
     display: DisplayOptions | None = None  # the OLED; none configured: no screen
     # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
     sources: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from agent.api.methods import Api
 from agent.api.stream import StreamServer
 from agent.config import Config, parse_hostport, parse_http_listen
 from agent.hub import Hub, HubSink
+from agent.metrics import BoxMetrics
 from agent.model import device_id_default
 from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
@@ -34,6 +35,7 @@ from drivers.display import Display
 
 if TYPE_CHECKING:
     from agent.api.http import HttpServer
+    from agent.metrics_server import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +97,19 @@ class Daemon:
                        ui=self.ui, onetrans=config.api.onetrans)
         self.dispatcher = Dispatcher(self.api.methods())
         self.stream = StreamServer(self.dispatcher, config.api)
+        self.metrics = BoxMetrics(self)
         # aiohttp's server is a fifth of the start-up imports: loaded only for a box that serves HTTP
         self.http: HttpServer | None = None
         if config.api.http:
             from agent.api.http import HttpServer
 
-            self.http = HttpServer(self.dispatcher, self.api, config.api, self.health)
+            self.http = HttpServer(self.dispatcher, self.api, config.api, self.health, self.metrics.exposition)
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics.listen:
+            from agent.metrics_server import MetricsServer
+
+            self.metrics_server = MetricsServer(self.metrics.exposition, self.api.guard,
+                                                require_token=config.metrics.require_token)
         self.notifier = notifier or Notifier()
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
@@ -149,6 +158,7 @@ class Daemon:
                 self.hub.source_connected(source.name, False, "failed to start: %s" % exc)
         await self._start_api()
         self.hub.listen(self._on_event)
+        self.metrics.attach()
         interval = Notifier.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))
@@ -179,6 +189,14 @@ class Daemon:
             except OSError as exc:
                 logger.error("api: cannot listen on http:%s: %s", api.http, exc)
                 self._api_alarms.append(_alarm("API_UNAVAILABLE", "http:%s" % api.http, str(exc)))
+        if self.metrics_server is not None and self.config.metrics.listen:
+            host, port = parse_http_listen(self.config.metrics.listen)
+            try:
+                await self.metrics_server.start(host, port)
+            except OSError as exc:
+                logger.error("metrics: cannot listen on %s: %s", self.config.metrics.listen, exc)
+                self._api_alarms.append(_alarm("METRICS_UNAVAILABLE", "metrics:%s" % self.config.metrics.listen,
+                                               str(exc)))
         if self.stream.unix_path is None and self.stream.tcp_address is None and self.http_address is None:
             raise RuntimeError("the HIS API could not listen anywhere: %s"
                                % "; ".join(a["text"] for a in self._api_alarms))
@@ -191,6 +209,8 @@ class Daemon:
         await self.stream.close()
         if self.http is not None:
             await self.http.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         await self.hub.close()
         # drivers block while they release their devices: off the loop
         stopping = [asyncio.to_thread(s.stop) for s in self.sources]

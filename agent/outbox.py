@@ -493,6 +493,7 @@ class Uploader:
         self.blocked: str | None = None  # why uploads are held (credentials refused), for alarms
         self.sent = 0
         self.dead = 0
+        self.failed = 0  # attempts that will be retried (the platform down, credentials refused)
         self.backing_off = False
         self.resume_at = 0.0  # when the current backoff ends (0: not backing off)
         self._wake = asyncio.Event()
@@ -558,6 +559,7 @@ class Uploader:
                     code, message = await self.platform.upload(row.record)
                 except (PlatformError, ScanboxError) as exc:
                     if _holds_queue(exc):
+                        self.failed += 1
                         if failure is None:
                             failure = exc
                             await self._postpone(row, exc)

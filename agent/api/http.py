@@ -34,6 +34,8 @@ from agent.model import Reason
 logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
+METRICS_SCOPES = frozenset({"metrics", "admin"})
 
 
 class RateLimiter:
@@ -68,8 +70,10 @@ def _rpc_error(status: int, code: int, message: str, reason: Reason, headers: di
 
 class HttpServer:
     def __init__(self, dispatcher: Dispatcher, api: Api, config: ApiConfig,
-                 health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 health: Callable[[], Awaitable[dict[str, Any]]],
+                 metrics: Callable[[], Awaitable[bytes]] | None = None) -> None:
         self.dispatcher = dispatcher
+        self.metrics_text = metrics
         self.api = api
         self.config = config
         self.health = health
@@ -90,6 +94,8 @@ class HttpServer:
         app.router.add_get("/ws", self.ws)
         app.router.add_post("/onetrans", self.onetrans)
         app.router.add_get("/healthz", self.healthz)
+        if self.metrics_text is not None:
+            app.router.add_get("/metrics", self.metrics)
         app.router.add_route("OPTIONS", "/{tail:.*}", self.preflight)
         return app
 
@@ -206,6 +212,18 @@ class HttpServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(await self.health())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus' scrape (agent/metrics.py): a token with the metrics or admin scope."""
+        session = Session("http", _peer(request))
+        refused = await self._authenticate(request, session)
+        if refused is not None:
+            return refused
+        if not session.scopes & METRICS_SCOPES:
+            return _rpc_error(403, APPLICATION_ERROR, "/metrics needs the metrics scope", Reason.UNAUTHORIZED)
+        if self.metrics_text is None:  # the route exists only with it
+            raise web.HTTPNotFound()
+        return web.Response(body=await self.metrics_text(), headers={"Content-Type": METRICS_TYPE})
 
     async def rpc(self, request: web.Request) -> web.Response:
         session = Session("http", _peer(request))

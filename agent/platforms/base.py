@@ -8,7 +8,7 @@ import abc
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from agent.codes import Outcome, ReturnCode
 from agent.model import Identity, Reason, Scan, ScanboxError, UsageRecord
@@ -79,11 +79,35 @@ class PlatformHealth:
         }
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One business call and its answer, as the metrics see it: no values, only what was asked,
+    how long it took and what came back."""
+
+    operation: str
+    seconds: float
+    code: str | None  # the platform's return code; None when it gave none (no answer)
+    outcome: str  # "ok", "rejected" or "unavailable"
+
+
 class Platform(abc.ABC):
     kind: str
 
     def __init__(self) -> None:
         self._health = PlatformHealth(self.kind)
+        # told of every business call each adapter's one request path makes (GET /metrics)
+        self.observers: list[Callable[[Exchange], None]] = []
+
+    def exchanged(self, operation: str, started: float, code: str | None, error: PlatformError | None) -> None:
+        """An adapter's request path reports one call (`started` from time.monotonic())."""
+        if error is None:
+            outcome = "ok"
+        else:
+            outcome = "unavailable" if error.transient else "rejected"
+            code = code if code is not None else error.platform_code
+        exchange = Exchange(operation, time.monotonic() - started, code, outcome)
+        for observer in self.observers:
+            observer(exchange)
 
     @abc.abstractmethod
     async def start(self) -> None:

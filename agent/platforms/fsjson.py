@@ -260,9 +260,11 @@ class FsjsonPlatform(Platform):
             self._check(answer)
         except PlatformError as exc:
             self.record_failure(exc)
+            self.exchanged(method, started, None, exc)
             logger.info("%s failed after %.0f ms: %s", method, (time.monotonic() - started) * 1000, exc.message)
             raise
         self._record_ok()
+        self.exchanged(method, started, answer.get("resultCode"), None)
         return answer
 
     async def _signed(self, method: str, data: Mapping[str, Any], key: str) -> tuple[dict[str, Any], bool]:

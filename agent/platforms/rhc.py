@@ -283,6 +283,7 @@ class RhcPlatform(Platform):
             response = parse_response(reply, op)
         except PlatformError as exc:
             self.record_failure(exc)
+            self.exchanged(code, started, None, exc)
             logger.info("%s failed after %.0f ms: %s", code, (time.monotonic() - started) * 1000, exc.message)
             raise
         if not response.ok:
@@ -294,9 +295,11 @@ class RhcPlatform(Platform):
             else:
                 error = PlatformRejected(rc, response.desc)
             self.record_failure(error)
+            self.exchanged(code, started, response.code, error)
             logger.info("%s answered %s (%s)", code, response.code, response.desc)
             raise error
         self._record_ok()
+        self.exchanged(code, started, response.code, None)
         logger.debug("%s answered %s in %.1f ms", code, response.code, (time.monotonic() - started) * 1000)
         return response
 

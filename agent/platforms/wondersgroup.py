@@ -199,9 +199,11 @@ class WondersgroupPlatform(Platform):
             self._check(operation, result)
         except PlatformError as exc:
             self.record_failure(exc)
+            self.exchanged(operation, started, None, exc)
             logger.info("%s failed after %.0f ms: %s", operation, (time.monotonic() - started) * 1000, exc.message)
             raise
         self._record_ok()
+        self.exchanged(operation, started, result.get("resultCode"), None)
         return result
 
     def _check(self, operation: str, result: Mapping[str, Any]) -> None:
