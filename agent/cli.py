@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config, args.secrets)
     if config is None:
         return 1
-    logs.setup(config.device.log_level)
+    logs.setup(config.device.log_level, fmt=config.device.log_format)
     from agent.daemon import run
 
     return run(config)

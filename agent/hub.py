@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from agent import logs
 from agent.model import Reason, Result, Scan, ScanboxError, ScanKind
 from agent.privacy import mask_qr
 from agent.verifier import Verifier
@@ -114,16 +115,21 @@ class Hub:
         state.scans += 1
         state.last_scan_at = scan.at.isoformat(timespec="seconds")
         self.scans_total += 1
-        logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
-                    mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
-        self.publish("scan", scan.to_json())
-        waiter = self._take_waiter(scan.kind)
-        if waiter is not None:
-            self._spawn(self._serve(scan, waiter))
-            return
-        task = self._spawn(self._verify(scan, None, True))
-        if self.hold_s > 0:
-            self._held = Held(scan, task, time.monotonic() + self.hold_s)
+        # every record about this scan, in the tasks started here too, carries its fields
+        bound = logs.bind_scan(scan.id, scan.source, scan.kind.value)
+        try:
+            logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
+                        mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
+            self.publish("scan", scan.to_json())
+            waiter = self._take_waiter(scan.kind)
+            if waiter is not None:
+                self._spawn(self._serve(scan, waiter))
+                return
+            task = self._spawn(self._verify(scan, None, True))
+            if self.hold_s > 0:
+                self._held = Held(scan, task, time.monotonic() + self.hold_s)
+        finally:
+            logs.unbind_scan(bound)
 
     # --- callers -------------------------------------------------------------------------
 
@@ -149,10 +155,15 @@ class Hub:
     async def verify_external(self, scan: Scan, step: str | None, channel: str | None) -> Result:
         """A code a caller scanned itself (verify_qr): verified and published, never routed to
         waiting read_card callers (it is the caller's, not the counter's)."""
-        self.publish("scan", scan.to_json())
-        result = await self.verifier.verify(scan, step, channel)
-        self.publish("verification", result.to_json())
-        return result
+        bound = logs.bind_scan(scan.id, scan.source, scan.kind.value)
+        try:
+            self.publish("scan", scan.to_json())
+            result = await self.verifier.verify(scan, step, channel)
+            _log_answer(result)
+            self.publish("verification", result.to_json())
+            return result
+        finally:
+            logs.unbind_scan(bound)
 
     @property
     def waiting(self) -> int:
@@ -193,8 +204,11 @@ class Hub:
     async def _verify(self, scan: Scan, step: str | None, verify: bool) -> Result:
         if not verify:
             # a card states its identity itself; only verification (and its use record) is skipped
+            logger.info("scan %s answered unverified (the caller asked so)", scan.id,
+                        extra={"scan_reason": "UNVERIFIED"})
             return Result(scan, scan.identity, None)
         result = await self.verifier.verify(scan, step)
+        _log_answer(result)
         self.publish("verification", result.to_json())
         return result
 
@@ -211,6 +225,17 @@ class Hub:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _log_answer(result: Result) -> None:
+    """The one record of a scan's outcome a collector counts and filters on (SCAN_REASON)."""
+    verification = result.verification
+    if verification is None:
+        return
+    reason = "OK" if verification.ok else (verification.reason.value if verification.reason else "FAILED")
+    logger.info("scan %s answered %s%s in %.0f ms", result.scan.id, reason,
+                " (offline)" if verification.offline else "", verification.elapsed_ms,
+                extra={"scan_reason": reason})
 
 
 class HubSink:
