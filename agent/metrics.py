@@ -97,6 +97,8 @@ class BoxMetrics:
         self.state = StateCollector(daemon)
         self.registry.register(self.state)
         self._lock = asyncio.Lock()
+        self.scrapes = 0  # renders begun; `scraped` is notified at each (tests wait on it)
+        self.scraped = asyncio.Condition()
 
     def attach(self) -> None:
         """Listen to the hub and the platform (at the daemon's start)."""
@@ -129,6 +131,9 @@ class BoxMetrics:
 
     async def exposition(self) -> bytes:
         """The text exposition format, with the state read now."""
+        async with self.scraped:
+            self.scrapes += 1
+            self.scraped.notify_all()
         async with self._lock:  # one snapshot per render: concurrent scrapes take turns
             self.state.snapshot = await self.daemon.status()
             try:
