@@ -25,7 +25,7 @@ import os
 import platform as pyplatform
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
@@ -316,23 +316,31 @@ class ClockState:
 _libc: Any = None
 
 
-def clock_state() -> ClockState | None:
-    """The kernel's view (adjtimex with no change asked, as `timedatectl` and node_exporter read
-    it), else systemd-timesyncd's flag file, else None."""
+def adjtimex() -> tuple[int, _Timex]:
+    """adjtimex(2) asking no change: (clock state, struct timex). Raises OSError."""
     global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    timex = _Timex()
+    state = _libc.adjtimex(ctypes.byref(timex))
+    if state < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return state, timex
+
+
+def clock_state(read: Callable[[], tuple[int, _Timex]] = adjtimex,
+                timesync_flag: Path = TIMESYNC_FLAG) -> ClockState | None:
+    """The kernel's view (adjtimex, as `timedatectl` and node_exporter read it), else
+    systemd-timesyncd's flag file, else None (the box cannot tell)."""
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        timex = _Timex()
-        state = _libc.adjtimex(ctypes.byref(timex))
-        if state >= 0:
-            synced = not (timex.status & STA_UNSYNC) and state != TIME_ERROR
-            return ClockState("adjtimex", synced, timex.maxerror / 1e6)
-        if ctypes.get_errno() not in (errno.EPERM, errno.ENOSYS):
-            logger.debug("adjtimex: %s", os.strerror(ctypes.get_errno()))
+        state, timex = read()
+        synced = not (timex.status & STA_UNSYNC) and state != TIME_ERROR
+        return ClockState("adjtimex", synced, timex.maxerror / 1e6)
     except (OSError, AttributeError) as exc:
-        logger.debug("adjtimex unavailable: %s", exc)
-    # seccomp (ProtectClock=) or no libc: ask timesyncd, if it runs
-    if TIMESYNC_FLAG.parent.is_dir():
-        return ClockState("timesyncd", TIMESYNC_FLAG.exists(), None)
+        # EPERM: seccomp (the unit's ProtectClock=); no libc: another platform
+        if getattr(exc, "errno", None) not in (errno.EPERM, errno.ENOSYS):
+            logger.debug("adjtimex unavailable: %s", exc)
+    if timesync_flag.parent.is_dir():  # timesyncd runs (it made its directory)
+        return ClockState("timesyncd", timesync_flag.exists(), None)
     return None

@@ -24,10 +24,6 @@ NOT_THE_BOX = {"up", "node_filesystem_avail_bytes", "node_filesystem_size_bytes"
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
             "offset", "inf", "nan"}
 
-promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool: apt-get install prometheus "
-                              "(bootstrap.sh does)")
-
-
 def _promtool(*args: str, cwd: Path) -> str:
     tool = shutil.which("promtool")
     if tool is None:

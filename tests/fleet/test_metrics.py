@@ -128,3 +128,24 @@ def test_metrics_config_is_checked(tmp_path):
     text = str(caught.value)
     assert "metrics.listen" in text and "metrics.lables: unknown key (did you mean 'labels'?)" in text
     assert "box_id: scanbox_build_info sets these itself" in text and "9bad" in text
+
+
+def test_the_clock_from_the_kernel_or_else_from_timesyncd(tmp_path):
+    from agent.metrics import STA_UNSYNC, adjtimex, clock_state
+
+    state, timex = adjtimex()  # the real syscall: readable here (no seccomp)
+    real = clock_state()
+    assert real is not None and real.method == "adjtimex"
+    assert real.synchronized == (not timex.status & STA_UNSYNC and state != 5)
+    assert real.maxerror_s == timex.maxerror / 1e6
+
+    def refused():  # as under the unit's ProtectClock=
+        raise PermissionError(1, "Operation not permitted")
+
+    flag = tmp_path / "timesync" / "synchronized"
+    assert clock_state(refused, flag) is None  # no timesyncd either: the box cannot tell
+    flag.parent.mkdir()
+    assert clock_state(refused, flag).synchronized is False
+    flag.touch()
+    fallback = clock_state(refused, flag)
+    assert fallback.method == "timesyncd" and fallback.synchronized and fallback.maxerror_s is None
