@@ -22,7 +22,6 @@ from agent.api.methods import Api
 from agent.api.stream import StreamServer
 from agent.config import Config, parse_hostport, parse_http_listen
 from agent.hub import Hub, HubSink
-from agent.metrics import BoxMetrics
 from agent.model import device_id_default
 from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
@@ -35,6 +34,7 @@ from drivers.display import Display
 
 if TYPE_CHECKING:
     from agent.api.http import HttpServer
+    from agent.metrics import BoxMetrics
     from agent.metrics_server import MetricsServer
 
 logger = logging.getLogger(__name__)
@@ -97,15 +97,21 @@ class Daemon:
                        ui=self.ui, onetrans=config.api.onetrans)
         self.dispatcher = Dispatcher(self.api.methods())
         self.stream = StreamServer(self.dispatcher, config.api)
-        self.metrics = BoxMetrics(self)
+        # GET /metrics is served over HTTP: prometheus-client is loaded only where it can be
+        self.metrics: BoxMetrics | None = None
+        if config.api.http or config.metrics.listen:
+            from agent.metrics import BoxMetrics
+
+            self.metrics = BoxMetrics(self)
         # aiohttp's server is a fifth of the start-up imports: loaded only for a box that serves HTTP
         self.http: HttpServer | None = None
         if config.api.http:
             from agent.api.http import HttpServer
 
-            self.http = HttpServer(self.dispatcher, self.api, config.api, self.health, self.metrics.exposition)
+            self.http = HttpServer(self.dispatcher, self.api, config.api, self.health,
+                                   self.metrics.exposition if self.metrics is not None else None)
         self.metrics_server: MetricsServer | None = None
-        if config.metrics.listen:
+        if config.metrics.listen and self.metrics is not None:
             from agent.metrics_server import MetricsServer
 
             self.metrics_server = MetricsServer(self.metrics.exposition, self.api.guard,
@@ -158,7 +164,8 @@ class Daemon:
                 self.hub.source_connected(source.name, False, "failed to start: %s" % exc)
         await self._start_api()
         self.hub.listen(self._on_event)
-        self.metrics.attach()
+        if self.metrics is not None:
+            self.metrics.attach()
         interval = Notifier.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval), name="watchdog"))

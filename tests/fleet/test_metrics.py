@@ -149,3 +149,20 @@ def test_the_clock_from_the_kernel_or_else_from_timesyncd(tmp_path):
     flag.touch()
     fallback = clock_state(refused, flag)
     assert fallback.method == "timesyncd" and fallback.synchronized and fallback.maxerror_s is None
+
+
+def test_a_box_without_http_loads_no_prometheus_client(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import make_config
+
+    config = make_config(None, tmp_path)
+    script = ("import sys; from agent.config import validate; from agent.daemon import Daemon; import json; "
+              "d = Daemon(validate(json.loads(sys.argv[1]))); "
+              "print(d.metrics is None, 'prometheus_client' in sys.modules)")
+    data = json.dumps(config.model_dump(mode="json", exclude={"sources"}) | {"sources": {}})
+    data = data.replace('"********"', '"scanbox-secret"')  # the dump masks the platform password
+    out = subprocess.run([sys.executable, "-c", script, data], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "False"], out.stderr
