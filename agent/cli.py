@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("id", type=int)
     retry.set_defaults(func=_outbox, action="retry")
     actions.add_parser("purge-dead", help="delete every dead record").set_defaults(func=_outbox, action="purge-dead")
+    unrecorded = actions.add_parser("unrecorded", help="uses that could not be recorded (a full disk): "
+                                    "their count, scan ids and times")
+    unrecorded.add_argument("--clear", action="store_true", help="forget them (once reported)")
+    unrecorded.set_defaults(func=_outbox, action="unrecorded")
+
+    key = sub.add_parser("store-key", help="make the key that seals personal data at rest, unless it "
+                         "exists (the unit runs this as root before each start)")
+    key.add_argument("path", type=Path, nargs="?", default=Path("/etc/scanbox/store.key"))
+    key.set_defaults(func=_store_key)
 
     display = sub.add_parser("display", help="the OLED screens").add_subparsers(metavar="ACTION")
     preview = display.add_parser("preview", help="write a screen as PNG, scaled up")
@@ -299,12 +308,27 @@ def _outbox(args: argparse.Namespace) -> int:
             return 1
         state_dir = config.state_dir()
     path = state_dir / "outbox.db"
+    if args.action == "unrecorded":
+        from agent.outbox import LEDGER_NAME, Ledger
+
+        ledger = Ledger(state_dir / LEDGER_NAME)
+        entries = ledger.entries()
+        for entry in entries:
+            print("%s  scan %s  %s  msgGuid %s" % (_when(entry["at"]), entry["scan_id"], entry["operation"],
+                                                  entry["msg_guid"]))
+        print("%d uses could not be recorded%s" % (ledger.count, "" if ledger.count == len(entries)
+                                                   else " (the first %d listed)" % len(entries)))
+        if args.clear:
+            ledger.clear()
+            print("cleared (a running daemon clears its alarm at its next restart)")
+        return 0
     if not path.exists():
         print("no outbox at %s" % path, file=sys.stderr)
         return 1
 
     async def act() -> int:
-        store = Store(path)
+        # the key as the daemon has it: run as root (it reads /etc/scanbox/store.key); never a new one
+        store = Store(path, make_key=False)
         await store.open()
         try:
             if args.action == "stats":
@@ -337,6 +361,19 @@ def _outbox(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(act())
+
+
+def _store_key(args: argparse.Namespace) -> int:
+    from agent import sealing
+
+    try:
+        made = sealing.new_key_file(args.path)
+    except OSError as exc:
+        print("%s: %s" % (args.path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    if made:
+        print("made %s" % args.path)
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -300,6 +300,9 @@ class OutboxConfig(Section):
 
     # records the platform has are deleted this long after: they hold personal data
     retention: Duration = 86400.0
+    # records the platform refused (dead-letter) are deleted this long after: a technician has
+    # had the OUTBOX_DEAD alarm and `scanbox outbox list --state dead` all that time
+    dead_retention: Duration = 30 * 86400.0
     max_in_flight: int = Field(4, ge=1, le=64)
     # backoff while the platform is down: doubling from backoff_initial, never over backoff_max
     backoff_initial: Duration = 1.0
@@ -353,6 +356,14 @@ class CacheConfig(Section):
     ttl: Duration = 86400.0  # 0: no cache, no offline answers
 
 
+class ClockConfig(Section):
+    """A Pi has no real-time clock (agent/clock.py)."""
+
+    # after the start, verifications wait this long at most for NTP to set a clock that is not
+    # yet synchronised (within each verification's deadline)
+    sync_wait: Duration = 20.0
+
+
 class Config(Section):
     device: DeviceConfig = DeviceConfig()
     site: SiteConfig = SiteConfig()
@@ -362,6 +373,7 @@ class Config(Section):
     outbox: OutboxConfig = OutboxConfig()
     cache: CacheConfig = CacheConfig()
     metrics: MetricsConfig = MetricsConfig()
+    clock: ClockConfig = ClockConfig()
     display: DisplayOptions | None = None  # the OLED; none configured: no screen
     # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
     sources: dict[str, Any] = {}
@@ -523,6 +535,21 @@ def split_secrets(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
         return public, private
 
     return split(data, ())
+
+
+def secret_names(model: type[BaseModel] | None = None) -> set[str]:
+    """The key names that hold secrets anywhere in the schema (user_pwd, token, app_key, ...):
+    what provisioning blanks in a file it could not even parse."""
+    names: set[str] = set()
+    for key, field in (model or Config).model_fields.items():
+        if _is_secret(field.annotation):
+            names.add(key)
+        for sub in _models_in(field.annotation):
+            names |= secret_names(sub)
+        inner = _dict_value_model(field.annotation)
+        if inner is not None:
+            names |= secret_names(inner)
+    return names
 
 
 def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:

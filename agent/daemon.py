@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import drivers
-from agent import __version__, platforms, provision
+from agent import __version__, clock as clocks, platforms, provision
 from agent.api.jsonrpc import Dispatcher
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
@@ -71,18 +71,23 @@ def network_up(route_files: tuple[str, ...] = ROUTE_FILES) -> bool:
 
 class Daemon:
     def __init__(self, config: Config, *, sources: list[Source] | None = None,
-                 platform: Platform | None = None, notifier: Notifier | None = None) -> None:
+                 platform: Platform | None = None, notifier: Notifier | None = None,
+                 clock: clocks.Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or clocks.Clock(sync_wait_s=config.clock.sync_wait)
+        clocks.install(self.clock)
         self.device_id = config.device.id or device_id_default()
         self.state_dir = config.state_dir()
         self.platform = platform or platforms.create(config, self.state_dir)
-        self.store = Store(self.state_dir / "outbox.db")
+        self.store = Store(self.state_dir / "outbox.db", clock=self.clock, clock_ok=self.clock.sane)
         self.uploader = Uploader(self.store, self.platform, max_in_flight=config.outbox.max_in_flight,
-                                 backoff=Backoff(config.outbox.backoff_initial, config.outbox.backoff_max))
+                                 backoff=Backoff(config.outbox.backoff_initial, config.outbox.backoff_max),
+                                 clock=self.clock, clock_ok=self.clock.sane)
+        self.clock.on_sane.append(self.uploader.wake)
         self.verifier = Verifier(self.platform, Classifier.from_rules(config.platform.qr),
                                  config.site.medstep, config.site.channel, store=self.store,
                                  uploader=self.uploader, cache_ttl_s=config.cache.ttl,
-                                 deadline_s=config.platform.verify_deadline_s)
+                                 deadline_s=config.platform.verify_deadline_s, clock=self.clock)
         self.hub = Hub(self.verifier, dedupe_s=config.scans.dedupe_s, hold_s=config.scans.hold_s)
         self.sources = sources if sources is not None else [
             drivers.source_module(options.driver).create(name, options)
@@ -152,6 +157,8 @@ class Daemon:
             self._tasks.append(loop.create_task(self.ui.run(), name="ui"))
         self._tasks.append(loop.create_task(self.platform.start(), name="platform-start"))
         await self.store.open()
+        # a box that recorded a use in 2026 is not in 1970 now
+        self.clock.raise_floor(self.store.newest, "the newest record in the outbox")
         self._tasks.append(loop.create_task(self.uploader.run(), name="uploader"))
         self._tasks.append(loop.create_task(self._housekeeping(), name="housekeeping"))
         self._tasks.append(loop.create_task(self._watch_network(), name="network"))
@@ -274,10 +281,14 @@ class Daemon:
         cached identities after `cache.ttl`."""
         while True:
             try:
-                sent, cached = await self.store.housekeeping(self.config.outbox.retention)
-                if sent or cached:
-                    logger.info("outbox: deleted %d uploaded records and %d expired identities", sent, cached)
-                    self._outbox_changed()
+                # by a wrong clock everything looks expired (or nothing does): wait for a right one
+                if self.clock.sane():
+                    sent, dead, cached = await self.store.housekeeping(self.config.outbox.retention,
+                                                                       self.config.outbox.dead_retention)
+                    if sent or dead or cached:
+                        logger.info("outbox: deleted %d uploaded records, %d dead ones and %d expired identities",
+                                    sent, dead, cached)
+                        self._outbox_changed()
             except StoreUnavailable:
                 pass  # an alarm already says so
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -356,8 +367,13 @@ class Daemon:
         if self.store.recovered:
             out.append(_alarm("OUTBOX_RECOVERED", "outbox", self.store.recovered))
         if self.store.unrecorded:
-            out.append(_alarm("USES_UNRECORDED", "outbox", "%d uses answered from the cache could not be "
-                              "recorded for upload" % self.store.unrecorded))
+            out.append(_alarm("USES_UNRECORDED", "outbox", "%d uses could not be recorded for upload; their scan "
+                              "ids and times: `scanbox outbox unrecorded`" % self.store.unrecorded))
+        if self.store.keyring is not None and self.store.keyring.beside_data:
+            out.append(_alarm("STORE_KEY_BESIDE_DATA", "outbox", "the key that seals personal data is %s, beside "
+                              "the data (no store.key credential): restart the service as shipped, which makes "
+                              "/etc/scanbox/store.key" % self.store.keyring.source))
+        out += self.clock.alarms()
         if self.uploader.blocked:
             out.append(_alarm("OUTBOX_BLOCKED", "outbox", self.uploader.blocked))
         if self.display is not None and not self.display.connected:
@@ -378,6 +394,7 @@ class Daemon:
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "network": {"up": self.network_up},
+            "clock": self.clock.status(),
             "platform": self.platform.health().to_json(),
             "sources": [s.to_json() for s in self.hub.sources.values()],
             "display": self._display_status(),

@@ -7,6 +7,14 @@ many records), so a burst of scans costs little more than one. A record is commi
 HIS hears about its scan, keeps its msgGuid (the platform's idempotency key) through every retry
 and restart, and is deleted `outbox.retention` after the platform has it.
 
+Personal data at rest (DESIGN.md "Personal data"): a record's payload (the QR code, names, ID
+numbers) and a cached identity are sealed (agent/sealing.py) with the row's msgGuid or code hash
+as associated data, under a key kept outside the database; a record the platform has keeps no
+payload at all; dead records go `outbox.dead_retention` after they died. secure_delete zeroes
+what is deleted, and the WAL is truncated after deletions, so a deleted row is not left readable
+in the -wal file either. A corrupt database's readable rows are carried over to a new one and the
+corrupt file is deleted.
+
 A full disk, an unwritable directory or a corrupt file never stops the box: the store reports
 the problem (an alarm), the caller carries on without it, and the next write tries again.
 """
@@ -27,8 +35,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from agent import sealing
 from agent.codes import Outcome
 from agent.model import ScanboxError, UsageRecord
 from agent.platforms.base import Platform, PlatformError, PlatformRejected
@@ -36,13 +45,14 @@ from drivers.base import Backoff
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 1: payloads and identities in clear JSON; 2: sealed, no payload once sent, clock_ok
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     guid TEXT NOT NULL UNIQUE,          -- msgGuid: the platform's idempotency key, kept for life
     operation TEXT NOT NULL,            -- e.g. RHC_E0003 (a deferred verification), RHC_E0009
-    payload TEXT NOT NULL,              -- the message's values, JSON
+    payload BLOB NOT NULL,              -- the message's values, JSON, sealed; empty once sent
     scan_id TEXT,
     created_at REAL NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
@@ -51,12 +61,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     platform_code TEXT,
     platform_message TEXT,
-    done_at REAL
+    done_at REAL,
+    clock_ok INTEGER NOT NULL DEFAULT 1 -- 0: made while the clock was wrong; its time is not the scan's
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at, id);
 CREATE TABLE IF NOT EXISTS identity_cache (
     qr_hash TEXT PRIMARY KEY,           -- sha256 of the code: the code itself is a credential
-    identity TEXT NOT NULL,             -- JSON; personal data, expires
+    identity BLOB NOT NULL,             -- JSON, sealed; personal data, expires
     verified_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
@@ -66,6 +77,10 @@ CREATE INDEX IF NOT EXISTS identity_cache_expiry ON identity_cache (expires_at);
 REOPEN_AFTER_S = 10.0
 MAX_BATCH = 256
 IDLE_CHECK_S = 60.0
+# slots of the unrecorded-uses ledger (a use that could not be recorded: the disk was full)
+LEDGER_NAME = "unrecorded.dat"
+LEDGER_SLOT = 256
+LEDGER_SLOTS = 64  # the first holds the count; 16 KiB, allocated while there is room
 
 
 class StoreUnavailable(Exception):
@@ -79,7 +94,7 @@ class Row:
     id: int
     guid: str
     operation: str
-    values: dict[str, str]
+    values: dict[str, Any] | None  # None: the payload cannot be opened (see `unreadable`)
     scan_id: str | None
     created_at: float
     state: str
@@ -89,10 +104,12 @@ class Row:
     platform_code: str | None
     platform_message: str | None
     done_at: float | None
+    clock_ok: bool = True
+    unreadable: str | None = None
 
     @property
     def record(self) -> UsageRecord:
-        return UsageRecord(self.guid, self.operation, self.values, self.scan_id, self.created_at)
+        return UsageRecord(self.guid, self.operation, self.values or {}, self.scan_id, self.created_at)
 
     def to_json(self, with_values: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -101,7 +118,10 @@ class Row:
             "next_attempt_at": _iso(self.next_attempt_at) if self.state == "pending" else None,
             "last_error": self.last_error, "platform_code": self.platform_code,
             "platform_message": self.platform_message, "done_at": _iso(self.done_at),
+            "clock_ok": self.clock_ok,
         }
+        if self.unreadable:
+            out["unreadable"] = self.unreadable
         if with_values:
             out["values"] = self.values
         return out
@@ -115,12 +135,19 @@ class Store:
     """The outbox and the identity cache. Every method is a coroutine that runs its SQL in the
     store's own thread; StoreUnavailable means the database cannot be used right now."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+                 clock_ok: Callable[[], bool] = lambda: True, keyring: sealing.Keyring | None = None,
+                 make_key: bool = True) -> None:
         self.path = path
         self.clock = clock
+        self.clock_ok = clock_ok  # False: the clock is wrong, a record made now has a wrong time
+        # None: loaded (or made, with `make_key`) at open, from where agent/sealing.py says
+        self.keyring = keyring
+        self.make_key = make_key
         self.error: str | None = None  # why the store is unusable now (for alarms); None when fine
-        self.recovered: str | None = None  # a corrupt database was moved aside at open
-        self.unrecorded = 0  # uses that could not be recorded because the store was unusable
+        self.recovered: str | None = None  # a corrupt database was carried over at open
+        self.newest: float | None = None  # the newest time in the database at open (the clock's floor)
+        self.ledger = Ledger(path.with_name(LEDGER_NAME))
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -148,24 +175,36 @@ class Store:
     def available(self) -> bool:
         return self.error is None
 
+    @property
+    def unrecorded(self) -> int:
+        """Uses that could not be recorded (the store was unusable), since the ledger was cleared."""
+        return self.ledger.count
+
+    def note_unrecorded(self, record: UsageRecord) -> None:
+        """A use that could not be stored: its count, scan id and time go to the ledger, which
+        was allocated while there was room. Blocking (a small write and fsync): from a thread."""
+        self.ledger.add(record, self.clock())
+
     # --- the outbox --------------------------------------------------------------------------
 
     async def enqueue(self, record: UsageRecord, *, attempts: int = 0, next_attempt_at: float = 0.0,
                       last_error: str | None = None) -> int:
         """Store a record for upload; returns once it is on disk (fsynced)."""
+        clock_ok = self.clock_ok()
+
         def insert(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
                 "INSERT INTO outbox (guid, operation, payload, scan_id, created_at, state, attempts,"
-                " next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (record.guid, record.operation, json.dumps(record.values, ensure_ascii=False),
-                 record.scan_id, record.created_at, attempts, next_attempt_at, last_error))
+                " next_attempt_at, last_error, clock_ok) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                (record.guid, record.operation, self._seal_values(record.guid, record.values),
+                 record.scan_id, record.created_at, attempts, next_attempt_at, last_error, int(clock_ok)))
             return int(cur.lastrowid or 0)
         return await self._submit(insert, stores=True)
 
     async def due(self, limit: int) -> list[Row]:
         """Pending records whose time has come, oldest first."""
         now = self.clock()
-        return await self._submit(lambda conn: [_row(r) for r in conn.execute(
+        return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
             "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
             (now, limit))], write=False)
 
@@ -181,9 +220,12 @@ class Store:
 
     async def _finish(self, record_id: int, state: str, code: str | None, message: str | None) -> None:
         now = self.clock()
+        # the platform has a sent record: its payload (the QR code, a bearer credential, and the
+        # personal data) has no further use here; a dead one keeps it for a retry
+        payload = "X''" if state == "sent" else "payload"
         await self._submit(lambda conn: conn.execute(
             "UPDATE outbox SET state = ?, platform_code = ?, platform_message = ?, done_at = ?,"
-            " attempts = attempts + 1 WHERE id = ? AND state = 'pending'",
+            " attempts = attempts + 1, payload = %s WHERE id = ? AND state = 'pending'" % payload,
             (state, code, message, now, record_id)))
 
     async def attempt_failed(self, record_id: int, error: str, next_attempt_at: float) -> None:
@@ -196,6 +238,14 @@ class Store:
         await self._submit(lambda conn: conn.execute(
             "UPDATE outbox SET next_attempt_at = max(next_attempt_at, ?) WHERE state = 'pending'",
             (next_attempt_at,)))
+
+    async def clamp(self, latest: float) -> int:
+        """No pending record waits past `latest` (now plus the longest backoff): one that does
+        was postponed by a clock that has since gone back (a box that ran with the wrong date,
+        or booted at 1970 on a state from 2026). Due now; how many there were."""
+        return await self._submit(lambda conn: conn.execute(
+            "UPDATE outbox SET next_attempt_at = 0 WHERE state = 'pending' AND next_attempt_at > ?",
+            (latest,)).rowcount)
 
     async def hasten(self) -> None:
         """Everything pending is due now (the platform is back)."""
@@ -213,16 +263,17 @@ class Store:
         return await self._submit(reset)
 
     async def purge_dead(self) -> int:
-        return await self._submit(lambda conn: conn.execute("DELETE FROM outbox WHERE state = 'dead'").rowcount)
+        return await self._submit(lambda conn: conn.execute("DELETE FROM outbox WHERE state = 'dead'").rowcount,
+                                  deletes=True)
 
     async def get(self, record_id: int) -> Row | None:
         def one(conn: sqlite3.Connection) -> Row | None:
             r = conn.execute("SELECT * FROM outbox WHERE id = ?", (record_id,)).fetchone()
-            return _row(r) if r else None
+            return self._row(r) if r else None
         return await self._submit(one, write=False)
 
     async def list(self, state: str = "pending", limit: int = 100) -> list[Row]:
-        return await self._submit(lambda conn: [_row(r) for r in conn.execute(
+        return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
             "SELECT * FROM outbox WHERE state = ? ORDER BY id LIMIT ?", (state, limit))], write=False)
 
     async def stats(self) -> dict[str, Any]:
@@ -242,46 +293,90 @@ class Store:
 
     async def cache_put(self, qr: str, identity: dict[str, Any], ttl_s: float) -> None:
         now = self.clock()
+        key = qr_hash(qr)
         await self._submit(lambda conn: conn.execute(
             "INSERT INTO identity_cache (qr_hash, identity, verified_at, expires_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (qr_hash) DO UPDATE SET identity = excluded.identity,"
             " verified_at = excluded.verified_at, expires_at = excluded.expires_at",
-            (qr_hash(qr), json.dumps(identity, ensure_ascii=False), now, now + ttl_s)))
+            (key, self._seal_identity(key, identity), now, now + ttl_s)))
 
     async def cache_get(self, qr: str) -> tuple[dict[str, Any], float] | None:
-        """The identity verified for this code and when, if it has not expired."""
+        """The identity verified for this code and when, if it has not expired and was not
+        verified "after now" (a clock that was ahead then, or is behind now, proves nothing)."""
         now = self.clock()
+        key = qr_hash(qr)
 
         def lookup(conn: sqlite3.Connection) -> tuple[dict[str, Any], float] | None:
             r = conn.execute("SELECT identity, verified_at FROM identity_cache"
-                             " WHERE qr_hash = ? AND expires_at > ?", (qr_hash(qr), now)).fetchone()
-            return (json.loads(r[0]), r[1]) if r else None
+                             " WHERE qr_hash = ? AND expires_at > ? AND verified_at <= ?", (key, now, now)).fetchone()
+            if r is None:
+                return None
+            try:
+                return json.loads(self._keys().open(r[0], b"cache:" + key.encode())), r[1]
+            except (sealing.SealError, TypeError, ValueError) as exc:
+                logger.error("identity cache: an entry cannot be opened (%s); not used", exc)
+                return None
         return await self._submit(lookup, write=False)
 
     async def cache_forget(self, qr: str) -> None:
-        await self._submit(lambda conn: conn.execute("DELETE FROM identity_cache WHERE qr_hash = ?", (qr_hash(qr),)))
+        await self._submit(lambda conn: conn.execute("DELETE FROM identity_cache WHERE qr_hash = ?", (qr_hash(qr),)),
+                           deletes=True)
 
-    async def housekeeping(self, retention_s: float) -> tuple[int, int]:
-        """Delete sent records older than `retention_s` and expired identities: (records, identities)."""
+    async def housekeeping(self, retention_s: float, dead_retention_s: float | None = None) -> tuple[int, int, int]:
+        """Delete sent records older than `retention_s`, dead ones older than `dead_retention_s`
+        and expired identities: (sent, dead, identities)."""
         now = self.clock()
 
-        def purge(conn: sqlite3.Connection) -> tuple[int, int]:
+        def purge(conn: sqlite3.Connection) -> tuple[int, int, int]:
             sent = conn.execute("DELETE FROM outbox WHERE state = 'sent' AND done_at < ?",
                                 (now - retention_s,)).rowcount
+            dead = 0
+            if dead_retention_s is not None:
+                dead = conn.execute("DELETE FROM outbox WHERE state = 'dead' AND done_at < ?",
+                                    (now - dead_retention_s,)).rowcount
             cached = conn.execute("DELETE FROM identity_cache WHERE expires_at <= ?", (now,)).rowcount
-            return sent, cached
-        return await self._submit(purge)
+            return sent, dead, cached
+        return await self._submit(purge, deletes=True)
+
+    # --- sealing ---------------------------------------------------------------------------
+
+    def _keys(self) -> sealing.Keyring:
+        if self.keyring is None:
+            raise StoreUnavailable("no store key")
+        return self.keyring
+
+    def _seal_values(self, guid: str, values: Any) -> bytes:
+        return self._keys().seal(json.dumps(values, ensure_ascii=False).encode(), b"outbox:" + guid.encode())
+
+    def _seal_identity(self, key: str, identity: Any) -> bytes:
+        return self._keys().seal(json.dumps(identity, ensure_ascii=False).encode(), b"cache:" + key.encode())
+
+    def _row(self, r: sqlite3.Row) -> Row:
+        values: dict[str, Any] | None = None
+        unreadable = None
+        payload = r["payload"]
+        if isinstance(payload, str):  # a version 1 row the migration has not reached (it always does)
+            values = json.loads(payload)
+        elif payload:
+            try:
+                values = json.loads(self._keys().open(payload, b"outbox:" + r["guid"].encode()))
+            except (sealing.SealError, StoreUnavailable, ValueError) as exc:
+                unreadable = "the payload cannot be opened: %s" % exc
+        return Row(r["id"], r["guid"], r["operation"], values, r["scan_id"], r["created_at"], r["state"],
+                   r["attempts"], r["next_attempt_at"], r["last_error"], r["platform_code"],
+                   r["platform_message"], r["done_at"], bool(r["clock_ok"]), unreadable)
 
     # --- the database thread ---------------------------------------------------------------
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], Any], write: bool = True,
-                      stores: bool = False) -> Any:
+                      stores: bool = False, deletes: bool = False) -> Any:
         """Run `fn` in the store's thread. `stores`: it adds a record, and its success proves the
-        store can take records again (an update may succeed in WAL space a full disk still has)."""
+        store can take records again (an update may succeed in WAL space a full disk still has).
+        `deletes`: it deletes personal data; the WAL is truncated after it commits."""
         if self._thread is None:
             raise StoreUnavailable("the outbox is not open")
         loop = asyncio.get_running_loop()
-        job = _Job(fn, write, loop, loop.create_future(), stores)
+        job = _Job(fn, write, loop, loop.create_future(), stores, deletes)
         self._queue.put(job)
         return await job.future
 
@@ -350,6 +445,8 @@ class Store:
             return
         if any(job.stores and exc is None for job, _, exc in results):
             self.error = None
+        if any(job.deletes and exc is None for job, _, exc in results):
+            _truncate_wal(conn)
         for job, value, exc in results:
             if exc is None:
                 job.done(value)
@@ -363,7 +460,7 @@ class Store:
             raise StoreUnavailable(self.error or "the outbox could not be opened")
         try:
             self._conn = self._open()
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, sealing.StoreKeyError) as exc:
             self._open_failed_at = time.monotonic()
             self.error = "cannot open %s: %s" % (self.path, exc)
             logger.error("outbox: %s", self.error)
@@ -374,6 +471,12 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.keyring is None:
+            self.keyring = sealing.load(self.path.parent, create=self.make_key)
+            if self.keyring.beside_data:
+                logger.error("outbox: the store key is %s, beside the data it protects (no %s credential)",
+                             self.keyring.source, sealing.KEY_NAME)
+        self.ledger.allocate()
         try:
             conn = self._connect()
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -382,17 +485,113 @@ class Store:
         except sqlite3.OperationalError:
             raise  # cannot open (permissions, a directory in the way, no space): nothing to move
         except sqlite3.DatabaseError as exc:
-            # corrupt ("file is not a database", "malformed"): keep it for forensics, start empty
-            aside = self.path.with_name("%s.corrupt-%d" % (self.path.name, int(time.time())))
-            for suffix in ("", "-wal", "-shm"):
-                source = Path(str(self.path) + suffix)
-                if source.exists():
-                    source.rename(Path(str(aside) + suffix))
-            self.recovered = "the database was corrupt (%s); moved aside to %s and started empty" % (exc, aside)
-            logger.error("outbox: %s", self.recovered)
-            conn = self._connect()
+            conn = self._carry_over(exc)
+        self._migrate(conn)
+        self.newest = conn.execute(
+            "SELECT max(coalesce(max(created_at), 0), coalesce(max(done_at), 0)) FROM outbox").fetchone()[0] or None
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the database to this version's schema: seal what version 1 kept in clear, drop
+        the payloads of sent records, re-seal what a key made beside the data sealed."""
         conn.executescript(SCHEMA)
-        conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+        if "clock_ok" not in {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}:
+            conn.execute("ALTER TABLE outbox ADD COLUMN clock_ok INTEGER NOT NULL DEFAULT 1")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        keys = self._keys()
+        resealed = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for r in conn.execute("SELECT id, guid, state, payload FROM outbox").fetchall():
+                payload = r["payload"]
+                if r["state"] == "sent":
+                    if payload:
+                        conn.execute("UPDATE outbox SET payload = X'' WHERE id = ?", (r["id"],))
+                    continue
+                ad = b"outbox:" + r["guid"].encode()
+                if isinstance(payload, str):
+                    sealed = keys.seal(payload.encode(), ad)
+                elif keys.sealed_under_old(payload):
+                    try:
+                        sealed = keys.seal(keys.open(payload, ad), ad)
+                    except sealing.SealError:
+                        continue
+                else:
+                    continue
+                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (sealed, r["id"]))
+                resealed += 1
+            for r in conn.execute("SELECT qr_hash, identity FROM identity_cache").fetchall():
+                ad = b"cache:" + r["qr_hash"].encode()
+                identity = r["identity"]
+                if isinstance(identity, str):
+                    sealed = keys.seal(identity.encode(), ad)
+                elif keys.sealed_under_old(identity):
+                    try:
+                        sealed = keys.seal(keys.open(identity, ad), ad)
+                    except sealing.SealError:
+                        continue
+                else:
+                    continue
+                conn.execute("UPDATE identity_cache SET identity = ? WHERE qr_hash = ?", (sealed, r["qr_hash"]))
+                resealed += 1
+            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if version < SCHEMA_VERSION or resealed:
+            # the clear text of version 1 lies in free pages and in the WAL: rewrite the file
+            conn.execute("VACUUM")
+            _truncate_wal(conn)
+            logger.info("outbox: database at version %d (was %d); %d payloads and identities sealed",
+                        SCHEMA_VERSION, version, resealed)
+        if keys.old_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                keys.old_path.unlink()
+            logger.info("outbox: re-sealed under %s; %s deleted", keys.source, keys.old_path)
+            keys.old_path = None
+
+    def _carry_over(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        """The database is corrupt ("file is not a database", "malformed"): what can still be
+        read goes into a new one (pending uses above all), and the corrupt file is deleted; it
+        holds personal data, and nobody reads a corrupt file in the field."""
+        broken = self.path.with_name("%s.corrupt" % self.path.name)
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                source.rename(Path(str(broken) + suffix))
+        conn = self._connect()
+        conn.executescript(SCHEMA)
+        rescued = {"outbox": 0, "identity_cache": 0}
+        pending = 0
+        try:
+            old = sqlite3.connect("file:%s?mode=ro" % broken, uri=True, isolation_level=None)
+            old.row_factory = sqlite3.Row
+        except sqlite3.Error:
+            old = None
+        if old is not None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for table in rescued:
+                    for r in _readable_rows(old, table):
+                        columns = list(r)
+                        try:
+                            conn.execute("INSERT OR IGNORE INTO %s (%s) VALUES (%s)" % (
+                                table, ", ".join(columns), ", ".join("?" * len(columns))), tuple(r.values()))
+                        except sqlite3.Error:
+                            continue
+                        rescued[table] += 1
+                        if table == "outbox" and r["state"] == "pending":
+                            pending += 1
+                conn.execute("COMMIT")
+            finally:
+                old.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(broken) + suffix).unlink(missing_ok=True)
+        self.recovered = ("the database was corrupt (%s); %d records (%d pending) and %d cached identities "
+                          "could be read and were carried over to a new one, and the corrupt file was deleted"
+                          % (exc, rescued["outbox"], pending, rescued["identity_cache"]))
+        logger.error("outbox: %s", self.recovered)
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -406,6 +605,8 @@ class Store:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")  # the CLI may read while the daemon writes
+            # what is deleted is overwritten with zeros, not left in free pages
+            conn.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error:
             conn.close()
             raise
@@ -443,6 +644,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     stores: bool = False
+    deletes: bool = False
 
     def done(self, value: Any) -> None:
         self._reply(value, None)
@@ -464,10 +666,149 @@ def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None)
         future.set_result(value)
 
 
-def _row(r: sqlite3.Row) -> Row:
-    return Row(r["id"], r["guid"], r["operation"], json.loads(r["payload"]), r["scan_id"], r["created_at"],
-               r["state"], r["attempts"], r["next_attempt_at"], r["last_error"], r["platform_code"],
-               r["platform_message"], r["done_at"])
+def _readable_rows(conn: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
+    """The rows of a corrupt database's table that can still be read: forward from the start
+    until a damaged page, then backward from the end until one."""
+    seen: set[Any] = set()
+    for order in ("ASC", "DESC"):
+        try:
+            for r in conn.execute("SELECT rowid AS _rowid, * FROM %s ORDER BY rowid %s" % (table, order)):
+                if r["_rowid"] in seen:
+                    break
+                seen.add(r["_rowid"])
+                yield {k: r[k] for k in r.keys() if k != "_rowid"}
+        except sqlite3.Error:
+            continue
+
+
+class Ledger:
+    """Uses that could not be recorded (the disk full, the database broken): their count, scan
+    ids and times, in a small file allocated while there was room, so they outlive a restart and
+    a technician can report them. A full disk refuses new blocks, not writes into blocks a file
+    already has. Fixed slots: the first holds the count, the others one use each; past the last
+    slot only the count grows. `scanbox outbox unrecorded` shows it, `--clear` empties it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._count = 0
+        self._used = 0  # slots holding a use
+        self._loaded = False
+        self._mtime: int | None = None
+        self._lock = threading.Lock()  # uses are noted from worker threads
+
+    def allocate(self) -> None:
+        """Make the file its full size now (before the disk fills), and read what it holds."""
+        if not self._loaded:
+            self._read()
+        size = LEDGER_SLOT * LEDGER_SLOTS
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+
+    @property
+    def count(self) -> int:
+        """Read again when the file changed (the CLI cleared it)."""
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_mtime_ns != self._mtime:
+                with self._lock:
+                    self._read()
+        return self._count
+
+    def _read(self) -> None:
+        self._loaded = True
+        self._count = self._used = 0
+        try:
+            self._mtime = self.path.stat().st_mtime_ns
+            header = self.path.read_bytes()[:LEDGER_SLOT]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            logger.error("outbox: %s: %s", self.path, exc)
+            return
+        try:
+            data = json.loads(header.rstrip(b"\0 \n") or b"{}")
+            self._count = int(data.get("count", 0))
+            self._used = min(int(data.get("slots", 0)), LEDGER_SLOTS - 1)
+        except (ValueError, TypeError, AttributeError):
+            logger.error("outbox: %s: not a ledger of unrecorded uses; starting it again", self.path)
+
+    def add(self, record: UsageRecord, now: float) -> None:
+        with self._lock:
+            self._add(record, now)
+
+    def _add(self, record: UsageRecord, now: float) -> None:
+        if not self._loaded:
+            self._read()
+        self._count += 1
+        slot = None
+        if self._used < LEDGER_SLOTS - 1:
+            self._used += 1
+            slot = self._used
+        entry = json.dumps({"scan_id": record.scan_id, "msg_guid": record.guid, "operation": record.operation,
+                            "at": round(record.created_at, 3), "noted_at": round(now, 3)})
+        header = json.dumps({"count": self._count, "slots": self._used})
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if slot is not None:
+                    os.pwrite(fd, _slot(entry), slot * LEDGER_SLOT)
+                os.pwrite(fd, _slot(header), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            logger.error("outbox: the unrecorded use of scan %s could not be noted in %s either: %s",
+                         record.scan_id, self.path, exc)
+        with contextlib.suppress(OSError):
+            self._mtime = self.path.stat().st_mtime_ns
+
+    def entries(self) -> list[dict[str, Any]]:
+        self._read()
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return []
+        out = []
+        for n in range(1, self._used + 1):
+            chunk = raw[n * LEDGER_SLOT:(n + 1) * LEDGER_SLOT].rstrip(b"\0 \n")
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(chunk))
+        return out
+
+    def clear(self) -> None:
+        """Forget them (once reported): zeros over the whole file, which keeps its blocks."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                os.pwrite(fd, b"\0" * os.fstat(fd).st_size, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._count = 0
+            self._used = 0
+
+
+def _slot(text: str) -> bytes:
+    data = text.encode()[:LEDGER_SLOT - 1] + b"\n"
+    return data + b"\0" * (LEDGER_SLOT - len(data))
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database (where secure_delete has zeroed what was deleted) and
+    truncate it: the WAL keeps old page images, deleted rows included, until it is rewound.
+    A reader in another process (the CLI) can hold it back: then the next deletion does it."""
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.Error as exc:
+        logger.warning("outbox: WAL not truncated: %s", exc)
+        return
+    if busy:
+        logger.info("outbox: WAL not truncated now: a reader holds it")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -484,8 +825,12 @@ class Uploader:
     """
 
     def __init__(self, store: Store, platform: Platform, *, max_in_flight: int, backoff: Backoff,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, clock_ok: Callable[[], bool] = lambda: True) -> None:
         self.store = store
+        # False: the clock is wrong; nothing goes (the platform would file the uses under it)
+        self.clock_ok = clock_ok
+        self.held_for_clock = False
+        self._clamped = False
         self.platform = platform
         self.max_in_flight = max_in_flight
         self.backoff = backoff
@@ -519,7 +864,24 @@ class Uploader:
     async def run(self) -> None:
         while True:
             self._wake.clear()
+            if not self.clock_ok():
+                # the clock's own alarm says why; its becoming right wakes this (Clock.on_sane)
+                self._clamped = False
+                self.held_for_clock = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_CHECK_S):
+                        await self._wake.wait()
+                continue
+            self.held_for_clock = False
             try:
+                if not self._clamped:
+                    # at the start, and whenever the clock was wrong: a retry time a backoff
+                    # cannot give was set by a clock that has since gone back
+                    clamped = await self.store.clamp(self.clock() + self.backoff.maximum)
+                    self._clamped = True
+                    if clamped:
+                        logger.warning("outbox: %d records were waiting for a time the clock set wrongly; due now",
+                                       clamped)
                 if self._hasten:
                     self._hasten = False
                     self.backoff.reset()
@@ -552,6 +914,16 @@ class Uploader:
 
         async def send(row: Row) -> None:
             nonlocal failure
+            if row.values is None or not row.clock_ok:
+                # never sent: its payload is lost to the key, or it carries the time of a wrong
+                # clock (1970), which the platform would file the use under
+                reason = row.unreadable or ("recorded while the clock was wrong (%s): its time is not the "
+                                            "scan's; check it, then retry or purge" % _iso(row.created_at))
+                await self.store.mark_dead(row.id, None, reason)
+                self.dead += 1
+                self._changed()
+                logger.error("outbox: record %d (%s) not sent: %s", row.id, row.operation, reason)
+                return
             async with slots:  # only the upload holds a slot: the platform sees max_in_flight at most
                 if failure is not None:
                     return

@@ -9,9 +9,14 @@ power cut leaves either the old configuration or the new one, never a mix that r
 
 Then the file leaves the FAT partition, which anyone with a card reader can read: its bytes are
 overwritten before it is deleted, and `scanbox-applied.toml` (the same settings without the
-secrets) is left for the technician and for support. A bad file changes nothing: it stays where
-it is, with `scanbox-error.txt` beside it listing every problem, so the technician can fix it on
-the PC. Either way the outcome goes to the journal and the OLED.
+secrets) is left for the technician and for support. A bad file changes nothing in /etc: it
+stays where it is, with `scanbox-error.txt` beside it listing every problem, so the technician
+can fix it on the PC; but its secrets do not stay on the card: each secret's value is replaced
+by a placeholder (the file rewritten over its own clusters), which provisioning refuses until
+the technician enters the secret again. Either way the outcome goes to the journal and the OLED.
+
+Provisioning also makes /etc/scanbox/store.key, the key that seals personal data at rest
+(agent/sealing.py), unless it exists.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,7 +37,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from agent import config as configuration
+from agent import config as configuration, sealing
 from agent.config import ConfigError, ConfigProblem
 from drivers.display import Options as DisplayOptions, open_device
 
@@ -44,6 +50,8 @@ STAGING_PREFIX = ".provision-"
 # and would replace the screen provisioning drew): scanbox-provision.service's RuntimeDirectory
 OUTCOME_FILE = Path("/run/scanbox-provision/outcome.json")
 OUTCOME_FRESH_S = 120.0
+# what a secret's value becomes on the card after a failed attempt
+PLACEHOLDER = "REMOVED-enter-it-again"
 
 
 @dataclass
@@ -78,7 +86,14 @@ def provision(source: Path, root: Path = Path("/")) -> Outcome:
         return Outcome(False, [problem], note="nothing to provision")
     try:
         data = read(source)
-        config = configuration.validate(data)
+        removed = [ConfigProblem(path, "this secret was removed from the card after a failed attempt: "
+                                 "enter it again") for path in _placeholders(data)]
+        try:
+            config = configuration.validate(data)
+        except ConfigError as exc:
+            raise ConfigError(removed + exc.problems, str(source)) from None
+        if removed:
+            raise ConfigError(removed, str(source))
     except ConfigError as exc:
         outcome = Outcome(False, exc.problems, note="nothing installed")
         _report_failure(source, outcome)
@@ -135,6 +150,8 @@ def install(data: dict[str, Any], etc: Path) -> None:
         configuration.load(staged_config, staged_secrets)  # what the daemon will see, or ConfigError
         os.replace(staged_secrets, etc / configuration.DEFAULT_SECRETS.name)
         os.replace(staged_config, etc / configuration.DEFAULT_CONFIG.name)
+        if sealing.new_key_file(etc / sealing.KEY_NAME):
+            logger.info("made %s, the key that seals personal data at rest", etc / sealing.KEY_NAME)
         _fsync_dir(etc)
     finally:
         for leftover in staging.iterdir():
@@ -166,12 +183,72 @@ def _report_failure(source: Path, outcome: Outcome) -> None:
                  "" if len(outcome.problems) == 1 else "s")
     for problem in outcome.problems:
         logger.error("  %s", problem)
+    try:
+        scrubbed = scrub(source)
+    except OSError as exc:
+        scrubbed = []
+        logger.error("could not remove the secrets from %s: %s; delete it from the card by hand",
+                     source, _oserror(exc))
     text = ("scanbox could not use %s (%s). Fix these and power the box on again:\n\n%s\n"
             % (source.name, outcome.note, "\n".join("  %s" % p for p in outcome.problems)))
+    if scrubbed:
+        logger.info("removed %d secret%s from %s (%s)", len(scrubbed), "" if len(scrubbed) == 1 else "s", source,
+                    ", ".join(scrubbed))
+        text += ("\nThe secrets in the file (%s) were replaced by %s so that they do not stay on this card:\n"
+                 "enter them again.\n" % (", ".join(scrubbed), PLACEHOLDER))
     try:
         _write(source.parent / ERROR_NAME, text.replace("\n", "\r\n"))  # read on Windows
     except OSError as exc:
         logger.warning("could not write %s: %s", source.parent / ERROR_NAME, _oserror(exc))
+
+
+def _secret_value(names: set[str]) -> re.Pattern[bytes]:
+    keys = b"|".join(re.escape(n.encode()) for n in sorted(names))
+    # key = value, at a line's start or inside an inline table ({ token = "..." }), the key bare
+    # or quoted; the value a basic, literal or multi-line string, or anything up to a delimiter
+    return re.compile(
+        rb'((?:^|[{,])[ \t]*["\']?(' + keys + rb')["\']?[ \t]*=[ \t]*)'
+        rb'("""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\r\n]|\\.)*"?|\'[^\'\r\n]*\'?|[^\s,}#]*)',
+        re.MULTILINE)
+
+
+def scrub(source: Path) -> list[str]:
+    """Replace every secret's value in the technician's file with PLACEHOLDER, by key name (the
+    file may not even parse), over the file's own clusters (FAT frees clusters without clearing
+    them). The names of the keys replaced."""
+    raw = source.read_bytes()
+    found: list[str] = []
+
+    def blank(m: re.Match[bytes]) -> bytes:
+        if m.group(3).strip(b"\"'") == PLACEHOLDER.encode():
+            return m.group(0)
+        found.append(m.group(2).decode())
+        return m.group(1) + b'"' + PLACEHOLDER.encode() + b'"'
+
+    scrubbed = _secret_value(configuration.secret_names()).sub(blank, raw)
+    if scrubbed == raw:
+        return []
+    with open(source, "r+b") as fh:
+        fh.write(b"\0" * len(raw))
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.seek(0)
+        fh.write(scrubbed)
+        fh.truncate(len(scrubbed))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return found
+
+
+def _placeholders(data: Any, prefix: str = "") -> list[str]:
+    """Key paths whose value is the placeholder a failed attempt left."""
+    out: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out += _placeholders(value, "%s.%s" % (prefix, key) if prefix else key)
+    elif data == PLACEHOLDER:
+        out.append(prefix)
+    return out
 
 
 def display_options(source: Path, etc: Path) -> DisplayOptions | None:

@@ -20,6 +20,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from agent.clock import Clock
 from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
                          ScanKind, UsageRecord, Verification)
 from agent.outbox import Store, StoreUnavailable, Uploader
@@ -33,8 +34,10 @@ logger = logging.getLogger(__name__)
 class Verifier:
     def __init__(self, platform: Platform, classifier: Classifier, default_step: str, default_channel: str,
                  *, store: Store | None = None, uploader: Uploader | None = None, cache_ttl_s: float = 0.0,
-                 deadline_s: float | None = None) -> None:
+                 deadline_s: float | None = None, clock: Clock | None = None) -> None:
         self.platform = platform
+        # a box just booted may not know the date yet: verifications wait for it, bounded
+        self.clock = clock
         # a nurse waits for this at the counter: one verification's whole budget
         self.deadline_s = deadline_s
         self.classifier = classifier
@@ -75,12 +78,23 @@ class Verifier:
             return Result(scan, None, Verification(
                 False, Reason.QR_UNKNOWN, "not a health card code this box verifies; delivered raw",
                 elapsed_ms=elapsed()))
-        request = VerifyRequest(scan.payload, kind, scan.at, step or self.default_step,
+        scanned_at = scan.at
+        if self.clock is not None and self.clock.problem() is not None:
+            if await self.clock.wait_synchronised(self.deadline_s / 2 if self.deadline_s else None):
+                # the platform files the use under the scan's time: the right one, now known
+                scanned_at = datetime.fromtimestamp(
+                    self.clock.now() - (time.monotonic() - scan.monotonic)).astimezone()
+            else:
+                logger.warning("scan %s: verifying with a clock that is not right: %s", scan.id,
+                               self.clock.problem())
+        request = VerifyRequest(scan.payload, kind, scanned_at, step or self.default_step,
                                 channel or self.default_channel)
         try:
             record = self.platform.verify_record(request, scan.id)
             try:
-                async with asyncio.timeout(self.deadline_s):
+                # one deadline for the whole verification, a wait for the clock included
+                budget = None if self.deadline_s is None else self.deadline_s - (time.monotonic() - started)
+                async with asyncio.timeout(budget):
                     answer = await self.platform.verify(record)
             except TimeoutError:
                 late = PlatformUnavailable("no answer from the platform within %g s" % self.deadline_s)
@@ -120,7 +134,7 @@ class Verifier:
         try:
             await self.store.enqueue(record)
         except StoreUnavailable as exc:
-            self.store.unrecorded += 1
+            await asyncio.to_thread(self.store.note_unrecorded, record)
             logger.error("outbox: a card use could not be recorded (%s); %d unrecorded so far", exc,
                          self.store.unrecorded)
             return None
@@ -153,7 +167,7 @@ class Verifier:
         try:
             await self.store.enqueue(record, attempts=1, next_attempt_at=resume, last_error=error.message)
         except StoreUnavailable as exc:
-            self.store.unrecorded += 1
+            await asyncio.to_thread(self.store.note_unrecorded, record)
             logger.error("outbox: a use could not be recorded (%s); %d unrecorded so far", exc, self.store.unrecorded)
             return None
         if self.uploader is not None:

@@ -259,7 +259,7 @@ async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
         daemon: Daemon
         events: EventRecorder
 
-        async def start(self, **sections: Any) -> "Box":
+        async def start(self, clock: Any = None, **sections: Any) -> "Box":
             sections.setdefault("sources", {"counter": {"driver": "serial_scanner", "port": str(pty_scanner.path),
                                                         "reconnect_max_s": 0.2}})
             api = {"tcp": "127.0.0.1:0", "auth_timeout_s": 5,
@@ -267,7 +267,7 @@ async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
                                "admin": {"token": ADMIN_TOKEN, "scopes": ["read", "admin"]}}}
             api.update(sections.pop("api", {}))
             config = make_config(sim_server, tmp_path, api=api, **sections)
-            self.daemon = Daemon(config)
+            self.daemon = Daemon(config, clock=clock)
             self.events = EventRecorder()
             self.daemon.hub.listen(self.events)
             await self.daemon.start()

@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 from zeep.transports import AsyncTransport
 
+from agent.clock import tls_hint
+
 
 class CheckedTransport(AsyncTransport):
     """zeep reads any HTTP 500 as a SOAP fault and any body as XML; a proxy's error page or a
@@ -51,5 +53,5 @@ HTTP_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
 
 def http_error(exc: httpx.HTTPError) -> str:
     what = next((text for kind, text in HTTP_ERRORS if isinstance(exc, kind)), type(exc).__name__)
-    detail = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    detail = tls_hint(str(exc) or str(exc.__cause__ or exc.__context__ or ""))
     return "%s (%s)" % (what, detail) if detail else what

@@ -55,7 +55,7 @@ def test_a_good_file_is_installed_and_wiped_from_the_boot_partition(boot, root, 
     outcome = provision.provision(source, root)
     assert outcome.ok and outcome.note == ""
     etc = root / "etc" / "scanbox"
-    assert sorted(p.name for p in etc.iterdir()) == ["scanbox.toml", "secrets.toml"]  # no staging left
+    assert sorted(p.name for p in etc.iterdir()) == ["scanbox.toml", "secrets.toml", "store.key"]  # no staging left
     assert mode(etc / "scanbox.toml") == 0o644 and mode(etc / "secrets.toml") == 0o600
     config_text = (etc / "scanbox.toml").read_text(encoding="utf-8")
     assert not any(s in config_text for s in SECRETS)
@@ -83,12 +83,40 @@ def test_a_bad_file_installs_nothing_and_says_what_is_wrong(boot, root, tmp_path
     assert "platform.endpont: unknown key (did you mean 'endpoint'?)" in problems
     assert any(p.startswith("site.channel:") for p in problems)
     assert not (root / "etc" / "scanbox").exists()
-    assert source.read_bytes() == before  # the technician fixes it on the PC
+    # the technician fixes it on the PC; the secrets do not stay on the card meanwhile
+    after = source.read_bytes()
+    assert not any(s.encode() in after for s in SECRETS)
+    assert after == before.replace(SECRETS[0].encode(), provision.PLACEHOLDER.encode()).replace(
+        SECRETS[1].encode(), provision.PLACEHOLDER.encode())
     error = (boot / provision.ERROR_NAME).read_bytes().decode("utf-8")
     assert "platform.endpont: unknown key" in error and "site.channel" in error and "\r\n" in error
     assert not any(s in error for s in SECRETS)
+    assert "user_pwd" in error and "token" in error and "enter them again" in error
     assert outcome.screen_lines()[0] == problems[0]
     assert outcome.screen_lines()[1] == "+%d: %s" % (len(problems) - 1, provision.ERROR_NAME)
+
+
+def test_a_file_that_is_not_even_toml_loses_its_secrets_and_a_placeholder_is_refused(boot, root, tmp_path):
+    """Issue 15: a file with one typo stayed on the FAT partition with the platform password,
+    the admin token and the OneTrans key in it."""
+    source = boot / "scanbox.toml"
+    source.write_text(
+        '[platform\nendpoint = "http://127.0.0.1:9/x"\n[platform.rhc]\norg_id = "QH0001"\nuser_name = "u"\n'
+        'user_pwd = "%s"   # from the hospital\n[api.clients]\nhis = { token = \'%s\', scopes = ["read"] }\n'
+        '[api.onetrans.apps.his]\napp_key = """k3y-one-trans"""\n' % SECRETS, encoding="utf-8")
+    outcome = provision.provision(source, root)
+    assert not outcome.ok and "not valid TOML" in str(outcome.problems[0])
+    text = source.read_text(encoding="utf-8")
+    assert not any(s in text for s in (*SECRETS, "k3y-one-trans"))
+    assert text.count(provision.PLACEHOLDER) == 3 and "# from the hospital" in text
+    # fixed on the PC, but a secret not entered again: refused by name, nothing installed
+    source.write_text(text.replace("[platform\n", "[platform]\n").replace(
+        '"%s", scopes' % provision.PLACEHOLDER, '"%s", scopes' % SECRETS[1]).replace(
+        "[api.onetrans.apps.his]\napp_key", "#"), encoding="utf-8")
+    outcome = provision.provision(source, root)
+    assert [str(p) for p in outcome.problems] == [
+        "platform.rhc.user_pwd: this secret was removed from the card after a failed attempt: enter it again"]
+    assert not (root / "etc" / "scanbox").exists()
 
 
 def test_a_bad_file_leaves_a_configured_box_as_it_was(boot, root, tmp_path):
@@ -111,6 +139,8 @@ def test_a_new_file_replaces_the_old_configuration(boot, root, tmp_path):
     assert provision.provision(technician_file(boot, tmp_path, device={"id": "new"}), root).ok
     etc = root / "etc" / "scanbox"
     assert configuration.load(etc / "scanbox.toml", etc / "secrets.toml").device.id == "new"
+    # and the key that seals personal data at rest, root's alone
+    assert mode(etc / "store.key") == 0o600 and len((etc / "store.key").read_bytes()) > 32
     assert not (boot / provision.ERROR_NAME).exists()
 
 
@@ -130,7 +160,7 @@ def test_leftovers_of_an_interrupted_install_are_cleared(boot, root, tmp_path):
     (etc / ".provision-crashed").mkdir(parents=True)
     (etc / ".provision-crashed" / "secrets.toml").write_text('[platform.rhc]\nuser_pwd = "old"\n')
     assert provision.provision(technician_file(boot, tmp_path), root).ok
-    assert sorted(p.name for p in etc.iterdir()) == ["scanbox.toml", "secrets.toml"]
+    assert sorted(p.name for p in etc.iterdir()) == ["scanbox.toml", "secrets.toml", "store.key"]
 
 
 def test_an_install_that_cannot_write_changes_nothing(boot, root, tmp_path):

@@ -1,0 +1,176 @@
+"""The box's wall clock (DESIGN.md "Supervision and health": the `clock` part).
+
+A Raspberry Pi has no real-time clock: it boots at the time fake-hwclock saved at the last
+shutdown, or at 1970, and is right only once NTP has synchronised it. The platform records
+every use with its time, TLS needs today's date to accept a certificate, and the identity cache
+and the outbox reason in wall time. So the daemon asks, before it trusts the clock:
+
+- synchronised? systemd-timesyncd (Raspberry Pi OS's) touches /run/systemd/timesync/synchronized
+  once it has; its directory without the file means it runs and has not yet. Elsewhere the
+  kernel's NTP state (adjtimex, read only) can say yes; it cannot say "no" usefully (a container,
+  a box without any NTP client reads as unsynchronised for ever), so it is never a "no".
+  `After=time-sync.target` in the unit does not wait for any of this (systemd-time-wait-sync
+  would, and would hold the HIS API back on a box without a network: the daemon waits itself,
+  bounded, and only where it matters).
+- sane? not before the release floor, nor before the newest time in the state (a box that
+  uploaded a record in 2026 is not in 1970 now). A synchronised clock is sane.
+
+What follows (each where it is used): verifications wait at most `clock.sync_wait` after the
+start for synchronisation; uploads wait for a sane clock; a use recorded while the clock was
+not sane is never uploaded with that time; cache entries dated after now do not answer; retry
+times beyond what a backoff can give are clamped; a TLS failure while the clock is wrong says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+# no box runs this release before this date: a clock behind it is wrong
+RELEASE_FLOOR = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
+TIMESYNC_DIR = Path("/run/systemd/timesync")
+POLL_S = 0.25
+# struct timex (linux/timex.h): `modes` (unsigned int), then 4 longs, then `status` (int)
+_STA_UNSYNC = 0x0040
+_TIME_ERROR = 5
+
+
+def kernel_synchronised() -> bool | None:
+    """The kernel's NTP state (adjtimex with modes 0 only reads); None when it cannot be read
+    (the unit's ProtectClock= filters adjtimex)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # larger than any struct timex
+        state = libc.adjtimex(buf)
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    offset = ctypes.sizeof(ctypes.c_uint)
+    offset += -offset % ctypes.sizeof(ctypes.c_long) + 4 * ctypes.sizeof(ctypes.c_long)
+    status = int.from_bytes(buf.raw[offset:offset + 4], "little", signed=True)
+    return state != _TIME_ERROR and not status & _STA_UNSYNC
+
+
+class Clock:
+    """The wall clock as the daemon trusts it. `time_source` and `timesync_dir` are the seams
+    the tests turn (a box started in 1970 on a state from 2026)."""
+
+    def __init__(self, *, time_source: Callable[[], float] = time.time, timesync_dir: Path = TIMESYNC_DIR,
+                 kernel: Callable[[], bool | None] = kernel_synchronised, sync_wait_s: float = 20.0,
+                 floor: float = RELEASE_FLOOR) -> None:
+        self.time_source = time_source
+        self.timesync_dir = timesync_dir
+        self.kernel = kernel
+        self.sync_wait_s = sync_wait_s
+        self.floor = floor
+        self.floor_source = "the release"
+        self.started = time.monotonic()
+        self._kernel_said_yes = False
+        self._was_sane: bool | None = None
+        self.waiting = 0  # verifications waiting for the clock now
+        # called when the clock becomes sane (the uploader clamps and resumes)
+        self.on_sane: list[Callable[[], None]] = []
+
+    def now(self) -> float:
+        return self.time_source()
+
+    __call__ = now  # a Clock is a time source for the store and the uploader
+
+    def raise_floor(self, ts: float | None, source: str) -> None:
+        """The clock cannot be behind `ts`: the newest time in the state."""
+        if ts is not None and ts > self.floor:
+            self.floor = ts
+            self.floor_source = source
+
+    def synchronised(self) -> bool | None:
+        try:
+            if (self.timesync_dir / "synchronized").exists():
+                return True
+            if self.timesync_dir.is_dir():
+                return False
+        except OSError:
+            pass
+        if not self._kernel_said_yes:
+            self._kernel_said_yes = self.kernel() is True
+        return True if self._kernel_said_yes else None
+
+    def sane(self) -> bool:
+        sane = self.synchronised() is True or self.now() >= self.floor
+        if sane and self._was_sane is False:
+            logger.info("clock: now %s, sane again", _iso(self.now()))
+            for callback in self.on_sane:
+                callback()
+        self._was_sane = sane
+        return sane
+
+    def problem(self) -> str | None:
+        """What is wrong with the clock, for an alarm or an error message; None when nothing."""
+        synced = self.synchronised()
+        if not self.sane():
+            return ("the clock says %s, before %s (%s): it is wrong and not synchronised"
+                    % (_iso(self.now()), _iso(self.floor), self.floor_source))
+        if synced is False:
+            return "the clock (%s) has not been synchronised by NTP yet" % _iso(self.now())
+        return None
+
+    async def wait_synchronised(self, budget_s: float | None) -> bool:
+        """Before verifying: wait, at most until `sync_wait_s` after the start and `budget_s`,
+        for a clock that is known to be unsynchronised or wrong. True when it is fine now."""
+        end = self.started + self.sync_wait_s
+        if budget_s is not None:
+            end = min(end, time.monotonic() + budget_s)
+        self.waiting += 1
+        try:
+            while self.problem() is not None:
+                if time.monotonic() >= end:
+                    return False
+                await asyncio.sleep(min(POLL_S, max(0.0, end - time.monotonic())))
+            return True
+        finally:
+            self.waiting -= 1
+
+    def status(self) -> dict[str, Any]:
+        return {"now": _iso(self.now()), "synchronised": self.synchronised(), "sane": self.sane(),
+                "floor": _iso(self.floor), "floor_source": self.floor_source}
+
+    def alarms(self) -> list[dict[str, Any]]:
+        problem = self.problem()
+        if problem is None:
+            return []
+        return [{"code": "CLOCK_UNSYNCHRONISED", "source": "clock", "text": problem}]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# the daemon's clock, for the few places far from the daemon that explain a failure by it
+# (a TLS certificate "not yet valid")
+_current: Clock | None = None
+
+
+def install(clock: Clock) -> None:
+    global _current
+    _current = clock
+
+
+def tls_hint(detail: str) -> str:
+    """A TLS failure's text, with the clock's problem when there is one: a certificate checked
+    against 1970 is "not yet valid", and the technician should look at the clock, not the CA."""
+    lowered = detail.lower()
+    if "certificate" not in lowered and "ssl" not in lowered:
+        return detail
+    clock = _current or Clock()
+    problem = clock.problem()
+    if problem is None:
+        return detail
+    return "%s; %s, and TLS cannot check a certificate's dates until it is right" % (detail, problem)

@@ -1,0 +1,167 @@
+"""The key that seals personal data at rest, and the sealing (DESIGN.md "Personal data").
+
+The outbox's payloads (QR codes, names, ID numbers) and the identity cache are sealed with
+ChaCha20-Poly1305 (an AEAD: a changed byte or a row moved onto another row's id fails to open)
+under a 256-bit key kept outside the database:
+
+- `$CREDENTIALS_DIRECTORY/store.key`: the daemon under systemd (LoadCredential=store.key:
+  /etc/scanbox/store.key); root's file, which the daemon's user cannot read itself;
+- /etc/scanbox/store.key read directly: the CLI run as root (`sudo scanbox outbox show 3`);
+- `<state directory>/store.key`: a development box, the tests, the demo; and a box whose
+  credential is missing (an alarm says the key lies beside the data it protects).
+
+ChaCha20-Poly1305, not AES-GCM: a Raspberry Pi 4's Cortex-A72 has no AES instructions, and
+ChaCha20 in software is several times faster than AES there.
+
+What the key protects against, and what not: docs/technician.md, "Personal data on the box".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+logger = logging.getLogger(__name__)
+
+KEY_NAME = "store.key"  # LoadCredential=store.key:/etc/scanbox/store.key
+ETC_KEY = Path("/etc/scanbox") / KEY_NAME
+KEY_BYTES = 32
+NONCE_BYTES = 12
+VERSION = 1
+# version byte, key id, nonce, then ciphertext and tag
+HEADER_BYTES = 1 + 4 + NONCE_BYTES
+
+
+class SealError(Exception):
+    """A sealed value cannot be opened: another key, or changed bytes."""
+
+
+class StoreKeyError(Exception):
+    """The key file cannot be read or made."""
+
+
+def new_key_file(path: Path) -> bool:
+    """Make a key file (0600, base64 text so a technician can back it up) unless one exists;
+    True when it made one. Never replaces a key: data sealed under it would be lost."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    text = base64.b64encode(os.urandom(KEY_BYTES)) + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def read_key(path: Path) -> bytes | None:
+    """The key in `path`; None when there is none (a missing or empty file: systemd's empty
+    SetCredential= fallback when /etc/scanbox/store.key does not exist)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreKeyError("%s: %s" % (path, exc.strerror or exc)) from exc
+    if not raw.strip():
+        return None
+    if len(raw) == KEY_BYTES:
+        return raw
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise StoreKeyError("%s: not a store key (%d bytes of base64 expected)" % (path, KEY_BYTES))
+    return key
+
+
+def key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"scanbox store key id\0" + key).digest()[:4]
+
+
+@dataclass
+class Keyring:
+    """Seals with `key`; opens with it or any of `old` (keys a store was sealed under before)."""
+
+    key: bytes
+    source: str  # where the key came from, for status and doctor
+    beside_data: bool = False  # the key lies in the state directory, next to the database
+    old: list[bytes] = field(default_factory=list)
+    old_path: Path | None = None  # the file `old` came from, deleted once nothing uses it
+
+    def __post_init__(self) -> None:
+        self._ciphers = {key_id(k): ChaCha20Poly1305(k) for k in [*self.old, self.key]}
+        self.key_id = key_id(self.key)
+
+    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return (bytes([VERSION]) + self.key_id + nonce
+                + self._ciphers[self.key_id].encrypt(nonce, plaintext, associated))
+
+    def open(self, sealed: bytes, associated: bytes) -> bytes:
+        if len(sealed) < HEADER_BYTES + 16 or sealed[0] != VERSION:
+            raise SealError("not a sealed value")
+        cipher = self._ciphers.get(bytes(sealed[1:5]))
+        if cipher is None:
+            raise SealError("sealed under another key (a store key was replaced or lost)")
+        try:
+            return cipher.decrypt(bytes(sealed[5:HEADER_BYTES]), bytes(sealed[HEADER_BYTES:]), associated)
+        except InvalidTag:
+            raise SealError("does not open: changed, or moved from another row") from None
+
+    def sealed_under_old(self, sealed: bytes) -> bool:
+        return len(sealed) >= HEADER_BYTES and bytes(sealed[1:5]) != self.key_id
+
+
+def load(state_dir: Path, etc_key: Path = ETC_KEY, *, create: bool = True) -> Keyring:
+    """The store's key, from the first place that has one (the module's docstring); a key made
+    in the state directory when none has and `create` (the daemon; not the CLI, which would make
+    a key nothing was sealed under). Raises StoreKeyError when there is no key to read."""
+    fallback = state_dir / KEY_NAME
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    key = None
+    source = ""
+    if creds:
+        key = read_key(Path(creds) / KEY_NAME)
+        source = "systemd credential %s" % KEY_NAME
+    if key is None and os.access(etc_key, os.R_OK):
+        key = read_key(etc_key)
+        source = str(etc_key)
+    if key is not None:
+        old = _old_key(fallback, key)
+        return Keyring(key, source, old=[old] if old else [], old_path=fallback if old else None)
+    if not create and read_key(fallback) is None:
+        raise StoreKeyError("no store key: not in $CREDENTIALS_DIRECTORY, %s (run as root) or %s"
+                            % (etc_key, fallback))
+    if new_key_file(fallback):
+        logger.info("store key: none given; made %s", fallback)
+    key = read_key(fallback)
+    if key is None:
+        raise StoreKeyError("%s: empty" % fallback)
+    # under systemd the key belongs in /etc/scanbox (a credential); elsewhere (development, the
+    # demo, tests) the state directory is where it is meant to be
+    return Keyring(key, str(fallback), beside_data=bool(creds))
+
+
+def _old_key(fallback: Path, key: bytes) -> bytes | None:
+    """A key the daemon once made beside the data, before the credential existed: the store
+    re-seals what it sealed and then deletes it."""
+    try:
+        old = read_key(fallback)
+    except StoreKeyError as exc:
+        logger.error("store key: %s", exc)
+        return None
+    return old if old is not None and old != key else None

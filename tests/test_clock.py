@@ -1,0 +1,180 @@
+"""A Pi has no real-time clock (issue 15, "Time"): started with the clock at 1970 on a state from
+2026, an outbox record stayed stuck, cache entries "verified in the future" counted as fresh, a
+use went up with a 1970 time, TLS failed without a word about the clock, and `status` said
+nothing. The daemon runs here with an injected time source and timesyncd directory."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent import clock as clocks
+from agent.clock import Clock
+from agent.model import UsageRecord
+from agent.outbox import Store
+from agent.platforms.transport import http_error
+from agent.simulator.soap import Fault
+from tests.conftest import until
+
+NINETEEN_SEVENTY = 86400.0 * 3  # 1970-01-04
+ONE_HOUR = 3600.0
+
+
+class FakeTime:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def no_installed_clock():
+    yield
+    clocks.install(None)  # type: ignore[arg-type]
+
+
+def a_clock(tmp_path: Path, now: float, *, timesyncd: bool = False, sync_wait_s: float = 0.0) -> tuple[Clock, FakeTime]:
+    fake = FakeTime(now)
+    timesync = tmp_path / "timesync"
+    if timesyncd:
+        timesync.mkdir()
+    return Clock(time_source=fake, timesync_dir=timesync, kernel=lambda: None, sync_wait_s=sync_wait_s), fake
+
+
+async def test_cache_entries_dated_after_now_do_not_answer(tmp_path):
+    fake = FakeTime(time.time())
+    store = Store(tmp_path / "outbox.db", clock=fake)
+    await store.open()
+    qr = "A" * 64 + ":1"
+    await store.cache_put(qr, {"name": "张晓明"}, ttl_s=86400)
+    fake.now -= ONE_HOUR  # the clock went back: the entry was "verified in the future"
+    assert await store.cache_get(qr) is None
+    fake.now += 2 * ONE_HOUR
+    assert (await store.cache_get(qr))[0]["name"] == "张晓明"
+    await store.close()
+
+
+async def test_started_in_1970_on_a_state_from_2026(box, tmp_path):
+    resident = box.resident()
+    now_2026 = time.time()
+    # the state a box left behind in 2026: an identity verified online, and a use that was
+    # postponed while the platform was down (its next attempt 5 minutes after that)
+    before = Store(tmp_path / "state" / "outbox.db", clock=FakeTime(now_2026))
+    await before.open()
+    await before.cache_put(resident.static_qr, {"name": resident.name, "id_number": resident.id_card}, 86400)
+    old_use = UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": box.resident(1).static_qr},
+                                                   "scan-2026", now_2026)
+    await before.enqueue(old_use, attempts=1, next_attempt_at=now_2026 + 300, last_error="HTTP 500")
+    await before.close()
+
+    clock, fake = a_clock(tmp_path, NINETEEN_SEVENTY)
+    await box.start(clock=clock, sources={}, outbox={"backoff_initial": "50ms", "backoff_max": "1s"})
+    client = await box.unix()
+    status = await client.call("status")
+    alarms = {a["code"]: a["text"] for a in status["alarms"]}
+    assert "CLOCK_UNSYNCHRONISED" in alarms and "1970-01-04" in alarms["CLOCK_UNSYNCHRONISED"]
+    assert "newest record in the outbox" in alarms["CLOCK_UNSYNCHRONISED"]
+    assert status["clock"]["sane"] is False
+
+    # the platform is down: the identity "verified in the future" does not answer
+    box.sim.faults.add(Fault("http500", count=None))
+    offline = await client.call("verify_qr", {"qr": resident.static_qr})
+    assert offline["verification"]["reason"] == "PLATFORM_UNAVAILABLE" and offline["identity"] is None
+    # a use recorded now would carry 1970: it is marked so, and nothing is uploaded meanwhile
+    made_in_1970 = UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": resident.static_qr}, "scan-1970",
+                               NINETEEN_SEVENTY)
+    await box.daemon.store.enqueue(made_in_1970)
+    box.sim.faults.clear()
+    await until(lambda: box.daemon.uploader.held_for_clock)
+    assert not [e for e in box.sim.sim.journal if e.msg_guid == old_use.guid]
+
+    # NTP sets the clock: the 2026 use is due at once (not 5 minutes after a clock that went
+    # back), is uploaded, and the 1970 one is dead-lettered with the reason, never sent
+    fake.now = now_2026 + 60
+    assert "CLOCK_UNSYNCHRONISED" not in {a["code"] for a in (await client.call("status"))["alarms"]}
+    await until(lambda: any(e.msg_guid == old_use.guid and e.ok for e in box.sim.sim.journal), timeout=10)
+    dead = await box.daemon.store.list("dead")
+    assert [d.guid for d in dead] == [made_in_1970.guid]
+    assert "clock was wrong" in dead[0].platform_message
+    assert not [e for e in box.sim.sim.journal if e.msg_guid == made_in_1970.guid]
+
+
+async def test_a_verification_waits_for_ntp_bounded(box, tmp_path):
+    clock, fake = a_clock(tmp_path, time.time(), timesyncd=True, sync_wait_s=30)
+    await box.start(clock=clock, sources={})
+    client = await box.unix()
+    status = await client.call("status")
+    assert "not been synchronised" in {a["code"]: a["text"] for a in status["alarms"]}["CLOCK_UNSYNCHRONISED"]
+    asked = asyncio.create_task(client.call("verify_qr", {"qr": box.resident().static_qr}))
+    await until(lambda: clock.waiting == 1)
+    assert not asked.done() and box.sim.sim.journal == []  # not asked with an unknown date
+    (tmp_path / "timesync" / "synchronized").touch()  # systemd-timesyncd has synchronised
+    answer = await asyncio.wait_for(asked, 10)
+    assert answer["verification"]["ok"] and not answer["verification"]["offline"]
+    assert len(box.sim.sim.journal) == 1
+    assert "CLOCK_UNSYNCHRONISED" not in {a["code"] for a in (await client.call("status"))["alarms"]}
+
+
+async def test_the_wait_for_ntp_ends_and_the_box_verifies_anyway(box, tmp_path):
+    clock, _ = a_clock(tmp_path, time.time(), timesyncd=True, sync_wait_s=0.5)
+    await box.start(clock=clock, sources={})
+    client = await box.unix()
+    answer = await client.call("verify_qr", {"qr": box.resident().static_qr})
+    assert answer["verification"]["ok"]  # the nurse is answered; the alarm stays
+    assert "CLOCK_UNSYNCHRONISED" in {a["code"] for a in (await client.call("status"))["alarms"]}
+
+
+def self_signed(directory: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "platform.test")])
+    today = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(today - dt.timedelta(days=1))
+            .not_valid_after(today + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+async def test_a_tls_failure_while_the_clock_is_wrong_says_so(tmp_path):
+    context = self_signed(tmp_path)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def failure() -> str:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(httpx.ConnectError) as caught:
+                await http.post("https://127.0.0.1:%d/healthCard" % port, content=b"<x/>")
+        return http_error(caught.value)
+
+    try:
+        clocks.install(a_clock(tmp_path, time.time())[0])
+        right = await failure()
+        assert "certificate verify failed" in right.lower() and "clock" not in right
+        clocks.install(a_clock(tmp_path, NINETEEN_SEVENTY)[0])
+        wrong = await failure()
+        assert "certificate verify failed" in wrong.lower()
+        assert "the clock says 1970-01-04" in wrong and "TLS cannot check a certificate" in wrong
+    finally:
+        server.close()
+        await server.wait_closed()
