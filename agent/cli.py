@@ -327,8 +327,9 @@ def _outbox(args: argparse.Namespace) -> int:
         return 1
 
     async def act() -> int:
-        # the key as the daemon has it: run as root (it reads /etc/scanbox/store.key); never a new one
-        store = Store(path, make_key=False)
+        # the key as the daemon has it (as root: /etc/scanbox/store.key), never a new one; without
+        # it (as the daemon's user) counts and states, not the values
+        store = Store(path, owner=False)
         await store.open()
         try:
             if args.action == "stats":

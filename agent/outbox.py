@@ -137,13 +137,15 @@ class Store:
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
                  clock_ok: Callable[[], bool] = lambda: True, keyring: sealing.Keyring | None = None,
-                 make_key: bool = True) -> None:
+                 owner: bool = True) -> None:
         self.path = path
         self.clock = clock
         self.clock_ok = clock_ok  # False: the clock is wrong, a record made now has a wrong time
-        # None: loaded (or made, with `make_key`) at open, from where agent/sealing.py says
+        # None: loaded at open from where agent/sealing.py says
         self.keyring = keyring
-        self.make_key = make_key
+        # the daemon: makes the key and the ledger when missing, migrates. Not the CLI: a key it
+        # made would seal nothing anyone has, and files it made as root would lock the daemon out
+        self.owner = owner
         self.error: str | None = None  # why the store is unusable now (for alarms); None when fine
         self.recovered: str | None = None  # a corrupt database was carried over at open
         self.newest: float | None = None  # the newest time in the database at open (the clock's floor)
@@ -342,7 +344,7 @@ class Store:
 
     def _keys(self) -> sealing.Keyring:
         if self.keyring is None:
-            raise StoreUnavailable("no store key")
+            raise StoreUnavailable("no store key here (%s): run as root" % sealing.ETC_KEY)
         return self.keyring
 
     def _seal_values(self, guid: str, values: Any) -> bytes:
@@ -364,7 +366,8 @@ class Store:
                 unreadable = "the payload cannot be opened: %s" % exc
         return Row(r["id"], r["guid"], r["operation"], values, r["scan_id"], r["created_at"], r["state"],
                    r["attempts"], r["next_attempt_at"], r["last_error"], r["platform_code"],
-                   r["platform_message"], r["done_at"], bool(r["clock_ok"]), unreadable)
+                   r["platform_message"], r["done_at"], bool(r["clock_ok"]) if "clock_ok" in r.keys() else True,
+                   unreadable)
 
     # --- the database thread ---------------------------------------------------------------
 
@@ -416,6 +419,8 @@ class Store:
                     job.done(job.fn(conn))
                 except sqlite3.Error as exc:
                     job.fail(self._failed(exc))
+                except StoreUnavailable as exc:  # no key (the CLI as the daemon's user)
+                    job.fail(exc)
 
     def _write(self, writes: list[_Job], conn: sqlite3.Connection) -> None:
         if not writes:
@@ -428,7 +433,7 @@ class Store:
                 try:
                     results.append((job, job.fn(conn), None))
                     conn.execute("RELEASE job")
-                except sqlite3.IntegrityError as exc:  # this job's own fault: the others go on
+                except (sqlite3.IntegrityError, StoreUnavailable) as exc:  # this job's own fault: the others go on
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     results.append((job, None, exc))
@@ -472,11 +477,17 @@ class Store:
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.keyring is None:
-            self.keyring = sealing.load(self.path.parent, create=self.make_key)
-            if self.keyring.beside_data:
+            try:
+                self.keyring = sealing.load(self.path.parent, create=self.owner)
+            except sealing.StoreKeyError:
+                if self.owner:
+                    raise
+                # the CLI as the daemon's user: counts and states, not the sealed values
+            if self.keyring is not None and self.keyring.beside_data:
                 logger.error("outbox: the store key is %s, beside the data it protects (no %s credential)",
                              self.keyring.source, sealing.KEY_NAME)
-        self.ledger.allocate()
+        if self.owner:
+            self.ledger.allocate()
         try:
             conn = self._connect()
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -485,8 +496,11 @@ class Store:
         except sqlite3.OperationalError:
             raise  # cannot open (permissions, a directory in the way, no space): nothing to move
         except sqlite3.DatabaseError as exc:
+            if not self.owner:
+                raise
             conn = self._carry_over(exc)
-        self._migrate(conn)
+        if self.keyring is not None:
+            self._migrate(conn)
         self.newest = conn.execute(
             "SELECT max(coalesce(max(created_at), 0), coalesce(max(done_at), 0)) FROM outbox").fetchone()[0] or None
         return conn

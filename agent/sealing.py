@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 KEY_NAME = "store.key"  # LoadCredential=store.key:/etc/scanbox/store.key
 ETC_KEY = Path("/etc/scanbox") / KEY_NAME
+# the unit's SetCredential=store.key:none, systemd's fallback when /etc/scanbox/store.key is missing
+NO_KEY = b"none"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 VERSION = 1
@@ -67,15 +69,14 @@ def new_key_file(path: Path) -> bool:
 
 
 def read_key(path: Path) -> bytes | None:
-    """The key in `path`; None when there is none (a missing or empty file: systemd's empty
-    SetCredential= fallback when /etc/scanbox/store.key does not exist)."""
+    """The key in `path`; None when there is none (a missing or empty file, or NO_KEY)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StoreKeyError("%s: %s" % (path, exc.strerror or exc)) from exc
-    if not raw.strip():
+    if raw.strip() in (b"", NO_KEY):
         return None
     if len(raw) == KEY_BYTES:
         return raw

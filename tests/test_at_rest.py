@@ -5,6 +5,7 @@ over and deleted, a version 1 database migrated, uses that could not be recorded
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
@@ -204,7 +205,10 @@ async def test_a_version_1_database_is_sealed_in_place_and_keeps_working(tmp_pat
 async def test_a_key_made_beside_the_data_is_replaced_by_the_credential(tmp_path, monkeypatch):
     """A box whose credential was missing made its key in the state directory (an alarm); once
     the credential exists, what was sealed is re-sealed under it and the old key deleted."""
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "empty-credentials"))
+    fallback = tmp_path / "fallback-credentials"  # SetCredential=store.key:none, the file missing
+    fallback.mkdir()
+    (fallback / sealing.KEY_NAME).write_bytes(sealing.NO_KEY)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(fallback))
     state = tmp_path / "state"
     store = Store(state / "outbox.db")
     await store.open()
@@ -277,3 +281,22 @@ def test_a_key_file_is_0600_and_never_replaced(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert len(base64.b64decode(key)) == 32
     assert not sealing.new_key_file(path) and path.read_bytes() == key
+
+
+async def test_the_cli_as_the_daemons_user_counts_without_the_key_and_makes_nothing(tmp_path, credentials,
+                                                                                      monkeypatch, capsys):
+    from agent import cli
+
+    state = tmp_path / "state"
+    store = Store(state / "outbox.db")
+    await store.open()
+    await store.enqueue(use())
+    await store.close()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")  # `sudo -u scanbox scanbox outbox ...`: no credential
+    (state / "unrecorded.dat").unlink()
+    assert await asyncio.to_thread(cli.main, ["outbox", "--state-dir", str(state), "list"]) == 0
+    assert "1 pending record" in capsys.readouterr().out
+    assert await asyncio.to_thread(cli.main, ["outbox", "--state-dir", str(state), "show", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert NAME not in shown and "no store key here" in shown
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith("outbox.db")) == []

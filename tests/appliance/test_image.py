@@ -121,3 +121,26 @@ def test_the_images_own_units_verify(name, tmp_path):
     proc = subprocess.run([shutil.which("systemd-analyze") or "systemd-analyze", "verify", "--man=no", str(unit)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+PI_GEN_FSTAB = """proc            /proc           proc    defaults          0       0
+PARTUUID=1a2b3c4d-01  /boot/firmware  vfat    defaults          0       2
+PARTUUID=1a2b3c4d-02  /               ext4    defaults,noatime  0       1
+"""
+
+
+def test_the_boot_partition_is_mounted_readable_by_root_only(tmp_path):
+    """Issue 15: the FAT partition, where the technician's file waits with its secrets, was
+    mounted with pi-gen's defaults: readable by every user."""
+    (tmp_path / "etc").mkdir()
+    fstab = tmp_path / "etc" / "fstab"
+    fstab.write_text(PI_GEN_FSTAB)
+    step = STAGE / "00-scanbox" / "03-run.sh"
+    for _ in range(2):  # pi-gen may run a step again on a rebuild
+        subprocess.run([str(step)], env={"ROOTFS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
+    boot = [line.split() for line in fstab.read_text().splitlines() if " /boot/firmware " in line]
+    assert boot == [["PARTUUID=1a2b3c4d-01", "/boot/firmware", "vfat",
+                     "defaults,uid=0,gid=0,fmask=0177,dmask=0077", "0", "2"]]
+    # an fstab the step does not understand fails the build instead of shipping a readable card
+    fstab.write_text("LABEL=bootfs /boot vfat defaults 0 2\n")
+    assert subprocess.run([str(step)], env={"ROOTFS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}).returncode != 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, config as configuration
+from agent import cli, config as configuration, sealing
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -42,6 +42,11 @@ def unit(name: str) -> dict[str, list[str]]:
 def one(u: dict[str, list[str]], key: str) -> str:
     assert len(u[key]) == 1, key
     return u[key][0]
+
+
+def credentials(u: dict[str, list[str]]) -> dict[str, str]:
+    """LoadCredential= lines as {name: source}."""
+    return dict(line.partition(":")[::2] for line in u["Service.LoadCredential"])
 
 
 def systemd_analyze() -> str:
@@ -114,8 +119,7 @@ def test_state_socket_and_secrets_are_where_the_code_looks(monkeypatch, tmp_path
         "org_id": "QH0001", "user_name": "u", "user_pwd": "p"}}})
     assert config.state_dir() == Path("/var/lib/scanbox")
     assert config.unix_socket() == Path("/run/scanbox/api.sock")
-    name, _, source = one(u, "Service.LoadCredential").partition(":")
-    assert name == configuration.CREDENTIAL_NAME and Path(source) == configuration.DEFAULT_SECRETS
+    assert Path(credentials(u)[configuration.CREDENTIAL_NAME]) == configuration.DEFAULT_SECRETS
     assert configuration.DEFAULT_CONFIG.parent == Path("/etc") / one(u, "Service.ConfigurationDirectory")
     # unconfigured: both files are needed (LoadCredential= fails the start on a missing file)
     assert sorted(u["Unit.ConditionPathExists"]) == sorted([str(configuration.DEFAULT_CONFIG),
@@ -168,11 +172,18 @@ def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
     config = tmp_path / "etc" / "scanbox" / "scanbox.toml"
     config.parent.mkdir(parents=True)
     config.write_text(to_toml(public), encoding="utf-8")
-    name, _, _ = one(u, "Service.LoadCredential").partition(":")
     creds = tmp_path / "credentials"
     creds.mkdir()
-    (creds / name).write_text(to_toml(secrets), encoding="utf-8")
-    (creds / name).chmod(0o400)
+    (creds / configuration.CREDENTIAL_NAME).write_text(to_toml(secrets), encoding="utf-8")
+    (creds / configuration.CREDENTIAL_NAME).chmod(0o400)
+    # the store key, as ExecStartPre= makes it (as root) and LoadCredential= hands it over
+    key_name, key_source = [(n, s) for n, s in credentials(u).items() if n != configuration.CREDENTIAL_NAME][0]
+    assert key_name == sealing.KEY_NAME and Path(key_source) == sealing.ETC_KEY
+    pre = shlex.split(one(u, "Service.ExecStartPre").lstrip("+"))
+    assert one(u, "Service.ExecStartPre").startswith("+") and pre[-1] == key_source
+    key_argv = [str(Path(sys.executable).parent / "scanbox")] + pre[1:-1] + [str(tmp_path / "etc" / "store.key")]
+    assert subprocess.run(key_argv, capture_output=True, text=True, check=True).stdout.startswith("made")
+    (creds / key_name).write_bytes((tmp_path / "etc" / "store.key").read_bytes())
     state = tmp_path / "var" / "lib" / one(u, "Service.StateDirectory")
     runtime = tmp_path / "run" / one(u, "Service.RuntimeDirectory")
     state.mkdir(parents=True)
@@ -189,6 +200,7 @@ def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
         systemd.wait_for("READY=1", 30)
         assert (runtime / "api.sock").is_socket()
         assert (state / "outbox.db").is_file()
+        assert not (state / "store.key").exists()  # the key stays outside the state
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
