@@ -316,8 +316,9 @@ def _outbox(args: argparse.Namespace) -> int:
         for entry in entries:
             print("%s  scan %s  %s  msgGuid %s" % (_when(entry["at"]), entry["scan_id"], entry["operation"],
                                                   entry["msg_guid"]))
-        print("%d uses could not be recorded%s" % (ledger.count, "" if ledger.count == len(entries)
-                                                   else " (the first %d listed)" % len(entries)))
+        print("%d use%s could not be recorded%s" % (ledger.count, "" if ledger.count == 1 else "s",
+                                                    "" if ledger.count == len(entries)
+                                                    else " (the first %d listed)" % len(entries)))
         if args.clear:
             ledger.clear()
             print("cleared (a running daemon clears its alarm at its next restart)")

@@ -45,6 +45,7 @@ async def test_a_full_disk_is_an_alarm_and_enqueueing_resumes_when_space_returns
             result = await client.call("verify_qr", {"qr": resident.static_qr})
             assert result["verification"]["ok"] and result["identity"]["source"] == "cache"  # still verifying
             if result["verification"]["msg_guid"] is None:
+                unrecorded_scan = result["scan"]["id"]
                 break  # this use could not be recorded: the disk is full
             recorded += 1
         else:
@@ -74,6 +75,13 @@ async def test_a_full_disk_is_an_alarm_and_enqueueing_resumes_when_space_returns
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             assert await proc.wait() == 0  # never crashed
+        # the use that could not be recorded outlives the daemon: its scan id and time are in the
+        # ledger allocated before the disk filled (issue 15: it was an in-memory counter)
+        listed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "outbox", "--state-dir", str(tmp_path / "state"), "unrecorded",
+            stdout=asyncio.subprocess.PIPE)
+        out = (await listed.communicate())[0].decode()
+        assert listed.returncode == 0 and "scan %s" % unrecorded_scan in out and "1 use could not be recorded" in out
     finally:
         if proc.returncode is None:
             proc.kill()
