@@ -14,7 +14,13 @@ zxing-cpp's raw `bytes` are used.
 Decoders: zxing-cpp (the default: faster and reads more hard frames, see bench/bench_drivers.py)
 and zbar through pyzbar, restricted to QR symbols. USB cameras are read with linuxpy (pure Python
 V4L2, no OpenCV: a scan box needs frames, not a vision library); YUYV frames give their luma
-plane without any conversion, MJPEG frames are decoded by Pillow at reduced size.
+plane without any conversion (zxing-cpp reads every other byte of the frame in place), MJPEG
+frames are decoded by Pillow straight to grayscale.
+
+Phone screens: a camera looking at a phone sees the screen's pixel grid, and the two grids beat
+into moire that breaks the binarizer. A frame that yields nothing is tried once more, softened
+(a blur of about one pixel removes the grid and keeps the modules); frames that decode the first
+time cost nothing more (bench/bench_drivers.py measures both).
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from __future__ import annotations
 import abc
 import codecs
 import contextlib
+import dataclasses
 import glob
 import io
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Union
 
-from PIL import Image
+from PIL import Image, ImageFilter
 from pydantic import Field, field_validator
 
 from agent.model import Scan
@@ -101,14 +108,75 @@ def create(name: str, options: Options) -> "Camera":
 
 
 # ---------------------------------------------------------------------------------------------
-# decoders: grayscale PIL image -> payloads as bytes
+# frames and decoders: a grayscale frame -> payloads as bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class LumaFrame:
+    """A grayscale frame left in the camera's own buffer: a YUYV frame's luma is every other byte
+    (`pix_stride` 2), a GREY frame's every byte. zxing-cpp reads it in place; whatever needs a
+    PIL image (zbar, scaling, the second attempt) asks `image()` for a copy. `box` is the region
+    of interest (left, top, width, height) in pixels."""
+
+    data: bytes | bytearray | memoryview
+    width: int
+    height: int
+    pix_stride: int = 1
+    box: tuple[int, int, int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.box[2], self.box[3]) if self.box else (self.width, self.height)
+
+    def crop(self, box: tuple[int, int, int, int]) -> "LumaFrame":
+        """The region (left, top, width, height) of the whole frame, still without a copy."""
+        return dataclasses.replace(self, box=box)
+
+    def view(self) -> Any:
+        """The region as a zxing-cpp ImageView over the buffer itself."""
+        import zxingcpp
+
+        left, top, width, height = self.box or (0, 0, self.width, self.height)
+        row = self.width * self.pix_stride
+        data = memoryview(self.data)[top * row + left * self.pix_stride:]
+        return zxingcpp.ImageView(data, width, height, zxingcpp.ImageFormat.Lum, row, self.pix_stride)
+
+    def image(self) -> Image.Image:
+        mode = "L" if self.pix_stride == 1 else "LA"  # YUYV read as (Y, U/V) pairs: Pillow's C code splits them
+        image = Image.frombuffer(mode, (self.width, self.height), self.data, "raw", mode, 0, 1)
+        image = image.getchannel(0) if mode == "LA" else image.copy()
+        if self.box:
+            left, top, width, height = self.box
+            image = image.crop((left, top, left + width, top + height))
+        return image
+
+
+Frame = Union[Image.Image, LumaFrame]
+
+
+def as_image(frame: Frame) -> Image.Image:
+    return frame.image() if isinstance(frame, LumaFrame) else frame
+
+
+# the second attempt's blur: a 1.5 px box washes out a phone screen's pixel grid seen at 2.5-7
+# camera pixels per QR module without merging the modules. It rescued 52 of the 61 hard frames
+# zxing-cpp missed (GaussianBlur(1.2): 51) at a third of a Gaussian's cost, which an idle camera
+# pays on every frame (bench/bench_drivers.py prints both)
+SOFTEN = ImageFilter.BoxBlur(1.5)
 
 
 class Decoder(abc.ABC):
     name: str
 
+    def decode(self, frame: Frame) -> list[bytes]:
+        """The payloads in the frame; a frame that yields none is tried once more, softened."""
+        found = self.read(frame)
+        if not found:
+            found = self.read(as_image(frame).filter(SOFTEN))
+        return found
+
     @abc.abstractmethod
-    def decode(self, image: Image.Image) -> list[bytes]: ...
+    def read(self, frame: Frame) -> list[bytes]: ...
 
 
 class ZxingDecoder(Decoder):
@@ -122,7 +190,8 @@ class ZxingDecoder(Decoder):
         self._zxing = zxingcpp
         self._formats = zxingcpp.BarcodeFormat.QRCode
 
-    def decode(self, image: Image.Image) -> list[bytes]:
+    def read(self, frame: Frame) -> list[bytes]:
+        image = frame.view() if isinstance(frame, LumaFrame) else frame
         return [r.bytes for r in self._zxing.read_barcodes(image, formats=self._formats)]
 
 
@@ -140,11 +209,11 @@ class ZbarDecoder(Decoder):
         self._pyzbar = pyzbar
         self._w = wrapper
 
-    def decode(self, image: Image.Image) -> list[bytes]:
+    def read(self, frame: Frame) -> list[bytes]:
         from ctypes import c_void_p, cast
 
         pz, w = self._pyzbar, self._w
-        pixels, width, height = pz._pixel_data(image)
+        pixels, width, height = pz._pixel_data(as_image(frame))
         with pz._image_scanner() as scanner:
             w.zbar_image_scanner_set_config(scanner, 0, w.ZBarConfig.CFG_ENABLE, 0)  # all symbologies off
             w.zbar_image_scanner_set_config(scanner, w.ZBarSymbol.QRCODE, w.ZBarConfig.CFG_ENABLE, 1)
@@ -165,18 +234,25 @@ def make_decoder(name: str) -> Decoder:
     return DECODERS[name]()
 
 
-def prepare(image: Image.Image, roi: tuple[float, float, float, float] | None, scale: float) -> Image.Image:
-    """What the decoder needs of a frame: grayscale, the region of interest, scaled."""
-    if image.mode != "L":
-        image = image.convert("L")
+def prepare(frame: Frame, roi: tuple[float, float, float, float] | None, scale: float) -> Frame:
+    """What the decoder needs of a frame: grayscale, the region of interest, scaled. A LumaFrame
+    stays in its buffer unless it has to be scaled."""
+    if isinstance(frame, Image.Image) and frame.mode != "L":
+        frame = frame.convert("L")
     if roi is not None:
         x, y, w, h = roi
-        W, H = image.size
-        image = image.crop((round(x * W), round(y * H), round((x + w) * W), round((y + h) * H)))
+        W, H = frame.size
+        left, top = round(x * W), round(y * H)
+        box = (left, top, round((x + w) * W) - left, round((y + h) * H) - top)
+        if isinstance(frame, LumaFrame):
+            frame = frame.crop(box)
+        else:
+            frame = frame.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+        image = as_image(frame)
+        frame = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.BILINEAR)
-    return image
+    return frame
 
 
 def payload_text(data: bytes, charsets: list[str]) -> tuple[str, str]:
@@ -201,7 +277,7 @@ class FrameSource(abc.ABC):
         """Raises CameraError (or OSError) with what is wrong."""
 
     @abc.abstractmethod
-    def read(self) -> Image.Image | None:
+    def read(self) -> Frame | None:
         """The next frame, or None at the end (image files)."""
 
     def close(self) -> None:  # noqa: B027  (most sources have nothing to release)
@@ -248,9 +324,11 @@ class ImageFiles(FrameSource):
                     return None
 
 
-def yuyv_luma(data: bytes, width: int, height: int) -> Image.Image:
-    """A YUYV (YUV 4:2:2) frame's luma plane: every other byte, no colour conversion."""
-    return Image.frombytes("L", (width, height), bytes(memoryview(data)[0:width * height * 2:2]))
+def yuyv_luma(data: bytes | bytearray | memoryview, width: int, height: int) -> LumaFrame:
+    """A YUYV (YUV 4:2:2) frame's luma plane: every other byte, read where it lies."""
+    if len(data) < width * height * 2:
+        raise CameraError("YUYV frame of %d bytes for %dx%d" % (len(data), width, height))
+    return LumaFrame(data, width, height, pix_stride=2)
 
 
 def mjpeg_gray(data: bytes, scale: float = 1.0) -> Image.Image:
@@ -292,13 +370,13 @@ class V4L2Camera(FrameSource):
         self._device, self._capture = device, capture
         self._frames = iter(capture)
 
-    def read(self) -> Image.Image | None:
+    def read(self) -> Frame | None:
         frame = next(self._frames)
         fmt = frame.pixel_format.name
         if fmt == "YUYV":
             return yuyv_luma(frame.data, frame.width, frame.height)
         if fmt == "GREY":
-            return Image.frombytes("L", (frame.width, frame.height), bytes(frame.data))
+            return LumaFrame(frame.data, frame.width, frame.height)
         if fmt in ("MJPEG", "JPEG"):
             return mjpeg_gray(frame.data)
         raise CameraError("%s: unsupported pixel format %s" % (self.path, fmt))
@@ -373,7 +451,7 @@ class Camera(ThreadedSource):
         self.ended = threading.Event()  # image files: all played
         self._last_seen: dict[bytes, float] = {}
 
-    def process(self, image: Image.Image, now: float, sink: ScanSink) -> None:
+    def process(self, image: Frame, now: float, sink: ScanSink) -> None:
         """One frame: decode, and deliver the codes not seen in the last `dedupe_s`."""
         payloads = self.decoder.decode(prepare(image, self.roi, self.scale))
         self.frames_decoded += 1
