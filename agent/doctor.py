@@ -368,7 +368,7 @@ class Doctor:
                              % p.get("last_error")) if failed else None)]
         if self.config is None:
             return []
-        return [await asyncio.to_thread(self._ask_platform)]
+        return [await self._ask_platform()]
 
     async def _daemon_status(self) -> dict[str, Any] | None:
         path = self.socket_path or (self.config.unix_socket() if self.config else None)
@@ -387,26 +387,26 @@ class Doctor:
         finally:
             writer.close()
 
-    def _ask_platform(self) -> Finding:
-        import httpx
+    async def _ask_platform(self) -> Finding:
+        from agent.platforms.base import PlatformUnavailable
+        from agent.platforms.transport import HttpClient
 
         cfg = self.config.platform  # type: ignore[union-attr]  (platform() asks only with a config)
-        verify = str(cfg.tls_verify) if isinstance(cfg.tls_verify, Path) else cfg.tls_verify
+        http = HttpClient(timeout_s=cfg.timeout_s, tls_verify=cfg.tls_verify)
         try:
-            response = httpx.get(cfg.endpoint, timeout=cfg.timeout_s, verify=verify)
-        except httpx.ConnectError as exc:
-            text = str(exc)
-            fix = "check the network (default route, DNS) and platform.endpoint"
-            if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
+            response = await http.get(cfg.endpoint)
+        except PlatformUnavailable as exc:
+            text = exc.message
+            fix = "check the network (default route, DNS) and platform.endpoint; timeout_s is %.0f s" % cfg.timeout_s
+            if "TLS" in text:  # transport.HTTP_ERRORS names TLS failures so
                 fix = "TLS failed: check the clock, and platform.tls_verify (the platform's CA)"
-            return Finding("platform", "fail", "platform", "%s: %s" % (cfg.endpoint, text), fix)
-        except httpx.HTTPError as exc:
-            return Finding("platform", "fail", "platform", "%s: %s" % (cfg.endpoint, exc or type(exc).__name__),
-                           "check the network and platform.endpoint; timeout_s is %.0f s" % cfg.timeout_s)
+            return Finding("platform", "fail", "platform", text, fix)
+        finally:
+            await http.close()
         credentials = "the box's credentials travel with every call" if cfg.kind == "rhc" else ""
-        return Finding("platform", "ok" if response.status_code < 500 else "warn", "platform",
+        return Finding("platform", "ok" if response.status < 500 else "warn", "platform",
                        "%s answers HTTP %d (asked directly: no daemon running); %s"
-                       % (cfg.endpoint, response.status_code, credentials))
+                       % (cfg.endpoint, response.status, credentials))
 
     # -- clock ---------------------------------------------------------------------------------
 

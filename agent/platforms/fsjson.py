@@ -34,7 +34,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import httpx
 
 from agent.codes import Outcome
 from agent.codes import wondersgroup as codes
@@ -51,7 +50,7 @@ from agent.platforms.base import (
     VerifyRequest,
 )
 from agent.platforms.credentials import Credential, CredentialCache
-from agent.platforms.transport import http_error, preview
+from agent.platforms.transport import HttpClient, preview
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +162,7 @@ class FsjsonPlatform(Platform):
         self.fs: FsjsonConfig = config.fsjson
         self.endpoint = config.endpoint.rstrip("/")
         self.timeout_s = config.timeout_s
-        verify: bool | str = str(config.tls_verify) if isinstance(config.tls_verify, Path) else config.tls_verify
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(config.timeout_s), verify=verify,
-                                       limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-                                       headers={"User-Agent": "scanbox"})
+        self._http = HttpClient(timeout_s=config.timeout_s, tls_verify=config.tls_verify)
         # seconds to add to the box's clock: learnt from the platform's Date header when the box's
         # own clock is off (a Pi has no RTC and may sign before NTP has set it)
         self.clock_offset_s = 0.0
@@ -189,7 +185,7 @@ class FsjsonPlatform(Platform):
             logger.warning("platform fsjson not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     def health(self) -> PlatformHealth:
         health = super().health()
@@ -299,24 +295,17 @@ class FsjsonPlatform(Platform):
             "appPackageName": self.fs.app_package_name, "digestType": self.fs.digest_type,
             "encType": self.fs.enc_type}}
         url = "%s/%s.do" % (self.endpoint, method)
+        response = await self._http.post(url, json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                                         {"Content-Type": "application/json; charset=utf-8"})
+        skewed = self._learn_clock(response.headers.get("Date"))
+        text = response.text()  # by the Content-Type charset: a platform answering GBK is read right
+        if response.status >= 500:
+            raise PlatformUnavailable("platform answered HTTP %d: %s" % (response.status, preview(text) or "(empty)"))
         try:
-            response = await self._http.post(url, content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                                             headers={"Content-Type": "application/json; charset=utf-8"})
-        except httpx.TimeoutException:
-            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
-        except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (url, http_error(exc))) from None
-        skewed = self._learn_clock(response.headers.get("date"))
-        if response.status_code >= 500:
-            raise PlatformUnavailable("platform answered HTTP %d: %s" % (response.status_code,
-                                                                        preview(response.text) or "(empty)"))
-        try:
-            # response.text decodes by the Content-Type charset: a platform answering GBK is read right
-            parsed = json.loads(response.text)
+            parsed = json.loads(text)
         except ValueError:
             raise PlatformUnavailable("platform answered HTTP %d, %s, not JSON: %s" % (
-                response.status_code, response.headers.get("content-type", "no content type"),
-                preview(response.text) or "(empty)")) from None
+                response.status, response.content_type or "no content type", preview(text) or "(empty)")) from None
         return answer_of(parsed), skewed
 
     def _learn_clock(self, date_header: str | None) -> bool:

@@ -9,7 +9,6 @@ checked against them before sending; the reply's `<response>` is parsed into dat
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -18,11 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-import httpx
-import zeep
-import zeep.exceptions
 from lxml import etree
-from zeep.proxy import AsyncServiceProxy
 
 from agent.codes import Outcome
 from agent.codes import qwb002 as codes
@@ -38,7 +33,8 @@ from agent.platforms.base import (
     VerifyRequest,
 )
 from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, Operation, check_fields, check_message
-from agent.platforms.transport import CheckedTransport, NotSoap, http_error, preview
+from agent.platforms.soapservice import SoapService
+from agent.platforms.transport import HttpClient, preview
 from agent.qr import QrKind
 
 logger = logging.getLogger(__name__)
@@ -46,8 +42,6 @@ logger = logging.getLogger(__name__)
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
                           remove_blank_text=True)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-# after a failed WSDL load, wait this long before trying again on demand
-WSDL_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -156,33 +150,29 @@ class RhcPlatform(Platform):
         self.endpoint = config.endpoint
         self.timeout_s = config.timeout_s
         self.wsdl_source = wsdl.WsdlSource(config.wsdl, "rhc.wsdl")
-        self.wsdl_cache = state_dir / "wsdl" / "rhc"
-        self.wsdl_note: str | None = None
-        verify: bool | str = str(config.tls_verify) if isinstance(config.tls_verify, Path) else config.tls_verify
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s),
-            verify=verify,
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-            headers={"User-Agent": "scanbox"},
-        )
-        # the zeep service and the names of its (action, message) parameters, once loaded
-        self._bound: tuple[Any, tuple[str, str]] | None = None
-        self._load_lock = asyncio.Lock()
-        self._load_failed_at: float | None = None
-        self._load_error: str | None = None
+        self._http = HttpClient(timeout_s=config.timeout_s, tls_verify=config.tls_verify)
+        self.service = SoapService("rhc", self.wsdl_source, state_dir / "wsdl" / "rhc", self._http,
+                                   config.endpoint, config.timeout_s, (self.rhc.operation,))
+        # the names of the operation's (action, message) parameters, once the WSDL is loaded
+        self._names: tuple[str, str] | None = None
 
     @property
     def operations(self) -> list[str]:
         return sorted(OPERATIONS)
 
+    @property
+    def wsdl_note(self) -> str | None:
+        return self.service.note
+
     async def start(self) -> None:
         try:
-            await self._ensure_service()
-        except PlatformUnavailable as exc:
+            await self._parameter_names()
+        except PlatformError as exc:
+            self.record_failure(exc)
             logger.warning("platform rhc not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     # --- the business operations ---------------------------------------------------------
 
@@ -326,81 +316,30 @@ class RhcPlatform(Platform):
     # --- SOAP ------------------------------------------------------------------------------
 
     async def _send(self, action: str, message: str) -> str:
-        service, (action_name, message_name) = await self._ensure_service()
-        operation = getattr(service, self.rhc.operation)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                reply = await operation(**{action_name: action, message_name: message})
-        except TimeoutError:
-            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
-        except httpx.TimeoutException:
-            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
-        except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (self.endpoint, http_error(exc))) from None
-        except zeep.exceptions.Fault as exc:
-            raise PlatformUnavailable("platform answered a SOAP fault: %s" % preview(str(exc.message))) from None
-        except NotSoap as exc:
-            raise PlatformUnavailable(str(exc)) from None
-        except (zeep.exceptions.Error, etree.XMLSyntaxError, ValueError) as exc:
-            raise PlatformUnavailable("platform reply is not SOAP: %s" % preview(str(exc))) from None
-        return reply
+        action_name, message_name = await self._parameter_names()
+        answer = await self.service.send(self.rhc.operation, {action_name: action, message_name: message})
+        # <RHCMessageServerResponse><return>the reply document as text</return>
+        returned = answer[0] if len(answer) else answer
+        return returned.text or ""
 
-    async def _ensure_service(self) -> tuple[Any, tuple[str, str]]:
-        if self._bound is not None:
-            return self._bound
-        async with self._load_lock:
-            if self._bound is None:
-                if self._load_failed_at is not None and time.monotonic() - self._load_failed_at < WSDL_RETRY_S:
-                    raise PlatformUnavailable("platform WSDL not loaded: %s" % self._load_error)
-                try:
-                    self._bound = await self._load_service()
-                except (wsdl.WsdlError, zeep.exceptions.Error, etree.XMLSyntaxError, OSError, LookupError) as exc:
-                    self._load_failed_at = time.monotonic()
-                    self._load_error = str(exc)
-                    error = PlatformUnavailable("platform WSDL not loaded: %s" % exc)
-                    self.record_failure(error)
-                    raise error from None
-                self._load_failed_at = None
-            return self._bound
-
-    async def _load_service(self) -> tuple[Any, tuple[str, str]]:
-        path, note = await wsdl.resolve(self.wsdl_source, self.wsdl_cache, self._http, self.timeout_s * 2)
-        transport = CheckedTransport(client=self._http)
-        settings = zeep.Settings(strict=False, xml_huge_tree=False)
-        # parsing a WSDL is blocking CPU work: off the event loop
-        client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=transport, settings=settings)
-        binding, address, names = self._find_operation(client)
-        # AsyncClient.create_service() returns a synchronous proxy (zeep 4.3): bind the async
-        # proxy ourselves so the call is awaited on httpx and never blocks the loop
-        service = AsyncServiceProxy(client, binding, address=self.endpoint or address)
-        self.wsdl_note = note
-        logger.info("platform rhc: WSDL %s (%s), operation %s(%s, %s) at %s", self.wsdl_source.describe(),
-                    note, self.rhc.operation, names[0], names[1], self.endpoint or address)
-        return service, names
-
-    def _find_operation(self, client: Any) -> tuple[Any, str, tuple[str, str]]:
-        """The SOAP binding that offers the operation, and its two string parameters.
+    async def _parameter_names(self) -> tuple[str, str]:
+        """The operation's two string parameters, (action, message).
 
         Part names are the site's choice (`action`/`message` with @WebParam, `arg0`/`arg1`
         without): match by name when they are called action and message, else by position,
         which the spec fixes as (action, message)."""
-        for service in client.wsdl.services.values():
-            for port in service.ports.values():
-                binding = port.binding
-                operation = binding._operations.get(self.rhc.operation)
-                if operation is None:
-                    continue
-                elements = [name for name, _ in operation.input.body.type.elements]
-                if len(elements) != 2:
-                    raise LookupError("operation %s takes %d parameters, not (action, message)"
-                                      % (self.rhc.operation, len(elements)))
-                lower = [e.lower() for e in elements]
-                if "action" in lower and "message" in lower:
-                    names = (elements[lower.index("action")], elements[lower.index("message")])
-                else:
-                    names = (elements[0], elements[1])
-                return binding, port.binding_options.get("address", ""), names
-        raise LookupError("the WSDL has no operation %s" % self.rhc.operation)
+        if self._names is None:
+            elements = await self.service.input_names(self.rhc.operation)
+            if len(elements) != 2:
+                raise PlatformUnavailable("platform WSDL not usable: operation %s takes %d parameters, "
+                                          "not (action, message)" % (self.rhc.operation, len(elements)))
+            lower = [e.lower() for e in elements]
+            if "action" in lower and "message" in lower:
+                self._names = (elements[lower.index("action")], elements[lower.index("message")])
+            else:
+                self._names = (elements[0], elements[1])
+            logger.info("platform rhc: operation %s(%s, %s)", self.rhc.operation, *self._names)
+        return self._names
 
 
 def card_atr_number(card: dict[str, Any]) -> str:

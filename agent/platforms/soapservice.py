@@ -1,8 +1,9 @@
 """A platform's SOAP service from its WSDL, loaded once and on demand: the WSDL comes from config
 (URL or file, see `wsdl`), is cached for offline starts, and a failed load is not retried on
-every scan. zeep builds the requests from the site's WSDL (its namespace, its element names);
-the replies are returned raw (`raw_response`) for the adapter to read with lxml, so an element
-order or an extra element the WSDL did not foresee cannot lose an answer.
+every scan. zeep builds each request from the site's WSDL (its namespace, its element names,
+through `Client.create_message`); the box's one HTTP client (`transport.HttpClient`) posts it;
+the reply is read with lxml (`parse_envelope`), so an element order or an extra element the WSDL
+did not foresee cannot lose an answer. The rhc and wondersgroup adapters both use this.
 """
 
 from __future__ import annotations
@@ -10,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
-import httpx
 import zeep
 import zeep.exceptions
 from lxml import etree
-from zeep.proxy import AsyncServiceProxy
 
 from agent.model import Reason, ScanboxError
 from agent.platforms import wsdl
 from agent.platforms.base import PlatformUnavailable
-from agent.platforms.transport import CheckedTransport, NotSoap, http_error, preview
+from agent.platforms.transport import HttpClient, NotSoap, check_xml, preview
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,20 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
                           remove_blank_text=True)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The loaded WSDL's port that offers the operations, and where to send them."""
+
+    client: zeep.Client
+    proxy: Any  # zeep's ServiceProxy for the port (what create_message builds against)
+    binding: Any
+    address: str
+
+
 class SoapService:
     """The operations `needed` of the WSDL at `source`, bound to `endpoint` (else the WSDL's)."""
 
-    def __init__(self, label: str, source: wsdl.WsdlSource, cache_dir: Any, http: httpx.AsyncClient,
+    def __init__(self, label: str, source: wsdl.WsdlSource, cache_dir: Any, http: HttpClient,
                  endpoint: str | None, timeout_s: float, needed: Iterable[str]) -> None:
         self.label = label
         self.source = source
@@ -45,60 +55,59 @@ class SoapService:
         self.timeout_s = timeout_s
         self.needed = tuple(needed)
         self.note: str | None = None
-        self._proxy: Any = None
+        self._bound: Bound | None = None
         self._lock = asyncio.Lock()
         self._failed_at: float | None = None
         self._error = ""
 
-    async def proxy(self) -> Any:
-        if self._proxy is not None:
-            return self._proxy
+    @property
+    def loaded(self) -> bool:
+        return self._bound is not None
+
+    async def bound(self) -> Bound:
+        if self._bound is not None:
+            return self._bound
         async with self._lock:
-            if self._proxy is None:
+            if self._bound is None:
                 if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_S:
                     raise PlatformUnavailable("platform WSDL not loaded: %s" % self._error)
                 try:
-                    self._proxy = await self._load()
+                    self._bound = await self._load()
                 except (wsdl.WsdlError, zeep.exceptions.Error, etree.XMLSyntaxError, OSError, LookupError) as exc:
                     self._failed_at = time.monotonic()
                     self._error = str(exc)
                     raise PlatformUnavailable("platform WSDL not loaded: %s" % exc) from None
                 self._failed_at = None
-            return self._proxy
+            return self._bound
 
-    async def _load(self) -> Any:
+    async def _load(self) -> Bound:
         path, note = await wsdl.resolve(self.source, self.cache_dir, self.http, self.timeout_s * 2)
-        settings = zeep.Settings(strict=False, xml_huge_tree=False, raw_response=True)
-        # parsing a WSDL is blocking CPU work: off the event loop
-        client = await asyncio.to_thread(zeep.AsyncClient, str(path), transport=CheckedTransport(client=self.http),
-                                         settings=settings)
+        settings = zeep.Settings(strict=False, xml_huge_tree=False)
+        # parsing a WSDL is blocking CPU work: off the event loop. The cached copy's imports are
+        # local files, so zeep's own (blocking) transport never goes to the network
+        client = await asyncio.to_thread(zeep.Client, str(path), settings=settings)
         for service in client.wsdl.services.values():
             for port in service.ports.values():
-                missing = [op for op in self.needed if op not in port.binding._operations]
-                if missing:
+                if not all(_has_operation(port.binding, op) for op in self.needed):
                     continue
                 address = self.endpoint or port.binding_options.get("address", "")
                 self.note = note
                 logger.info("platform %s: WSDL %s (%s), service at %s", self.label, self.source.describe(), note,
                             address)
-                # AsyncClient.create_service() returns a synchronous proxy (zeep 4.3): bind the
-                # async proxy ourselves so calls are awaited on httpx and never block the loop
-                return AsyncServiceProxy(client, port.binding, address=address)
+                return Bound(client, client.bind(service.name, port.name), port.binding, address)
         raise LookupError("the WSDL has no port with the operations %s" % ", ".join(self.needed))
+
+    async def input_names(self, operation: str) -> list[str]:
+        """The element names of an operation's request, in the WSDL's order."""
+        bound = await self.bound()
+        return [name for name, _ in bound.binding.get(operation).input.body.type.elements]
 
     async def send(self, operation: str, params: dict[str, Any]) -> etree._Element:
         """Call `operation`; the reply's `<operationResponse>` element. Raises PlatformUnavailable
         for anything but a SOAP answer (transport errors, faults, error pages, timeouts)."""
-        proxy = await self.proxy()
+        bound = await self.bound()
         try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await getattr(proxy, operation)(**params)
-        except (TimeoutError, httpx.TimeoutException):
-            raise PlatformUnavailable("no answer within %.1f s" % self.timeout_s) from None
-        except httpx.HTTPError as exc:
-            raise PlatformUnavailable("%s: %s" % (self.endpoint, http_error(exc))) from None
-        except NotSoap as exc:
-            raise PlatformUnavailable(str(exc)) from None
+            envelope = bound.client.create_message(bound.proxy, operation, **params)
         except (zeep.exceptions.ValidationError, ValueError, TypeError) as exc:
             # zeep refusing to build the request from these parameters: a site WSDL that does
             # not match the spec. Sending it again cannot help (an outbox record goes dead)
@@ -106,8 +115,23 @@ class SoapService:
                                % (operation, exc)) from None
         except zeep.exceptions.Error as exc:
             raise PlatformUnavailable("%s: %s" % (operation, exc)) from None
-        return parse_envelope(response.content, response.headers.get("content-type", ""), operation,
-                              response.status_code)
+        headers = {"Content-Type": "text/xml; charset=utf-8",
+                   "SOAPAction": '"%s"' % (bound.binding.get(operation).soapaction or "")}
+        reply = await self.http.post(bound.address, etree.tostring(envelope, encoding="utf-8", xml_declaration=True),
+                                     headers, self.timeout_s)
+        try:
+            check_xml(reply)
+        except NotSoap as exc:
+            raise PlatformUnavailable(str(exc)) from None
+        return parse_envelope(reply.content, reply.content_type, operation, reply.status)
+
+
+def _has_operation(binding: Any, operation: str) -> bool:
+    try:
+        binding.get(operation)
+    except ValueError:  # zeep: "Operation %r not found"
+        return False
+    return True
 
 
 def parse_envelope(content: bytes, content_type: str, operation: str, status: int = 200) -> etree._Element:

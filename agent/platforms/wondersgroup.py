@@ -19,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-import httpx
 
 from agent.codes import Outcome
 from agent.codes import wondersgroup as codes
@@ -31,6 +30,7 @@ from agent.platforms.base import (Platform, PlatformError, PlatformHealth, Platf
                                   VerifyAnswer, VerifyRequest)
 from agent.platforms.credentials import CredentialCache
 from agent.platforms.soapservice import SoapService, element_data
+from agent.platforms.transport import HttpClient
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ class WondersgroupPlatform(Platform):
         self.wg = config.wondersgroup
         self.site = site
         self.endpoint = config.endpoint
-        verify: bool | str = str(config.tls_verify) if isinstance(config.tls_verify, Path) else config.tls_verify
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(config.timeout_s), verify=verify,
-                                       limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-                                       headers={"User-Agent": "scanbox"})
+        self._http = HttpClient(timeout_s=config.timeout_s, tls_verify=config.tls_verify)
         self.service = SoapService("wondersgroup", wsdl.WsdlSource(config.wsdl, "wondersgroup.wsdl"),
                                    state_dir / "wsdl" / "wondersgroup", self._http, config.endpoint,
                                    config.timeout_s, ("getAuthKey", *OPERATIONS))
@@ -107,7 +104,7 @@ class WondersgroupPlatform(Platform):
             logger.info("platform wondersgroup: authKey from %s (%.0f s old)", self.auth.path,
                         self.auth.current.age_s() if self.auth.current else 0)
         try:
-            await self.service.proxy()
+            await self.service.bound()
             # an authKey now, so the first scan at the counter costs one round trip, not two
             await self.auth.get()
         except PlatformError as exc:
@@ -115,7 +112,7 @@ class WondersgroupPlatform(Platform):
             logger.warning("platform wondersgroup not ready: %s (will retry when needed)", exc.message)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     def health(self) -> PlatformHealth:
         health = super().health()

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
-import httpx
 from lxml import etree
+
+from agent.platforms.base import PlatformUnavailable
+from agent.platforms.transport import HttpClient
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class WsdlSource:
         return self.location or "shipped %s" % self.shipped_name
 
 
-async def resolve(source: WsdlSource, cache_dir: Path, http: httpx.AsyncClient,
+async def resolve(source: WsdlSource, cache_dir: Path, http: HttpClient,
                   timeout_s: float) -> tuple[Path, str]:
     """The local path of the WSDL to load and a note on where it came from.
 
@@ -68,7 +70,7 @@ async def resolve(source: WsdlSource, cache_dir: Path, http: httpx.AsyncClient,
     current = cache_dir / "current"
     try:
         documents = await _fetch_tree(source.location or "", http, timeout_s)
-    except (httpx.HTTPError, WsdlError, etree.XMLSyntaxError) as exc:
+    except (PlatformUnavailable, WsdlError, etree.XMLSyntaxError) as exc:
         cached = current / "0.wsdl"
         if cached.is_file():
             logger.warning("WSDL %s unavailable (%s); using the copy cached %s", source.location,
@@ -80,15 +82,16 @@ async def resolve(source: WsdlSource, cache_dir: Path, http: httpx.AsyncClient,
     return current / "0.wsdl", "fetched from %s" % source.location
 
 
-async def _fetch_tree(url: str, http: httpx.AsyncClient, timeout_s: float) -> dict[str, bytes]:
+async def _fetch_tree(url: str, http: HttpClient, timeout_s: float) -> dict[str, bytes]:
     """The WSDL at `url` and everything it imports, with imports rewritten to local names."""
     names: dict[str, str] = {url: "0.wsdl"}
     queue = [url]
     documents: dict[str, bytes] = {}
     while queue:
         doc_url = queue.pop(0)
-        response = await http.get(doc_url, timeout=timeout_s)
-        response.raise_for_status()
+        response = await http.get(doc_url, timeout_s=timeout_s)
+        if response.status >= 300:
+            raise WsdlError("HTTP %d for %s" % (response.status, doc_url))
         if len(response.content) > MAX_DOCUMENT_BYTES:
             raise WsdlError("%s is larger than %d bytes" % (doc_url, MAX_DOCUMENT_BYTES))
         root = etree.fromstring(response.content, _PARSER)
@@ -143,8 +146,6 @@ def _mtime(path: Path) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, httpx.HTTPStatusError):
-        return "HTTP %d" % exc.response.status_code
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
+    if isinstance(exc, PlatformUnavailable):
+        return exc.message
     return str(exc) or type(exc).__name__

@@ -182,7 +182,7 @@ async def test_serial_noise_reaches_the_his_as_an_invalid_scan_and_reading_goes_
 
 
 @pytest.mark.parametrize("mode, expected", [
-    ("html", "text/html"), ("http500", "HTTP 500"), ("garbage", "not SOAP"), ("empty", "(empty)"),
+    ("html", "text/html"), ("http500", "HTTP 500"), ("garbage", "not XML"), ("empty", "(empty)"),
     ("reset", "connection broken"),
 ])
 async def test_a_platform_answering_nonsense_gives_platform_unavailable_with_the_scan(box, mode, expected):

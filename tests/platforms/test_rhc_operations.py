@@ -361,7 +361,7 @@ async def test_verify_unknown_temporary_card(platform):
 @pytest.mark.parametrize("mode,words", [
     ("http500", ["HTTP 500", "text/html"]),
     ("html", ["HTTP 200", "text/html", "Please log in"]),
-    ("garbage", ["not SOAP"]),
+    ("garbage", ["not XML", "garbage"]),
     ("empty", ["HTTP 200", "empty"]),
     ("reset", ["connection"]),
 ])
