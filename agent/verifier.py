@@ -15,6 +15,7 @@ the scan. Every outcome is a Result the HIS receives with the scan.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from datetime import datetime
@@ -23,12 +24,17 @@ from typing import Any
 from agent.clock import Clock
 from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
                          ScanKind, UsageRecord, Verification)
-from agent.outbox import Store, StoreUnavailable, Uploader
+from agent.outbox import Store, StoreUnavailable, Uploader, qr_hash
 from agent.platforms.base import Platform, PlatformError, PlatformUnavailable, VerifyRequest
 from agent.privacy import mask_qr
 from agent.qr import Classifier, QrKind
 
 logger = logging.getLogger(__name__)
+
+# codes whose cache entry this process wrote, and when: the same code verified again with the same
+# identity is not written again until its entry is a quarter of `cache.ttl` old (an SD card write
+# and an fsync per scan saved; an entry can then expire up to a quarter of the TTL early)
+CACHE_NOTES = 4096
 
 
 class Verifier:
@@ -47,6 +53,8 @@ class Verifier:
         self.uploader = uploader
         self.cache_ttl_s = cache_ttl_s if store is not None else 0.0
         self._background: set[asyncio.Task[Any]] = set()
+        self._cache_notes: collections.OrderedDict[str, tuple[Identity, float]] = collections.OrderedDict()
+        self.monotonic = time.monotonic  # the clock the cache notes age by (tests move it)
 
     async def verify(self, scan: Scan, step: str | None = None, channel: str | None = None) -> Result:
         started = time.monotonic()
@@ -116,7 +124,7 @@ class Verifier:
                     answer.identity, verification.elapsed_ms)
         if self.uploader is not None:
             self.uploader.platform_back()
-        if kind is QrKind.STATIC and self.cache_ttl_s > 0:
+        if kind is QrKind.STATIC and self.cache_ttl_s > 0 and self._cache_stale(scan.payload, answer.identity):
             self._background_task(self._remember(scan.payload, answer.identity))
         return Result(scan, answer.identity, verification)
 
@@ -187,16 +195,32 @@ class Verifier:
         fields = {k: data.get(k) for k in IDENTITY_FIELDS}
         return Identity(source=IdentitySource.CACHE, **fields), verified_at
 
+    def _cache_stale(self, qr: str, identity: Identity) -> bool:
+        """Whether the cache entry for this code is missing, different or a quarter-TTL old; notes
+        the write about to happen."""
+        key = qr_hash(qr)
+        now = self.monotonic()
+        noted = self._cache_notes.get(key)
+        if noted is not None and noted[0] == identity and now - noted[1] < self.cache_ttl_s / 4:
+            return False
+        self._cache_notes[key] = (identity, now)
+        self._cache_notes.move_to_end(key)
+        if len(self._cache_notes) > CACHE_NOTES:
+            self._cache_notes.popitem(last=False)
+        return True
+
     async def _remember(self, qr: str, identity: Identity) -> None:
         if self.store is None:
             return
         try:
             await self.store.cache_put(qr, {k: getattr(identity, k) for k in IDENTITY_FIELDS}, self.cache_ttl_s)
         except StoreUnavailable as exc:
+            self._cache_notes.pop(qr_hash(qr), None)  # not written after all: the next scan tries again
             logger.warning("identity cache: not updated: %s", exc)
 
     async def _forget(self, qr: str) -> None:
         """The platform refused this code (cancelled, unknown): never answer it from the cache."""
+        self._cache_notes.pop(qr_hash(qr), None)
         if self.store is None:
             return
         try:

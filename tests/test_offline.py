@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import asyncio
+import time
 
 from agent import cli
 from agent.simulator.soap import Fault
@@ -195,3 +196,33 @@ async def test_a_verification_gets_one_deadline_then_is_answered_as_offline_and_
     status = await client.call("status")
     assert status["platform"]["reachable"] is False and status["outbox"]["pending"] == 1
     box.sim.faults.base_latency_s = 0
+
+
+async def test_the_cache_is_written_when_an_entry_is_missing_changed_or_stale_not_on_every_scan(box):
+    await box.start(sources={})
+    client = await box.unix()
+    resident = box.resident()
+    store, verifier = box.daemon.store, box.daemon.verifier
+
+    async def cached() -> tuple[dict, float]:
+        await verifier.drain()
+        found = await store.cache_get(resident.static_qr)
+        assert found is not None
+        return found
+
+    await client.call("verify_qr", {"qr": resident.static_qr})
+    _, first_written = await cached()
+    for _ in range(3):  # the same patient again: the entry is fresh, no SD card write
+        assert (await client.call("verify_qr", {"qr": resident.static_qr}))["verification"]["ok"]
+    assert (await cached())[1] == first_written
+
+    resident.cellphone = "13900001111"  # the platform's answer changed: written at once
+    assert (await client.call("verify_qr", {"qr": resident.static_qr}))["identity"]["phone"] == "13900001111"
+    identity, written = await cached()
+    assert identity["phone"] == "13900001111" and written > first_written
+
+    # a quarter of cache.ttl (24 h) after the write: written again, so the entry never runs out
+    # while the patient keeps coming
+    verifier.monotonic = lambda: time.monotonic() + 6.1 * 3600
+    await client.call("verify_qr", {"qr": resident.static_qr})
+    assert (await cached())[1] > written
