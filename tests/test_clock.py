@@ -178,3 +178,23 @@ async def test_a_tls_failure_while_the_clock_is_wrong_says_so(tmp_path):
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_scan_read_at_1970_is_filed_under_the_time_ntp_gives(box, tmp_path):
+    """A code scanned before NTP set the clock: the verification waits for it, and the platform
+    records the use at the real time of the scan, not at 1970."""
+    from agent.model import Scan, ScanKind
+
+    clock, fake = a_clock(tmp_path, NINETEEN_SEVENTY, timesyncd=True, sync_wait_s=30)
+    await box.start(clock=clock, sources={})
+    scan = Scan("serial:counter", ScanKind.QR, box.resident().static_qr,
+                at=dt.datetime.fromtimestamp(NINETEEN_SEVENTY).astimezone())
+    verifying = asyncio.create_task(box.daemon.verifier.verify(scan))
+    await until(lambda: clock.waiting == 1)
+    fake.now = time.time()
+    (tmp_path / "timesync" / "synchronized").touch()
+    result = await asyncio.wait_for(verifying, 10)
+    assert result.verification.ok
+    (entry,) = box.sim.sim.journal
+    filed = dt.datetime.strptime(entry.values["time"], "%Y-%m-%d %H:%M:%S")
+    assert abs(filed.timestamp() - time.time()) < 60, entry.values["time"]  # not 1970-01-04
