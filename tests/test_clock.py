@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,7 +22,8 @@ from agent import clock as clocks
 from agent.clock import Clock
 from agent.model import UsageRecord
 from agent.outbox import Store
-from agent.platforms.transport import http_error
+from agent.platforms.base import PlatformUnavailable
+from agent.platforms.transport import HttpClient
 from agent.simulator.soap import Fault
 from tests.conftest import until
 
@@ -162,18 +162,22 @@ async def test_a_tls_failure_while_the_clock_is_wrong_says_so(tmp_path):
     port = server.sockets[0].getsockname()[1]
 
     async def failure() -> str:
-        async with httpx.AsyncClient() as http:
-            with pytest.raises(httpx.ConnectError) as caught:
-                await http.post("https://127.0.0.1:%d/healthCard" % port, content=b"<x/>")
-        return http_error(caught.value)
+        # the box's own client to its platform, as every adapter uses it
+        client = HttpClient(timeout_s=5)
+        try:
+            with pytest.raises(PlatformUnavailable) as caught:
+                await client.post("https://127.0.0.1:%d/healthCard" % port, b"<x/>", {})
+        finally:
+            await client.close()
+        return caught.value.message
 
     try:
         clocks.install(a_clock(tmp_path, time.time())[0])
         right = await failure()
-        assert "certificate verify failed" in right.lower() and "clock" not in right
+        assert "certificate" in right.lower() and "clock" not in right
         clocks.install(a_clock(tmp_path, NINETEEN_SEVENTY)[0])
         wrong = await failure()
-        assert "certificate verify failed" in wrong.lower()
+        assert "certificate" in wrong.lower()
         assert "the clock says 1970-01-04" in wrong and "TLS cannot check a certificate" in wrong
     finally:
         server.close()
