@@ -17,11 +17,10 @@ from typing import Any, Mapping
 
 import aiohttp
 
+from agent.clock import tls_hint
 from agent.platforms.base import PlatformUnavailable
 
 USER_AGENT = "scanbox"
-
-from agent.clock import tls_hint
 
 
 @dataclass(frozen=True)
