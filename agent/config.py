@@ -213,7 +213,8 @@ class ClientConfig(Section):
 
 class OnetransApp(Section):
     """A HIS program that calls `onetrans` (spec 004's OneTrans2.dll envelope) under its app_id:
-    app_key is the key its requests are signed (HMAC-SM3) and encrypted (SM4) with (docs/api.md)."""
+    app_key is the secret its requests' MAC and SM4 keys are derived from (docs/api.md); it never
+    travels: the HIS's PC signs (scanbox's OneTrans2.dll does)."""
 
     app_key: Secret
 
@@ -225,6 +226,9 @@ class OnetransConfig(Section):
     region: str = Field("000000", pattern=r"^[0-9]{6}$")
     # hos.user.get waits this long for a card (the spec's envelope has no timeout of its own)
     read_timeout_s: float = Field(60, gt=0, le=3600)
+    # a request's timestamp must be within this many seconds of the box's clock, and its msgid
+    # is remembered (per app) this long: a recorded request cannot be replayed
+    window_s: float = Field(300, ge=10, le=3600)
     apps: dict[str, OnetransApp] = {}
 
 

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.api.jsonrpc import (APPLICATION_ERROR, INVALID_REQUEST, PARSE_ERROR, Dispatcher, RpcError, Session,
+from agent.api.jsonrpc import (APPLICATION_ERROR, INVALID_REQUEST, Dispatcher, RpcError, Session,
                                encode, error_response)
 from agent.api.methods import Api
 from agent.api.outbound import MAX_IN_FLIGHT, Outbound, answer
@@ -239,19 +239,33 @@ class HttpServer:
     async def onetrans(self, request: web.Request) -> web.Response:
         """The bare pInData as the body (UTF-8, or GBK as the DLL spoke); pOutData back in the
         request's charset. The app's signature is the authentication (no bearer token)."""
-        body = await request.read()
+        peer = "http:%s" % _peer(request)
         charset = (request.charset or "").lower() or None
-        if charset is None:
-            try:
-                text = body.decode("utf-8")
-                charset = "utf-8"
-            except UnicodeDecodeError:
-                charset = "gbk"
         try:
-            text = body.decode(charset)
-        except (UnicodeDecodeError, LookupError):
-            return _rpc_error(400, PARSE_ERROR, "the body is not %s text" % charset[:20], Reason.BAD_REQUEST)
-        out = await self.api.onetrans.handle(text, "http:%s" % _peer(request))
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # every body gets a pOutData, this one too
+            out = self.api.onetrans.refused("pInData is longer than %d bytes (api.max_message)"
+                                            % self.config.max_message, peer)
+            body = None
+        if body is not None:
+            if charset is None:
+                try:
+                    body.decode("utf-8")
+                    charset = "utf-8"
+                except UnicodeDecodeError:
+                    charset = "gbk"
+            try:
+                text = body.decode(charset)
+            except (UnicodeDecodeError, LookupError):
+                out = self.api.onetrans.refused("the body is not %s text" % charset[:20], peer)
+            else:
+                out = await self.api.onetrans.handle(text, peer)
+        charset = charset or "utf-8"
+        try:
+            "".encode(charset)
+        except LookupError:
+            charset = "utf-8"
         data = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
         try:
             payload = data.encode(charset)

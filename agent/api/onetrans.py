@@ -1,24 +1,29 @@
 """OneTrans2.dll compatibility (spec 004): the DLL's `pInData` envelope in, its `pOutData` out.
 
 A HIS that called `OneTrans(pInData, pOutData)` sends the same JSON object to the box (JSON-RPC
-`onetrans {pInData}` on any transport, or the bare object as the body of `POST /onetrans`). The
-spec says requests and responses are signed (`signtype`, "SM3") and may be encrypted
+`onetrans {pInData}` on any transport, or the bare object as the body of `POST /onetrans`), or
+keeps calling scanbox's own OneTrans2.dll (windows/), which signs on the HIS's PC and forwards.
+The spec says requests and responses are signed (`signtype`, "SM3") and may be encrypted
 (`enc_type`, "SM4") but not what is signed or with which key; scanbox's definition (docs/api.md
 "OneTrans"):
 
 - every HIS program has an `app_id` and a secret `app_key`, configured in
-  `[api.onetrans.apps.APP_ID]` (the key in the secrets file). The key never needs to travel;
-  a request that carries `app_key` anyway must carry the right one.
-- canonical form of a message: the JSON object without its `sign` and `app_key` members, keys
-  sorted by code point at every level, no whitespace, non-ASCII characters as themselves, UTF-8.
-- `sign` = lowercase hex HMAC-SM3(key = app_key as UTF-8, canonical form). HMAC (GB/T 15852.2)
-  rather than a bare SM3 of message + key, which length extension would let anyone extend.
+  `[api.onetrans.apps.APP_ID]` (the key in the secrets file). The key never travels: a request
+  that carries `app_key`/`appKey` is refused (whoever saw it could sign and decrypt as the app).
+- two keys derived from app_key with labels: the MAC key HMAC-SM3(app_key, "scanbox onetrans mac
+  v1") and the SM4 key HMAC-SM3(app_key, "scanbox onetrans sm4 v1")[:16].
+- canonical form of a message: the JSON object without its `sign` member, keys sorted by code
+  point at every level, no whitespace, non-ASCII characters as themselves, UTF-8.
+- `sign` = lowercase hex HMAC-SM3(MAC key, canonical form). HMAC (GB/T 15852.2) rather than a
+  bare SM3 of message + key, which length extension would let anyone extend.
 - `enc_type` "SM4": `data` travels as base64(IV || SM4-CBC(PKCS#7(canonical form of data)))
-  with a fresh random 16-byte IV, under the key SM3(app_key as UTF-8)[:16]: a different key from
-  the signing key, derived from the same secret. It is encrypted first, then signed.
+  with a fresh random 16-byte IV under the SM4 key. It is encrypted first, then signed.
   "NONE": `data` is the plain object.
-- responses are signed (and encrypted when the request was) the same way with the same app's key;
-  a request whose app or signature is wrong gets an unsigned answer (there is no key to trust).
+- `timestamp` must lie within `window_s` of the box's clock, and an app's `msgid` is accepted
+  once within that window: a recorded request cannot be replayed.
+- responses carry the request's `msgid` and are signed (and encrypted when the request was) the
+  same way with the same app's keys; a request whose app or signature is wrong gets an unsigned
+  answer (there is no key to trust), the same for both.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import logging
 import os
 import re
 import secrets
+import time
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 from cryptography.hazmat.primitives import hashes, padding
@@ -62,16 +69,27 @@ def hmac_sm3(key: bytes, data: bytes) -> bytes:
 
 
 def canonical(message: Any) -> bytes:
+    """Raises ValueError for what JSON cannot carry (NaN, infinities)."""
     return json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 
 
-UNSIGNED = ("sign", "app_key", "appKey")
+MAC_LABEL = b"scanbox onetrans mac v1"
+SM4_LABEL = b"scanbox onetrans sm4 v1"
+KEY_NAMES = ("app_key", "appKey")
+
+
+def mac_key(app_key: str) -> bytes:
+    return hmac_sm3(app_key.encode("utf-8"), MAC_LABEL)
+
+
+def sm4_key(app_key: str) -> bytes:
+    return hmac_sm3(app_key.encode("utf-8"), SM4_LABEL)[:16]
 
 
 def signature(message: dict[str, Any], app_key: str) -> str:
-    body = {k: v for k, v in message.items() if k not in UNSIGNED}
-    return hmac_sm3(app_key.encode("utf-8"), canonical(body)).hex()
+    body = {k: v for k, v in message.items() if k != "sign"}
+    return hmac_sm3(mac_key(app_key), canonical(body)).hex()
 
 
 def sign(message: dict[str, Any], app_key: str) -> dict[str, Any]:
@@ -81,15 +99,11 @@ def sign(message: dict[str, Any], app_key: str) -> dict[str, Any]:
     return out
 
 
-def _sm4_key(app_key: str) -> bytes:
-    return sm3(app_key.encode("utf-8"))[:16]
-
-
-def encrypt_data(data: Any, app_key: str) -> str:
-    iv = secrets.token_bytes(16)
+def encrypt_data(data: Any, app_key: str, iv: bytes | None = None) -> str:
+    iv = iv if iv is not None else secrets.token_bytes(16)
     padder = padding.PKCS7(128).padder()
     plain = padder.update(canonical(data)) + padder.finalize()
-    encryptor = Cipher(algorithms.SM4(_sm4_key(app_key)), modes.CBC(iv)).encryptor()
+    encryptor = Cipher(algorithms.SM4(sm4_key(app_key)), modes.CBC(iv)).encryptor()
     return base64.b64encode(iv + encryptor.update(plain) + encryptor.finalize()).decode("ascii")
 
 
@@ -104,12 +118,12 @@ def decrypt_data(text: str, app_key: str) -> Any:
         raise DecryptError("data is not base64") from None
     if len(raw) < 32 or len(raw) % 16:
         raise DecryptError("data is not an IV and whole SM4 blocks (%d bytes)" % len(raw))
-    decryptor = Cipher(algorithms.SM4(_sm4_key(app_key)), modes.CBC(raw[:16])).decryptor()
+    decryptor = Cipher(algorithms.SM4(sm4_key(app_key)), modes.CBC(raw[:16])).decryptor()
     padded = decryptor.update(raw[16:]) + decryptor.finalize()
     unpadder = padding.PKCS7(128).unpadder()
     try:
         plain = unpadder.update(padded) + unpadder.finalize()
-        return json.loads(plain.decode("utf-8"))
+        return json.loads(plain.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise DecryptError("data does not decrypt to JSON under this app's key") from None
 
@@ -120,11 +134,19 @@ OK = "000000"
 CONCURRENT = "600001"
 BAD_ENVELOPE = "100001"
 BAD_MSGID = "100002"
-BAD_SIGNATURE = "100003"
-UNKNOWN_APP = "100004"
+BAD_SIGNATURE = "100003"  # also an unknown app_id: the same code and text, so app ids cannot be probed
 UNDECRYPTABLE = "100005"
 UNSUPPORTED_ALGORITHM = "100006"
 UNKNOWN_TRANS_TYPE = "100007"
+STALE = "100008"  # timestamp outside the window (or the box's clock is not set)
+REPLAYED = "100009"  # this app's msgid was already used within the window
+KEY_SENT = "100010"  # app_key/appKey on the wire
+# (100004, "unknown app_id", was retired: an unknown app answers 100003 like a bad signature)
+
+BAD_SIGNATURE_TEXT = "签名验证失败: unknown app_id, or sign missing or wrong (HMAC-SM3, docs/api.md)"
+# a clock before this cannot be right (scanbox did not exist yet): no window can be checked
+EARLIEST_PLAUSIBLE = dt.datetime(2025, 1, 1)
+MSGIDS_PER_APP = 10000  # msgids remembered per app within the window
 
 # a failed read answers the code of its reason (docs/api.md lists them)
 REASON_CODES: dict[Reason, str] = {
@@ -149,8 +171,6 @@ ENVELOPE = {
     "dept_codg": (20, True), "dept_name": (30, True), "opter": (30, True), "opter_name": (50, True),
     "opter_type": (3, True), "trans_type": (50, True),
 }
-# the spec's own read-card example spells these in camel case
-ALIASES = {"appId": "app_id", "appKey": "app_key"}
 OPTER_TYPES = {"1", "2", "3"}  # 经办人, 自助终端, 移动终端
 
 # mdtrt_cert_type of the request -> the scan kinds that answer it
@@ -166,6 +186,7 @@ KIND_CERT = {ScanKind.QR: "07", ScanKind.HEALTH_CARD: "07", ScanKind.ID_CARD: "0
 PSN_CERT_TYPE = {"01": "01", "02": "01", "03": "16", "04": "02", "05": "99", "06": "04", "07": "06",
                  "08": "99", "99": "99"}
 
+PSN_NO_MAX = 30
 _MSGID = re.compile(r"[0-9A-Za-z]{1,12}[0-9]{14}[0-9A-Za-z]{3,4}")
 _TIMESTAMP = re.compile(r"[0-9]{17}")
 
@@ -214,33 +235,35 @@ class OneTrans:
         self._busy = False
         self._serial = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self.trans_types: dict[str, TransHandler] = {"hos.user.get": self.user_get}
+        self._msgids: dict[str, OrderedDict[str, float]] = {}
 
     async def handle(self, p_in: Any, peer: str = "local") -> dict[str, Any]:
         """pInData (object, or the JSON text of one) -> pOutData. Never raises for bad input."""
         received = now_local()
         app_key: str | None = None
         encrypt = False
+        msgid: str | None = None
         try:
             sent, message = self._parse(p_in)
-            app_id = message.get("app_id")
-            app = self.config.apps.get(app_id) if isinstance(app_id, str) else None
-            if app is None:
-                await self._slow(peer)
-                raise Refused(UNKNOWN_APP, "unknown app_id %r" % _short(app_id))
-            key = app.app_key.get_secret_value()
-            given_key = message.get("app_key")
-            if given_key is not None and not (isinstance(given_key, str) and hmac.compare_digest(
-                    given_key.encode("utf-8"), key.encode("utf-8"))):
-                await self._slow(peer)
-                raise Refused(UNKNOWN_APP, "app_key does not match app_id %s" % app_id)
+            if isinstance(message.get("msgid"), str) and len(message["msgid"]) <= 30:
+                msgid = message["msgid"]
+            self._refuse_key_on_wire(message, peer)
             if message.get("signtype") != "SM3":
                 raise Refused(UNSUPPORTED_ALGORITHM, "signtype %r is not supported: SM3 (HMAC-SM3, see the API "
                               "document)" % _short(message.get("signtype")))
+            app_id = message.get("app_id")
+            app = self.config.apps.get(app_id) if isinstance(app_id, str) else None
+            # an unknown app costs the same HMAC as a known one, and answers the same
+            key = app.app_key.get_secret_value() if app is not None else secrets.token_hex(16)
             given = message.get("sign")
-            if not isinstance(given, str) or not hmac.compare_digest(
-                    given.lower().encode("ascii", "replace"), signature(sent, key).encode("ascii")):
+            try:
+                expected = signature(sent, key)
+            except ValueError:  # NaN or an infinity inside an object given as an object
+                raise Refused(BAD_ENVELOPE, "pInData holds a number JSON cannot carry (NaN, Infinity)") from None
+            if app is None or not isinstance(given, str) or not hmac.compare_digest(
+                    given.lower().encode("ascii", "replace"), expected.encode("ascii")):
                 await self._slow(peer)
-                raise Refused(BAD_SIGNATURE, "签名验证失败: sign is missing or wrong")
+                raise Refused(BAD_SIGNATURE, BAD_SIGNATURE_TEXT)
             app_key = key  # from here on the answer is signed
             if self.forgive is not None:
                 self.forgive(peer)
@@ -249,6 +272,7 @@ class OneTrans:
                 raise Refused(UNSUPPORTED_ALGORITHM, "enc_type %r is not supported: SM4 or NONE" % _short(enc_type))
             encrypt = enc_type == "SM4"
             self._check_envelope(message)
+            self._check_fresh(app_id, message)
             data = message.get("data")
             if encrypt:
                 if not isinstance(data, str):
@@ -266,6 +290,7 @@ class OneTrans:
                               % (_short(trans_type), ", ".join(sorted(self.trans_types))))
             if self._busy:
                 raise Refused(CONCURRENT, "接口业务不支持并发调用: another call is in progress")
+            self._remember(app_id, message["msgid"])  # no await since _check_fresh: nothing slipped in
             self._busy = True
             try:
                 out_data = await handler(data)
@@ -274,6 +299,14 @@ class OneTrans:
             code, err_msg = OK, "成功"
         except Refused as exc:
             code, err_msg, out_data = exc.code, exc.message, {}
+        return self._reply(code, err_msg, out_data, received, msgid, app_key, encrypt, peer)
+
+    def refused(self, message: str, peer: str = "local") -> dict[str, Any]:
+        """The pOutData for a body that is not even text (bad charset, too long): 100001, unsigned."""
+        return self._reply(BAD_ENVELOPE, message, {}, now_local(), None, None, False, peer)
+
+    def _reply(self, code: str, err_msg: str, out_data: dict[str, Any], received: dt.datetime, msgid: str | None,
+               app_key: str | None, encrypt: bool, peer: str) -> dict[str, Any]:
         logger.info("onetrans: %s answered %s", peer, code)
         reply: dict[str, Any] = {
             "code": code,
@@ -284,6 +317,8 @@ class OneTrans:
             "refmsg_time": _ms_time(received),
             "respond_time": _ms_time(now_local()),
         }
+        if msgid is not None:
+            reply["msgid"] = msgid  # signed with the rest: the answer belongs to this request
         if app_key is None:
             return reply
         reply["signtype"] = "SM3"
@@ -291,6 +326,60 @@ class OneTrans:
         if encrypt:
             reply["data"] = encrypt_data(out_data, app_key)
         return sign(reply, app_key)
+
+    def _refuse_key_on_wire(self, message: dict[str, Any], peer: str) -> None:
+        """The key signs and decrypts for its app: it stays on the HIS's PC (OneTrans2.dll signs
+        there). One that arrived has been seen by the network: say so, and refuse."""
+        if not any(name in message for name in KEY_NAMES):
+            return
+        given = message.get("app_key", message.get("appKey"))
+        app = self.config.apps.get(message.get("app_id")) if isinstance(message.get("app_id"), str) else None
+        if app is not None and isinstance(given, str) and hmac.compare_digest(
+                given.encode("utf-8"), app.app_key.get_secret_value().encode("utf-8")):
+            logger.warning("onetrans: %s sent app %s's app_key over the network: it is no longer secret, "
+                           "give the app a new key (api.onetrans.apps, the secrets file)", peer, message["app_id"])
+        else:
+            logger.warning("onetrans: %s sent an app_key over the network (refused)", peer)
+        raise Refused(KEY_SENT, "app_key must not be sent: it stays on the HIS's PC, where the request is signed "
+                      "(scanbox's OneTrans2.dll does this); one that crossed the network should be replaced")
+
+    def _check_fresh(self, app_id: str, message: dict[str, Any]) -> None:
+        """timestamp within window_s of the box's clock; msgid not yet used by this app in it."""
+        now = now_local().replace(tzinfo=None)
+        if now < EARLIEST_PLAUSIBLE:
+            raise Refused(STALE, "the box's clock is not set (it says %s): requests cannot be checked for "
+                          "freshness until it is synchronised" % now.strftime("%Y-%m-%d"))
+        try:
+            t = message["timestamp"]  # 17 digits (_check_envelope): each field at its fixed place
+            sent_at = dt.datetime(int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[8:10]), int(t[10:12]),
+                                  int(t[12:14]), int(t[14:17]) * 1000)
+        except ValueError:
+            raise Refused(BAD_ENVELOPE, "timestamp must be yyyyMMddHHmmssSSS (a real time)") from None
+        skew = (sent_at - now).total_seconds()
+        window = self.config.window_s
+        if abs(skew) > window:
+            raise Refused(STALE, "timestamp %s is %.0f s %s the box's clock (%s); accepted within %g s: a "
+                          "replayed request, or a clock to set right" % (
+                              message["timestamp"], abs(skew), "behind" if skew < 0 else "ahead of",
+                              now.strftime("%Y%m%d%H%M%S"), window))
+        seen = self._seen(app_id)
+        if message["msgid"] in seen:
+            raise Refused(REPLAYED, "msgid %s was already used within %g s: each request needs a new msgid "
+                          "(医疗机构业务流水号保持唯一)" % (message["msgid"], window))
+        if len(seen) >= MSGIDS_PER_APP:
+            raise Refused(REPLAYED, "more than %d requests from this app within %g s" % (MSGIDS_PER_APP, window))
+
+    def _seen(self, app_id: str) -> "OrderedDict[str, float]":
+        seen = self._msgids.setdefault(app_id, OrderedDict())
+        now = time.monotonic()
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        return seen
+
+    def _remember(self, app_id: str, msgid: str) -> None:
+        # kept until a request with that timestamp is outside the window whichever way the clock
+        # steps: twice the window from now
+        self._seen(app_id)[msgid] = time.monotonic() + 2 * self.config.window_s
 
     async def _slow(self, peer: str) -> None:
         if self.penalty is not None:
@@ -303,15 +392,14 @@ class OneTrans:
             if len(p_in) > 1 << 20:
                 raise Refused(BAD_ENVELOPE, "pInData is too long")
             try:
-                p_in = json.loads(p_in)
+                p_in = json.loads(p_in, parse_constant=_no_constant)
             except (ValueError, RecursionError):
-                raise Refused(BAD_ENVELOPE, "pInData is not JSON") from None
+                raise Refused(BAD_ENVELOPE, "pInData is not JSON (or holds NaN/Infinity, which JSON has not)") from None
         if not isinstance(p_in, dict):
             raise Refused(BAD_ENVELOPE, "pInData must be a JSON object")
         message = dict(p_in)
-        for alias, name in ALIASES.items():
-            if alias in message and name not in message:
-                message[name] = message.pop(alias)
+        if "appId" in message and "app_id" not in message:
+            message["app_id"] = message.pop("appId")
         return p_in, message
 
     @staticmethod
@@ -367,7 +455,7 @@ class OneTrans:
         kind = result.scan.kind
         out: dict[str, Any] = {
             "baseinfo": {
-                "psn_no": identity.main_index or identity.id_number or "",
+                "psn_no": _psn_no(identity.main_index, identity.id_number),
                 "psn_cert_type": PSN_CERT_TYPE.get(identity.id_type or "", "99"),
                 "certno": identity.id_number or "",
                 "psn_name": identity.name or "",
@@ -395,6 +483,15 @@ class OneTrans:
         return out
 
 
+def _psn_no(main_index: str | None, id_number: str | None) -> str:
+    """人员编号, at most 30 characters (spec 004): the platform's main index when it fits (the
+    wondersgroup one is 32 or 64 hex), else the ID number, which identifies the person as well."""
+    for value in (main_index, id_number):
+        if value and len(value) <= PSN_NO_MAX:
+            return value
+    return (id_number or main_index or "")[:PSN_NO_MAX]
+
+
 def _born(birthday: str | None) -> dt.date | None:
     """The platform gives yyyyMMdd, some card readers yyyy-MM-dd."""
     digits = re.sub(r"[-/.]", "", birthday or "")
@@ -415,6 +512,10 @@ def _age(birthday: str | None, today: dt.date | None = None) -> int | None:
         return None
     today = today or now_local().date()
     return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -58,7 +58,19 @@ async def test_onetrans_client_reads_a_card_signed_and_encrypted(box):
     answer = await pending
     assert answer["code"] == "000000"
     assert answer["data"]["baseinfo"]["certno"] == box.resident().id_card
-    # the example does not trust an answer whose signature is not the box's
-    forged = dict(answer, sign="0" * 64, data="")
-    with pytest.raises(ValueError, match="signature"):
-        client.open_answer(forged, APP_KEY)
+    assert answer["msgid"] == message["msgid"]
+    # the example does not trust an answer whose signature is not the box's, an unsigned one, or
+    # one signed for another request
+    as_sent = dict(answer, enc_type="NONE")
+    as_sent["sign"] = client.sign(as_sent, APP_KEY)
+    assert client.open_answer(as_sent, message, APP_KEY)["data"] == answer["data"]
+    with pytest.raises(client.UntrustedAnswer, match="signature"):
+        client.open_answer(dict(as_sent, sign="0" * 64), message, APP_KEY)
+    with pytest.raises(client.UntrustedAnswer, match="unsigned"):
+        client.open_answer({k: v for k, v in as_sent.items() if k != "sign"}, message, APP_KEY)
+    other = client.read_card_request(APP_ID, APP_KEY, "H35058300252")
+    with pytest.raises(client.UntrustedAnswer, match="msgid"):
+        client.open_answer(as_sent, other, APP_KEY)
+    # and the box refuses the same request sent again (a signed answer saying so)
+    replayed = await asyncio.to_thread(client.onetrans, url, message, APP_KEY)
+    assert replayed["code"] == "100009" and replayed["msgid"] == message["msgid"]

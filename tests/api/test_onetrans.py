@@ -8,6 +8,7 @@ import asyncio
 import base64
 import copy
 import datetime as dt
+import itertools
 import json
 
 import aiohttp
@@ -54,17 +55,30 @@ SPEC_RECHARGE = {
              "outChargeNo": "1702283177285398", "origBalance": "10"},
 }
 # the answer's keys, per spec 004's 出参示例 and tables 3-2 / baseinfo / ehcinfo
-OUT_KEYS = {"code", "data", "err_msg", "inf_refmsgid", "refmsg_time", "respond_time", "signtype", "enc_type", "sign"}
+OUT_KEYS = {"code", "data", "err_msg", "inf_refmsgid", "refmsg_time", "respond_time", "signtype", "enc_type", "sign",
+            "msgid"}
 BASEINFO_KEYS = {"psn_no", "psn_cert_type", "certno", "psn_name", "gend", "naty", "brdy", "age"}
 
 
+_sequence = itertools.count(1)
+
+
+def fresh() -> dict:
+    """A msgid never used before and a timestamp of now, as a HIS makes them for each call."""
+    now = dt.datetime.now()
+    return {"msgid": "H35058300252%s%04d" % (now.strftime("%Y%m%d%H%M%S"), next(_sequence) % 10000),
+            "timestamp": now.strftime("%Y%m%d%H%M%S") + "%03d" % (now.microsecond // 1000)}
+
+
 def request(example: dict, encrypt: bool = False, **changes) -> dict:
-    """The spec's example as this box's app sends it: our app_id, no key on the wire, signed."""
+    """The spec's example as this box's app sends it: our app_id, no key on the wire, a fresh
+    msgid and timestamp, signed."""
     message = copy.deepcopy(example)
     for name in ("appId", "appKey", "app_key"):
         message.pop(name, None)
     message["app_id"] = APP_ID
     message["enc_type"] = "SM4" if encrypt else "NONE"
+    message.update(fresh())
     message.update(changes)
     if encrypt:
         message["data"] = encrypt_data(message["data"], APP_KEY)
@@ -113,14 +127,34 @@ def test_sm4_round_trip_with_a_fresh_iv_and_the_wrong_key_or_tampering_refused()
             decrypt_data(bad, APP_KEY)
 
 
-def test_signature_covers_every_member_but_sign_and_app_key_in_canonical_form():
+def test_signature_covers_every_member_but_sign_in_canonical_form():
     signed = request(SPEC_READ_CARD)
     assert canonical({"b": 1, "a": {"d": "张", "c": [1, 2]}}) == '{"a":{"c":[1,2],"d":"张"},"b":1}'.encode()
-    assert signed["sign"] == signature(dict(signed, app_key=APP_KEY), APP_KEY)  # app_key is not signed
     reordered = dict(reversed(list(signed.items())))
     assert signature(reordered, APP_KEY) == signed["sign"]
     assert signature(dict(signed, dept_name="外科"), APP_KEY) != signed["sign"]
     assert signature(signed, "another-key") != signed["sign"]
+
+
+# docs/api.md "Keys": the vectors a second implementation (windows/onetrans.c) checks itself against
+VECTOR_KEY = "scanbox-test-key"
+VECTORS = {
+    "mac_key": "1776f0b958f9e57c5b7f969689f7a1cf4a4778cef31e965264b28e01feeba6fc",
+    "sm4_key": "a0ed35583a58aaee16667abf8aa89ea3",
+    "sign": "f8a78b046242c2d82fee7e27f9c32abd09290be9ddb5a9fd2c9c7687a2da44f9",  # of {"b":1,"a":"张"}
+    "data": "AAECAwQFBgcICQoLDA0ODwMOfk4m5O/SMR/KdDTKZ7o=",  # {"a":1}, IV 00..0f
+}
+
+
+def test_mac_and_sm4_keys_are_derived_apart_with_labels():
+    mac, sm4 = onetrans.mac_key(VECTOR_KEY), onetrans.sm4_key(VECTOR_KEY)
+    assert mac == onetrans.hmac_sm3(VECTOR_KEY.encode(), b"scanbox onetrans mac v1")
+    assert sm4 == onetrans.hmac_sm3(VECTOR_KEY.encode(), b"scanbox onetrans sm4 v1")[:16]
+    assert mac.hex() == VECTORS["mac_key"] and sm4.hex() == VECTORS["sm4_key"]
+    assert not mac.startswith(sm4) and sm4 != sm3(VECTOR_KEY.encode())[:16]  # neither gives the other
+    assert signature({"b": 1, "a": "张"}, VECTOR_KEY) == VECTORS["sign"]
+    assert encrypt_data({"a": 1}, VECTOR_KEY, iv=bytes(range(16))) == VECTORS["data"]
+    assert decrypt_data(VECTORS["data"], VECTOR_KEY) == {"a": 1}
 
 
 def test_msgid_format():
@@ -157,7 +191,9 @@ async def test_hos_user_get_golden_pair_from_the_spec_example_plain_and_encrypte
         born = dt.datetime.strptime(resident.birthday, "%Y%m%d").date()
         today = dt.date.today()
         assert data["baseinfo"] == {
-            "psn_no": data["ehcinfo"]["mindex_id"], "psn_cert_type": "01", "certno": resident.id_card,
+            # 人员编号 is at most 30 characters: the platform's main index when it fits, else the ID number
+            "psn_no": mindex if len(mindex := data["ehcinfo"]["mindex_id"]) <= 30 else resident.id_card,
+            "psn_cert_type": "01", "certno": resident.id_card,
             "psn_name": resident.name, "gend": resident.sex, "naty": resident.nation,
             "brdy": "%s-%s-%s" % (resident.birthday[:4], resident.birthday[4:6], resident.birthday[6:]),
             "age": today.year - born.year - ((today.month, today.day) < (born.month, born.day)),
@@ -190,10 +226,12 @@ async def test_envelope_errors_have_their_own_codes(box):
     cases = [
         ("not json at all", "100001", False),
         ("[1, 2]", "100001", False),
+        ('{"app_id": NaN}', "100001", False),
+        (dict(good, data={"x": float("nan")}), "100001", False),
         # (a good signature in between forgives the address its failures, as a good token does)
-        (dict(good, app_id="nobody"), "100004", False),
+        (dict(good, app_id="nobody"), "100003", False),
         (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
-        (sign(dict(good, app_key="wrong"), APP_KEY), "100004", False),
+        (sign(dict(good, app_id="nobody"), "a-guessed-key"), "100003", False),
         (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
         (dict(good, sign="0" * 64), "100003", False),
         (request(SPEC_READ_CARD, enc_type="DES"), "100006", True),
@@ -203,6 +241,7 @@ async def test_envelope_errors_have_their_own_codes(box):
         (sign(dict(good, signtype="SM2"), APP_KEY), "100006", False),
         (request(SPEC_READ_CARD, msgid="H350583002522023081709"), "100002", True),
         (request(SPEC_READ_CARD, timestamp="2023-08-17"), "100001", True),
+        (request(SPEC_READ_CARD, timestamp="20261332250000000"), "100001", True),
         (request(SPEC_READ_CARD, opter_type="7"), "100001", True),
         (request(SPEC_READ_CARD, dept_name="科" * 31), "100001", True),
         (sign({k: v for k, v in request(SPEC_READ_CARD).items() if k not in ("opter", "sign")}, APP_KEY),
@@ -217,13 +256,19 @@ async def test_envelope_errors_have_their_own_codes(box):
     for message, code, signed in cases:
         failures = box.daemon.api.guard._failures.get("tcp:127.0.0.1", (0, 0))[0]
         answer = await call(client, message)
-        if code in ("100003", "100004"):  # a wrong app or signature counts against the address
+        if code == "100003":  # a wrong app or signature counts against the address
             assert box.daemon.api.guard._failures["tcp:127.0.0.1"][0] == failures + 1
         assert answer["code"] == code, (message, answer)
         assert answer["data"] == {} or answer["enc_type"] == "SM4"
         assert ("sign" in answer) is signed, answer
         if signed:
             opened(answer)
+    # an unknown app and a wrong signature cannot be told apart
+    unknown_app = await call(client, sign(dict(good, app_id="nobody"), APP_KEY))
+    wrong_sign = await call(client, dict(good, sign="0" * 64))
+    assert {k: unknown_app[k] for k in ("code", "err_msg", "data")} == \
+        {k: wrong_sign[k] for k in ("code", "err_msg", "data")} == \
+        {"code": "100003", "err_msg": onetrans.BAD_SIGNATURE_TEXT, "data": {}}
     # the spec's read-card example spells appId in camel case: signed as sent, it is accepted
     camel = {("appId" if k == "app_id" else k): v for k, v in request(SPEC_RECHARGE).items() if k != "sign"}
     assert opened(await call(client, sign(camel, APP_KEY)))["code"] == "100007"
@@ -231,6 +276,59 @@ async def test_envelope_errors_have_their_own_codes(box):
     assert "hop.trade.recharge" in unknown["err_msg"] and "hos.user.get" in unknown["err_msg"]
     # pInData as the DLL's string works as the object does
     assert (await call(client, json.dumps(request(SPEC_RECHARGE), ensure_ascii=False)))["code"] == "100007"
+
+
+async def test_a_request_carrying_the_app_key_is_refused_and_the_leak_logged(box, caplog):
+    await box.start(sources={}, api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    for name, key in (("app_key", APP_KEY), ("appKey", APP_KEY), ("app_key", "some-other-key")):
+        # signed correctly, as the spec's envelope would be with its key inside: refused all the same
+        answer = await call(client, sign(dict(request(SPEC_RECHARGE), **{name: key}), APP_KEY))
+        assert answer["code"] == "100010" and "sign" not in answer, answer
+        assert "app_key must not be sent" in answer["err_msg"] and "HIS's PC" in answer["err_msg"]
+    leaked = [r.getMessage() for r in caplog.records if "no longer secret" in r.getMessage()]
+    assert len(leaked) == 2 and all(APP_ID in m and APP_KEY not in m for m in leaked)
+
+
+async def test_a_replayed_or_stale_request_is_refused_and_the_answer_signs_the_msgid(box):
+    await box.start(api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    recorded = request(SPEC_READ_CARD)
+    pending = asyncio.get_running_loop().create_task(call(client, recorded))
+    await box.waiting(1)
+    box.scan(box.resident().static_qr)
+    answer = opened(await pending)
+    assert answer["code"] == "000000" and answer["msgid"] == recorded["msgid"]
+    # the msgid is signed: an answer moved onto another request does not verify
+    moved = dict(await call(client, request(SPEC_RECHARGE)), msgid=recorded["msgid"])
+    assert moved["sign"] != signature(moved, APP_KEY)
+    # the same request again: refused before any read, however often
+    for _ in range(2):
+        again = opened(await call(client, recorded))
+        assert again["code"] == "100009" and recorded["msgid"] in again["err_msg"] and again["data"] == {}
+    assert box.daemon.hub.waiting == 0
+    # an old recording (issue 15: a 2001 timestamp) and one from the future
+    for when, word in ((dt.datetime(2001, 5, 1, 9), "behind"), (dt.datetime.now() + dt.timedelta(minutes=10), "ahead")):
+        stamp = when.strftime("%Y%m%d%H%M%S") + "000"
+        stale = opened(await call(client, request(SPEC_READ_CARD, timestamp=stamp,
+                                                  msgid="H35058300252%s0001" % stamp[:14])))
+        assert stale["code"] == "100008" and word in stale["err_msg"] and "300 s" in stale["err_msg"]
+    # a fresh msgid with the same content is served
+    pending = asyncio.get_running_loop().create_task(call(client, request(SPEC_READ_CARD)))
+    await box.waiting(1)
+    box.scan(box.resident(1).static_qr)
+    assert opened(await pending)["code"] == "000000"
+
+
+async def test_a_box_whose_clock_is_not_set_refuses_instead_of_accepting_anything(box, monkeypatch):
+    await box.start(sources={}, api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    then = dt.datetime(1970, 1, 1, 0, 5).astimezone()
+    monkeypatch.setattr(onetrans, "now_local", lambda: then)
+    stamp = "19700101000500000"
+    message = request(SPEC_RECHARGE, timestamp=stamp, msgid="H35058300252" + stamp[:14] + "0001")
+    answer = opened(await call(client, message))
+    assert answer["code"] == "100008" and "clock is not set" in answer["err_msg"]
 
 
 async def test_a_second_concurrent_call_answers_600001(box):
@@ -268,6 +366,33 @@ async def test_post_onetrans_in_gbk_and_utf8(box):
         async with await pending as r:
             answer = json.loads((await r.read()).decode("gbk"))
         assert opened(answer)["data"]["baseinfo"]["psn_name"] == box.resident().name
+
+
+async def test_post_onetrans_answers_every_body_with_a_pout_data(box):
+    await box.start(sources={}, api=dict(ONETRANS, **HTTP_API))
+    good = json.dumps(request(SPEC_RECHARGE), ensure_ascii=False)
+    bodies = [
+        (b"\xff\xfe{not text", {"Content-Type": "application/json; charset=utf-8"}, "not utf-8 text"),
+        (good.encode("utf-8"), {"Content-Type": "application/json; charset=no-such-charset"}, "not no-such-charset"),
+        (b'{"app_id": NaN, "msgid": 1}', {}, "NaN"),
+        (b'{"app_id": "x", "data": {"n": Infinity}}', {}, "NaN"),
+        (b"[" * 20000 + b"]" * 20000, {}, "not JSON"),
+        (b"{" + b" " * (64 * 1024 + 10) + b"}", {}, "longer than"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for body, headers, said in bodies:
+            async with http.post(base_url(box) + "/onetrans", data=body, headers=headers) as r:
+                assert r.status == 200, (body[:40], r.status, await r.text())
+                answer = json.loads(await r.read())
+            assert answer["code"] == "100001" and said in answer["err_msg"], (body[:40], answer)
+            assert {"inf_refmsgid", "refmsg_time", "respond_time", "data"} <= set(answer)
+
+
+def test_psn_no_fits_the_specs_30_characters():
+    assert onetrans._psn_no("a" * 30, "110101199003071234") == "a" * 30
+    assert onetrans._psn_no("f" * 32, "110101199003071234") == "110101199003071234"
+    assert onetrans._psn_no("f" * 64, None) == "f" * 30
+    assert onetrans._psn_no(None, None) == ""
 
 
 async def test_hos_user_get_for_an_id_card_waits_for_the_card_not_a_qr(box):
