@@ -21,6 +21,9 @@ PACKAGES="$PACKAGES curl"
 # prometheus: a real Prometheus scrapes a running box (tests/fleet), and its promtool checks and
 # unit-tests the alert rules in contrib/prometheus.
 PACKAGES="$PACKAGES prometheus"
+# mingw-w64 (both architectures) + make: windows/'s WSCallDLL.dll and OneTrans2.dll are built
+# by the tests; wine64 runs the 64-bit build against a box (tests/windows).
+PACKAGES="$PACKAGES gcc-mingw-w64-i686 gcc-mingw-w64-x86-64 make wine64"
 
 missing=""
 for p in $PACKAGES; do
