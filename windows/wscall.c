@@ -15,7 +15,6 @@
 #define DEFAULT_OUT 5120
 #define OK_READ 0
 #define OK_PLATFORM 10000
-#define E_UNSUPPORTED (-11)
 #define E_FORMAT (-15)
 #define E_UNKNOWN (-16)
 #define E_NO_CARD (-24)

@@ -157,6 +157,16 @@ def test_mac_and_sm4_keys_are_derived_apart_with_labels():
     assert decrypt_data(VECTORS["data"], VECTOR_KEY) == {"a": 1}
 
 
+def test_every_code_is_in_the_api_document():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    codes = {v for k, v in vars(onetrans).items() if k.isupper() and isinstance(v, str) and len(v) == 6
+             and v.isdigit()} | set(onetrans.REASON_CODES.values())
+    assert {"100008", "100009", "100010"} <= codes
+    assert [c for c in sorted(codes) if "`%s`" % c not in doc] == []
+
+
 def test_msgid_format():
     # both of the spec's own examples, and the 12 + 14 + 4 its table describes
     for good in ("H35058300252202308170959539B2", "xmfdzl001202312111626173099", "H35058300252202311221021070001"):

@@ -391,3 +391,12 @@ async def test_garbage_from_the_network_gets_an_error_code_never_a_crash(built, 
             assert json.loads(result["out"])["code"] == "900005", (body[:40], result)
     finally:
         await runner.cleanup()
+
+
+def test_the_hospitals_page_lists_every_code_the_dlls_answer():
+    page = (ROOT / "docs" / "windows.md").read_text(encoding="utf-8")
+    onetrans = set(re.findall(r'"(9000\d\d|600001)"', (WINDOWS / "onetrans2.c").read_text(encoding="utf-8")))
+    assert onetrans and all("`%s`" % code in page for code in onetrans), onetrans
+    wscall = (WINDOWS / "wscall.c").read_text(encoding="utf-8")
+    codes = set(re.findall(r"#define E_\w+ \((-\d+)\)", wscall))
+    assert codes and all("| %s |" % code in page for code in codes), codes
