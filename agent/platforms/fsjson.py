@@ -183,6 +183,8 @@ class FsjsonPlatform(Platform):
         except PlatformError as exc:
             self.record_failure(exc)
             logger.warning("platform fsjson not ready: %s (will retry when needed)", exc.message)
+            return
+        self._record_ok()  # the platform answered with a workKey: reachable
 
     async def close(self) -> None:
         await self._http.close()

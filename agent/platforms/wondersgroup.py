@@ -103,6 +103,7 @@ class WondersgroupPlatform(Platform):
         if self.auth.load() is not None:
             logger.info("platform wondersgroup: authKey from %s (%.0f s old)", self.auth.path,
                         self.auth.current.age_s() if self.auth.current else 0)
+        refreshes = self.auth.refreshes
         try:
             await self.service.bound()
             # an authKey now, so the first scan at the counter costs one round trip, not two
@@ -110,6 +111,9 @@ class WondersgroupPlatform(Platform):
         except PlatformError as exc:
             self.record_failure(exc)
             logger.warning("platform wondersgroup not ready: %s (will retry when needed)", exc.message)
+            return
+        if self.auth.refreshes > refreshes:
+            self._record_ok()  # getAuthKey answered: the platform is reachable
 
     async def close(self) -> None:
         await self._http.close()

@@ -100,3 +100,17 @@ def test_config_problems_name_their_key(tmp_path, platform, where, text):
     with pytest.raises(ConfigError) as err:
         validate(data)
     assert any(p.path == where and text in p.message for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("kind", ["wondersgroup", "fsjson"])
+async def test_the_credential_fetched_at_start_makes_the_platform_reachable(box, wg_server, fs_server, kind):
+    """status.platform.reachable stayed null after the box's own successful getAuthKey (or
+    workKey) until the first scan; a status event says so too (the display leaves "not asked")."""
+    platform = wondersgroup(wg_server) if kind == "wondersgroup" else {
+        "kind": "fsjson", "endpoint": fs_server.endpoint, "fsjson": {"app_id": APP_ID, "app_secret": SECRET}}
+    await box.start(sources={}, platform=platform)
+    await box.events.wait("status", lambda d: d.get("platform", {}).get("reachable") is True, timeout=10)
+    status = await box.daemon.status()
+    assert status["platform"]["reachable"] is True and status["platform"]["last_ok_at"] is not None
+    assert status["platform"]["credential_age_s"] is not None
+
