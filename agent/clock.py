@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from agent.model import Alarm, ComponentStatus
+
 logger = logging.getLogger(__name__)
 
 # no box runs this release before this date: a clock behind it is wrong
@@ -142,11 +144,16 @@ class Clock:
         return {"now": _iso(self.now()), "synchronised": self.synchronised(), "sane": self.sane(),
                 "floor": _iso(self.floor), "floor_source": self.floor_source}
 
-    def alarms(self) -> list[dict[str, Any]]:
+    def alarms(self) -> list[Alarm]:
         problem = self.problem()
         if problem is None:
             return []
-        return [{"code": "CLOCK_UNSYNCHRONISED", "source": "clock", "text": problem}]
+        return [Alarm("CLOCK_UNSYNCHRONISED", "clock", problem)]
+
+    name = "clock"  # a component (agent.model.Component): `status.clock` and its alarms
+
+    async def get_status(self) -> ComponentStatus:
+        return ComponentStatus(self.status(), self.alarms())
 
 
 def _iso(ts: float) -> str:

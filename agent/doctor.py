@@ -13,24 +13,18 @@ directory; probes that talk to hardware (I2C, the clock) are injectable.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import glob
 import json
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from agent.clock import EARLIEST_PLAUSIBLE, clock_synchronised
 from agent.config import Config
 
 Status = Literal["ok", "info", "warn", "fail"]
-
-# a clock before this cannot be right: scanbox did not exist yet
-EARLIEST_PLAUSIBLE = 1735689600  # 2025-01-01T00:00:00Z
 
 
 @dataclass
@@ -82,28 +76,6 @@ def pcsc_readers() -> list[str]:
         return list(readers)
     finally:
         SCardReleaseContext(context)
-
-
-def clock_synchronised() -> tuple[bool | None, str]:
-    """(synchronised?, how we know). timedatectl where systemd runs, else the kernel's adjtimex
-    state (TIME_ERROR: not synchronised)."""
-    if shutil.which("timedatectl"):
-        try:
-            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
-                                 capture_output=True, text=True, timeout=5)
-            value = out.stdout.strip()
-            if out.returncode == 0 and value in ("yes", "no"):
-                return value == "yes", "timedatectl"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: only read
-        state = libc.adjtimex(timex)
-        if state >= 0:
-            return state != 5, "adjtimex"  # 5 = TIME_ERROR
-    return None, "no way to ask"
 
 
 @dataclass

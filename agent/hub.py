@@ -16,11 +16,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Coroutine, Iterable
 
 from agent import logs
-from agent.model import Reason, Result, Scan, ScanboxError, ScanKind
+from agent.model import Alarm, ComponentStatus, Reason, Result, Scan, ScanboxError, ScanKind
 from agent.privacy import mask_qr
+from agent.supervisor import Supervisor
 from agent.verifier import Verifier
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ class SourceState:
         return {"name": self.name, "kind": kind, "connected": self.connected, "detail": self.detail,
                 "last_scan_at": self.last_scan_at, "scans": self.scans, "problems": self.problems}
 
+    def alarms(self) -> list[Alarm]:
+        return [] if self.connected else [Alarm("SOURCE_DISCONNECTED", self.name, self.detail or "not connected")]
+
+
+class Sources:
+    """Every source's state as its driver reports it through the sink: one component."""
+
+    name = "sources"
+
+    def __init__(self, states: dict[str, SourceState]) -> None:
+        self.states = states
+
+    async def get_status(self) -> ComponentStatus:
+        return ComponentStatus([s.to_json() for s in self.states.values()],
+                               [a for s in self.states.values() for a in s.alarms()])
+
 
 @dataclass(eq=False)
 class Waiter:
@@ -60,11 +77,14 @@ class Held:
 
 
 class Hub:
-    def __init__(self, verifier: Verifier, *, dedupe_s: float, hold_s: float) -> None:
+    def __init__(self, verifier: Verifier, *, dedupe_s: float, hold_s: float,
+                 supervisor: Supervisor | None = None) -> None:
         self.verifier = verifier
+        self.supervisor = supervisor or verifier.supervisor
         self.dedupe_s = dedupe_s
         self.hold_s = hold_s
         self.sources: dict[str, SourceState] = {}
+        self.component = Sources(self.sources)
         self.scans_total = 0
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._held: Held | None = None
@@ -123,9 +143,9 @@ class Hub:
             self.publish("scan", scan.to_json())
             waiter = self._take_waiter(scan.kind)
             if waiter is not None:
-                self._spawn(self._serve(scan, waiter))
+                self._spawn(self._serve(scan, waiter), "serve scan %s" % scan.id)
                 return
-            task = self._spawn(self._verify(scan, None, True))
+            task = self._spawn(self._verify(scan, None, True), "verify scan %s" % scan.id)
             if self.hold_s > 0:
                 self._held = Held(scan, task, time.monotonic() + self.hold_s)
         finally:
@@ -212,8 +232,8 @@ class Hub:
         self.publish("verification", result.to_json())
         return result
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = self.supervisor.spawn(coro, name)  # a failure is logged and alarmed there
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -253,6 +273,9 @@ class HubSink:
 
     def problem(self, source: str, text: str) -> None:
         self._call(self.hub.source_problem, source, text)
+
+    def failed(self, source: str, exc: BaseException) -> None:
+        self._call(self.hub.supervisor.failed, source, exc)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 
 class Reason(enum.StrEnum):
@@ -302,6 +302,38 @@ class Result:
 
     def replace(self, **changes: Any) -> "Result":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """Something wrong that a technician should see in `status` (docs/api.md "Alarms"):
+    a stable code, the part it concerns, and what to know."""
+
+    code: str
+    source: str
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "source": self.source, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentStatus:
+    """A component's answer to "how are you": its part of `status`, and what is wrong."""
+
+    status: Any  # JSON: the value `status` shows under the component's name
+    alarms: list[Alarm] = field(default_factory=list)
+
+
+class Component(Protocol):
+    """A part of the box that reports its own health (STYLE.md item 11, Klipper's
+    `get_status`): sources, the platform adapter, the outbox and its uploader, the display,
+    the API listeners, the clock, the supervisor. `status`, sd_notify STATUS, the display and
+    `doctor` only collect. `name` is the key its status goes under."""
+
+    name: str
+
+    async def get_status(self) -> ComponentStatus: ...
 
 
 def device_id_default() -> str:

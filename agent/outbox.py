@@ -39,8 +39,9 @@ from typing import Any, Callable, Iterator
 
 from agent import sealing
 from agent.codes import Outcome
-from agent.model import ScanboxError, UsageRecord
+from agent.model import Alarm, ComponentStatus, ScanboxError, UsageRecord
 from agent.platforms.base import Platform, PlatformError, PlatformRejected
+from agent.supervisor import Supervisor
 from drivers.base import Backoff
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ CREATE INDEX IF NOT EXISTS identity_cache_expiry ON identity_cache (expires_at);
 # after a failed open, wait this long before trying again (a full disk, a missing directory)
 REOPEN_AFTER_S = 10.0
 MAX_BATCH = 256
+THREAD_NAME = "outbox-db"
 IDLE_CHECK_S = 60.0
 # slots of the unrecorded-uses ledger (a use that could not be recorded: the disk was full)
 LEDGER_NAME = "unrecorded.dat"
@@ -135,9 +137,11 @@ class Store:
     """The outbox and the identity cache. Every method is a coroutine that runs its SQL in the
     store's own thread; StoreUnavailable means the database cannot be used right now."""
 
+    name = "outbox"
+
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
                  clock_ok: Callable[[], bool] = lambda: True, keyring: sealing.Keyring | None = None,
-                 owner: bool = True) -> None:
+                 owner: bool = True, supervisor: Supervisor | None = None) -> None:
         self.path = path
         self.clock = clock
         self.clock_ok = clock_ok  # False: the clock is wrong, a record made now has a wrong time
@@ -146,6 +150,9 @@ class Store:
         # the daemon: makes the key and the ledger when missing, migrates. Not the CLI: a key it
         # made would seal nothing anyone has, and files it made as root would lock the daemon out
         self.owner = owner
+        # the database thread is the supervisor's child (critical: without it `status` cannot
+        # count the outbox); without one (the CLI) a thread of its own
+        self.supervisor = supervisor
         self.error: str | None = None  # why the store is unusable now (for alarms); None when fine
         self.recovered: str | None = None  # a corrupt database was carried over at open
         self.newest: float | None = None  # the newest time in the database at open (the clock's floor)
@@ -160,18 +167,22 @@ class Store:
     async def open(self) -> None:
         """Start the store's thread and open the database; never raises (see `error`)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="outbox-db", daemon=True)
-            self._thread.start()
+            if self.supervisor is not None:
+                self._thread = self.supervisor.thread(THREAD_NAME, self._run, critical=True)
+            else:
+                self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+                self._thread.start()
         try:
             await self._submit(lambda conn: None, write=False)
         except StoreUnavailable:
             pass  # recorded in self.error; the next call tries again
 
     async def close(self) -> None:
-        if self._thread is not None:
+        thread = self._live_thread()
+        if thread is not None:
             self._queue.put(None)
-            await asyncio.to_thread(self._thread.join, 10)
-            self._thread = None
+            await asyncio.to_thread(thread.join, 10)
+        self._thread = None
 
     @property
     def available(self) -> bool:
@@ -186,6 +197,30 @@ class Store:
         """A use that could not be stored: its count, scan id and time go to the ledger, which
         was allocated while there was room. Blocking (a small write and fsync): from a thread."""
         self.ledger.add(record, self.clock())
+
+    async def get_status(self) -> ComponentStatus:
+        """The outbox's counts (None when the database cannot be read) and what is wrong."""
+        try:
+            stats: dict[str, Any] | None = await self.stats()
+        except StoreUnavailable:
+            stats = None
+        alarms = []
+        if self.error:
+            alarms.append(Alarm("OUTBOX_UNAVAILABLE", "outbox", self.error))
+        if self.recovered:
+            alarms.append(Alarm("OUTBOX_RECOVERED", "outbox", self.recovered))
+        if self.unrecorded:
+            alarms.append(Alarm("USES_UNRECORDED", "outbox", "%d uses could not be recorded for upload; their scan "
+                                "ids and times: `scanbox outbox unrecorded`" % self.unrecorded))
+        if self.keyring is not None and self.keyring.beside_data:
+            alarms.append(Alarm("STORE_KEY_BESIDE_DATA", "outbox", "the key that seals personal data is %s, beside "
+                                "the data (no store.key credential): restart the service as shipped, which makes "
+                                "/etc/scanbox/store.key" % self.keyring.source))
+        if stats and stats["dead"]:
+            alarms.append(Alarm("OUTBOX_DEAD", "outbox", "%d records the platform refused; see `scanbox outbox "
+                                "list --state dead`" % stats["dead"]))
+        return ComponentStatus(dict(stats, available=True) if stats else {"available": False, "error": self.error},
+                               alarms)
 
     # --- the outbox --------------------------------------------------------------------------
 
@@ -378,12 +413,38 @@ class Store:
         `deletes`: it deletes personal data; the WAL is truncated after it commits."""
         if self._thread is None:
             raise StoreUnavailable("the outbox is not open")
+        thread = self._live_thread()
+        if thread is None or not thread.is_alive():
+            # died (the supervisor restarts it) or given up: an answer now, not a wait forever
+            raise StoreUnavailable(self.error or "the outbox database thread is not running")
         loop = asyncio.get_running_loop()
         job = _Job(fn, write, loop, loop.create_future(), stores, deletes)
         self._queue.put(job)
         return await job.future
 
+    def _live_thread(self) -> threading.Thread | None:
+        if self.supervisor is not None and self._thread is not None:
+            return self.supervisor.current_thread(THREAD_NAME)
+        return self._thread
+
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            # whatever killed the thread: every caller waiting on it gets an answer, the
+            # supervisor (which gets `exc` when this re-raises) logs it and starts a new one
+            self.error = "the outbox database thread failed: %s" % (exc or type(exc).__name__)
+            self._drop_connection()
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.fail(StoreUnavailable(self.error))
+            raise
+
+    def _serve(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
@@ -398,7 +459,12 @@ class Store:
                     self._queue.put(None)
                     break
                 batch.append(more)
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except BaseException as exc:
+                for job in batch:
+                    job.fail(StoreUnavailable("the outbox database thread failed: %s" % (exc or type(exc).__name__)))
+                raise
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -419,7 +485,8 @@ class Store:
                     job.done(job.fn(conn))
                 except sqlite3.Error as exc:
                     job.fail(self._failed(exc))
-                except StoreUnavailable as exc:  # no key (the CLI as the daemon's user)
+                except Exception as exc:
+                    # the job's own fault: no key (the CLI as the daemon's user), a parameter SQLite cannot take
                     job.fail(exc)
 
     def _write(self, writes: list[_Job], conn: sqlite3.Connection) -> None:
@@ -433,7 +500,8 @@ class Store:
                 try:
                     results.append((job, job.fn(conn), None))
                     conn.execute("RELEASE job")
-                except (sqlite3.IntegrityError, StoreUnavailable) as exc:  # this job's own fault: the others go on
+                except (sqlite3.IntegrityError, StoreUnavailable, ValueError, TypeError, OverflowError) as exc:
+                    # this job's own fault (a duplicate, no key, a parameter SQLite cannot take): the others go on
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     results.append((job, None, exc))
@@ -859,6 +927,13 @@ class Uploader:
         self._hasten = False
         # called when the outbox changed (a record added, sent, refused): status, display
         self.on_change: Callable[[], None] | None = None
+
+    name = "uploader"
+
+    async def get_status(self) -> ComponentStatus:
+        return ComponentStatus(
+            {"sent": self.sent, "dead": self.dead, "backing_off": self.backing_off, "blocked": self.blocked},
+            [Alarm("OUTBOX_BLOCKED", "outbox", self.blocked)] if self.blocked else [])
 
     def wake(self) -> None:
         """Something is due (a new record, a retry)."""

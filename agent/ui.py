@@ -19,12 +19,15 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from agent.model import Reason
+from agent.model import Alarm, ComponentStatus, Reason
 from agent.privacy import mask_name
+
+if TYPE_CHECKING:
+    from drivers.display import Display
 
 logger = logging.getLogger(__name__)
 
@@ -394,3 +397,33 @@ class Ui:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
+
+
+class DisplayComponent:
+    """The screen's health: the display's connection (its own thread reports it) and the fonts."""
+
+    name = "display"
+
+    def __init__(self, display: Display | None, ui: Ui | None) -> None:
+        self.display = display
+        self.ui = ui
+
+    def status(self) -> dict[str, Any]:
+        if self.display is None or self.ui is None:
+            return {"configured": False, "connected": False}
+        return {"configured": True, "connected": self.display.connected, "model": self.display.options.describe(),
+                "error": self.display.error, "cjk_font": self.ui.fonts.cjk,
+                "screen": self.ui.screen.kind if self.ui.screen else None}
+
+    def alarms(self) -> list[Alarm]:
+        out = []
+        if self.display is not None and not self.display.connected:
+            out.append(Alarm("DISPLAY_MISSING", self.display.options.describe(), self.display.error or "not connected"))
+        if self.ui is not None and not self.ui.fonts.cjk:
+            out.append(Alarm("DISPLAY_NO_CJK_FONT", "display", "no Chinese font (install fonts-wqy-zenhei): "
+                             "the screen shows English"))
+        return out
+
+    async def get_status(self) -> ComponentStatus:
+        return ComponentStatus(self.status(), self.alarms())
+

@@ -19,7 +19,7 @@ import collections
 import logging
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 from agent.clock import Clock
 from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
@@ -28,6 +28,7 @@ from agent.outbox import Store, StoreUnavailable, Uploader, qr_hash
 from agent.platforms.base import Platform, PlatformError, PlatformUnavailable, VerifyRequest
 from agent.privacy import mask_qr
 from agent.qr import Classifier, QrKind
+from agent.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ CACHE_NOTES = 4096
 class Verifier:
     def __init__(self, platform: Platform, classifier: Classifier, default_step: str, default_channel: str,
                  *, store: Store | None = None, uploader: Uploader | None = None, cache_ttl_s: float = 0.0,
-                 deadline_s: float | None = None, clock: Clock | None = None) -> None:
+                 deadline_s: float | None = None, clock: Clock | None = None,
+                 supervisor: Supervisor | None = None) -> None:
         self.platform = platform
+        self.supervisor = supervisor or Supervisor()
         # a box just booted may not know the date yet: verifications wait for it, bounded
         self.clock = clock
         # a nurse waits for this at the counter: one verification's whole budget
@@ -52,15 +55,28 @@ class Verifier:
         self.store = store
         self.uploader = uploader
         self.cache_ttl_s = cache_ttl_s if store is not None else 0.0
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()  # cache updates, for drain()
         self._cache_notes: collections.OrderedDict[str, tuple[Identity, float]] = collections.OrderedDict()
         self.monotonic = time.monotonic  # the clock the cache notes age by (tests move it)
 
     async def verify(self, scan: Scan, step: str | None = None, channel: str | None = None) -> Result:
+        """The scan's Result, always: a fault inside scanbox is answered as INTERNAL (logged,
+        and an alarm), so the HIS that waits for this scan hears of it at once."""
         started = time.monotonic()
 
         def elapsed() -> float:
             return (time.monotonic() - started) * 1000
+
+        try:
+            return await self._verify(scan, step, channel, elapsed)
+        except Exception as exc:
+            logger.exception("scan %s: verification failed inside scanbox", scan.id)
+            self.supervisor.task_fault("verifier", exc)
+            return Result(scan, None, Verification(False, Reason.INTERNAL, Reason.INTERNAL.description,
+                                                   elapsed_ms=elapsed()))
+
+    async def _verify(self, scan: Scan, step: str | None, channel: str | None,
+                      elapsed: Callable[[], float]) -> Result:
 
         if scan.partial is not None:
             # a card read that got only part of the card (no PSAM, a failed authentication); no
@@ -113,7 +129,7 @@ class Verifier:
                 return await self._offline(scan, kind, record, exc, elapsed)
             logger.info("scan %s (%s %s): %s", scan.id, kind.value, mask_qr(scan.payload), exc.message)
             if kind is QrKind.STATIC:
-                self._background_task(self._forget(scan.payload))
+                self._background_task(self._forget(scan.payload), "forget a refused code")
             return Result(scan, None, Verification.failed(exc, elapsed(), msg_guid=record.guid))
         except ScanboxError as exc:
             return Result(scan, None, Verification.failed(exc, elapsed()))
@@ -125,7 +141,7 @@ class Verifier:
         if self.uploader is not None:
             self.uploader.platform_back()
         if kind is QrKind.STATIC and self.cache_ttl_s > 0 and self._cache_stale(scan.payload, answer.identity):
-            self._background_task(self._remember(scan.payload, answer.identity))
+            self._background_task(self._remember(scan.payload, answer.identity), "cache an identity")
         return Result(scan, answer.identity, verification)
 
     async def _card_use(self, scan: Scan, step: str, channel: str) -> str | None:
@@ -228,8 +244,8 @@ class Verifier:
         except StoreUnavailable as exc:
             logger.warning("identity cache: could not forget a refused code: %s", exc)
 
-    def _background_task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _background_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self.supervisor.spawn(coro, name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

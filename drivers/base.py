@@ -28,6 +28,10 @@ class ScanSink(Protocol):
     def problem(self, source: str, text: str) -> None:
         """Input that could not become a scan (an over-long line, a bad frame): logged, counted."""
 
+    def failed(self, source: str, exc: BaseException) -> None:
+        """The source's thread died of `exc` (a bug, not a missing device): the daemon logs it,
+        raises an alarm and restarts the source after a backoff."""
+
 
 class Source(abc.ABC):
     """A device that produces scans. `start` returns at once; the device is read in the
@@ -57,8 +61,15 @@ class ThreadedSource(Source):
     def start(self, sink: ScanSink) -> None:
         self._stop.clear()
         self._prepare()
-        self._thread = threading.Thread(target=self._run, args=(sink,), name=self.name, daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(sink,), name=self.name, daemon=True)
         self._thread.start()
+
+    def _main(self, sink: ScanSink) -> None:
+        try:
+            self._run(sink)
+        except Exception as exc:  # handed to the daemon's supervisor: logged there, alarmed, restarted
+            sink.connected(self.name, False, "driver failed: %s" % (exc or type(exc).__name__))
+            sink.failed(self.name, exc)
 
     def stop(self) -> None:
         self._stop.set()

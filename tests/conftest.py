@@ -17,7 +17,9 @@ import pytest
 from agent.config import Config, split_secrets, to_toml, validate
 from agent.daemon import Daemon
 from agent.demo import DEMO_SITE
+from agent.platforms.base import Platform
 from agent.simulator.rhc import RhcSimulator
+from agent.supervisor import Supervisor
 from agent.simulator.soap import SimServer, WsdlStyle
 
 SITE = DEMO_SITE
@@ -259,7 +261,9 @@ async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
         daemon: Daemon
         events: EventRecorder
 
-        async def start(self, clock: Any = None, **sections: Any) -> "Box":
+        async def start(self, clock: Any = None, supervisor: Supervisor | None = None,
+                        adapter: Callable[[Config], Platform] | None = None,
+                        **sections: Any) -> "Box":
             sections.setdefault("sources", {"counter": {"driver": "serial_scanner", "port": str(pty_scanner.path),
                                                         "reconnect_max_s": 0.2}})
             api = {"tcp": "127.0.0.1:0", "auth_timeout_s": 5,
@@ -267,7 +271,8 @@ async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
                                "admin": {"token": ADMIN_TOKEN, "scopes": ["read", "admin"]}}}
             api.update(sections.pop("api", {}))
             config = make_config(sim_server, tmp_path, api=api, **sections)
-            self.daemon = Daemon(config, clock=clock)
+            self.daemon = Daemon(config, clock=clock, supervisor=supervisor,
+                                 platform=adapter(config) if adapter is not None else None)
             self.events = EventRecorder()
             self.daemon.hub.listen(self.events)
             await self.daemon.start()

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Callable, Mapping
 
 from agent.codes import Outcome, ReturnCode
-from agent.model import Identity, Reason, Scan, ScanboxError, UsageRecord
+from agent.model import Alarm, ComponentStatus, Identity, Reason, Scan, ScanboxError, UsageRecord
 from agent.qr import QrKind
 
 
@@ -150,6 +150,17 @@ class Platform(abc.ABC):
 
     def health(self) -> PlatformHealth:
         return self._health
+
+    name = "platform"
+
+    async def get_status(self) -> ComponentStatus:
+        health = self.health()
+        alarms = []
+        if health.reachable is False:
+            alarms.append(Alarm("PLATFORM_UNREACHABLE", health.kind, health.last_error or "unreachable"))
+        elif health.last_error:
+            alarms.append(Alarm("PLATFORM_ERROR", health.kind, health.last_error))
+        return ComponentStatus(health.to_json(), alarms)
 
     def _record_ok(self) -> None:
         self._health.reachable = True

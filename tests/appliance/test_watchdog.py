@@ -9,6 +9,7 @@ in a read() until the test writes a byte. The daemon's other threads run on; onl
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -116,6 +117,79 @@ def test_no_watchdog_no_pings(tmp_path):
     try:
         systemd.wait_for("READY=1", 30)
         assert systemd.pings_within(5 * PING_S) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        systemd.sock.close()
+
+
+# a test-only launcher: quick restarts, and a switch (a file) that makes every database batch
+# kill the outbox's thread, as a fault the thread cannot survive would
+FAULTY_DB_LAUNCHER = """
+import functools, os, sys
+import agent.daemon, agent.outbox
+from agent import cli
+from agent.supervisor import Supervisor
+
+agent.daemon.Supervisor = functools.partial(Supervisor, backoff_initial=0.01, backoff_max=0.02, give_up_after=3)
+execute = agent.outbox.Store._execute
+
+class Killed(BaseException):
+    pass
+
+def faulty(self, batch):
+    if os.path.exists(os.environ["SCANBOX_TEST_FAULT"]):
+        raise Killed("injected")
+    return execute(self, batch)
+
+agent.outbox.Store._execute = faulty
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def rpc(path: Path, method: str) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)["result"]
+
+
+def test_a_critical_part_that_cannot_recover_stops_the_watchdog_pings(tmp_path):
+    """The outbox's database thread dies again each time it is restarted: after give_up_after
+    failures in a row the supervisor gives it up, the pings stop (systemd restarts scanbox), and
+    until then `status` still answers and names the part."""
+    config, secrets = write_config(tmp_path, config_dict(None, tmp_path))
+    systemd = Systemd(tmp_path / "notify.sock")
+    fault = tmp_path / "fault"
+    env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": str(WATCHDOG_USEC),
+           "SCANBOX_TEST_FAULT": str(fault)}
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_DB_LAUNCHER, "run", "--config", str(config),
+                             "--secrets", str(secrets)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        systemd.wait_for("READY=1", 30)
+        assert systemd.pings_within(10 * PING_S) >= 3  # alive: pinging
+        fault.touch()
+        deadline = time.monotonic() + 10
+        while True:  # each status asks the database: each ask kills its thread again
+            status = rpc(tmp_path / "api.sock", "status")
+            if status["components"]["outbox-db"]["state"] == "failed":
+                break
+            assert time.monotonic() < deadline, status["components"]
+        assert any(a["code"] == "COMPONENT_FAILED" and a["source"] == "outbox-db" for a in status["alarms"])
+        assert status["outbox"]["available"] is False
+        systemd.drain()
+        assert systemd.pings_within(10 * PING_S) == 0  # given up: systemd will restart the daemon
+        assert proc.poll() is None  # still answering meanwhile (degrade, don't die)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

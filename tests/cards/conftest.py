@@ -66,6 +66,11 @@ class Collector:
             self.problems.append(text)
             self._changed.notify_all()
 
+    def failed(self, source: str, exc: BaseException) -> None:
+        with self._changed:
+            self.problems.append("driver failed: %r" % exc)
+            self._changed.notify_all()
+
     def wait(self, predicate, timeout: float = 5.0, what: str = "an event"):
         with self._changed:
             if not self._changed.wait_for(predicate, timeout):

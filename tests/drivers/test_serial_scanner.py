@@ -34,6 +34,9 @@ class RecordingSink:
         self.problems.append(text)
         self.items.put(("problem", text))
 
+    def failed(self, source: str, exc: BaseException) -> None:
+        self.items.put(("failed", exc))
+
     def next(self, kind: str, timeout: float = 5.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
