@@ -13,18 +13,25 @@ directory; probes that talk to hardware (I2C, the clock) are injectable.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import glob
 import json
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from agent.clock import EARLIEST_PLAUSIBLE, clock_synchronised
 from agent.config import Config
+from agent.platforms.transport import Reply
 
 Status = Literal["ok", "info", "warn", "fail"]
+
+# a clock before this cannot be right: scanbox did not exist yet
+EARLIEST_PLAUSIBLE = 1735689600  # 2025-01-01T00:00:00Z
 
 
 @dataclass
@@ -78,6 +85,28 @@ def pcsc_readers() -> list[str]:
         SCardReleaseContext(context)
 
 
+def clock_synchronised() -> tuple[bool | None, str]:
+    """(synchronised?, how we know). timedatectl where systemd runs, else the kernel's adjtimex
+    state (TIME_ERROR: not synchronised)."""
+    if shutil.which("timedatectl"):
+        try:
+            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+                                 capture_output=True, text=True, timeout=5)
+            value = out.stdout.strip()
+            if out.returncode == 0 and value in ("yes", "no"):
+                return value == "yes", "timedatectl"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: only read
+        state = libc.adjtimex(timex)
+        if state >= 0:
+            return state != 5, "adjtimex"  # 5 = TIME_ERROR
+    return None, "no way to ask"
+
+
 @dataclass
 class Doctor:
     config: Config | None
@@ -101,9 +130,18 @@ class Doctor:
         findings += await asyncio.to_thread(self.card_readers)
         findings += self.cameras()
         findings += self.displays()
-        findings += await self.platform()
+        status = await self._daemon_status()
+        findings += await self.platform(status)
         findings += self.clock()
+        findings += self.daemon_alarms(status)
         return findings
+
+    def daemon_alarms(self, status: dict[str, Any] | None) -> list[Finding]:
+        """What the running daemon's components say is wrong (`status.alarms`)."""
+        if status is None:
+            return []
+        return [Finding("daemon", "warn", str(a.get("source")), "%s: %s" % (a.get("code"), a.get("text")))
+                for a in status.get("alarms") or [] if isinstance(a, dict)]
 
     def _sources(self, driver: str) -> dict[str, Any]:
         if self.config is None:
@@ -323,8 +361,7 @@ class Doctor:
 
     # -- platform ------------------------------------------------------------------------------
 
-    async def platform(self) -> list[Finding]:
-        status = await self._daemon_status()
+    async def platform(self, status: dict[str, Any] | None) -> list[Finding]:
         if status is not None:
             p = status.get("platform") or {}
             age = p.get("credential_age_s")
@@ -367,6 +404,10 @@ class Doctor:
         http = HttpClient(timeout_s=cfg.timeout_s, tls_verify=cfg.tls_verify)
         try:
             response = await http.get(cfg.endpoint)
+            wsdl = None
+            if response.status in (404, 410) and cfg.kind in SOAP_KINDS:
+                # a SOAP service need not answer a plain GET, but serves its WSDL at ?wsdl
+                wsdl = await http.get(cfg.endpoint + ("&" if "?" in cfg.endpoint else "?") + "wsdl")
         except PlatformUnavailable as exc:
             text = exc.message
             fix = "check the network (default route, DNS) and platform.endpoint; timeout_s is %.0f s" % cfg.timeout_s
@@ -375,10 +416,10 @@ class Doctor:
             return Finding("platform", "fail", "platform", text, fix)
         finally:
             await http.close()
-        credentials = "the box's credentials travel with every call" if cfg.kind == "rhc" else ""
-        return Finding("platform", "ok" if response.status < 500 else "warn", "platform",
-                       "%s answers HTTP %d (asked directly: no daemon running); %s"
-                       % (cfg.endpoint, response.status, credentials))
+        status, said, what_to_do = _judge_platform_answer(cfg.kind, response, wsdl)
+        credentials = "; the box's credentials travel with every call" if cfg.kind == "rhc" else ""
+        return Finding("platform", status, "platform", "%s: %s (asked directly: no daemon running)%s"
+                       % (cfg.endpoint, said, credentials), what_to_do)
 
     # -- clock ---------------------------------------------------------------------------------
 
@@ -397,6 +438,44 @@ class Doctor:
                             "TLS and platform signatures need the right time: `timedatectl set-ntp true`, "
                             "and let the box reach an NTP server (or the hospital's)")]
         return [Finding("clock", "ok", "clock", "%s, synchronised (%s)" % (shown, how))]
+
+
+SOAP_KINDS = ("rhc", "wondersgroup")
+
+
+def _soap_fault(response: Reply) -> str | None:
+    """The faultstring when the answer is a SOAP fault (a SOAP service that did not like a GET)."""
+    body = response.text()[:4096]
+    if "Fault" not in body or "Envelope" not in body:
+        return None
+    import re
+
+    found = re.search(r"<(?:\w+:)?(?:faultstring|Text)[^>]*>([^<]*)<", body)
+    return found.group(1).strip() if found else "a SOAP fault"
+
+
+def _judge_platform_answer(kind: str, response: Reply, wsdl: Reply | None) -> tuple[Status, str, str | None]:
+    """What a GET of the platform's endpoint says: a service there (ok), nothing there (404:
+    the path is wrong), or a server in trouble."""
+    code = response.status
+    fault = _soap_fault(response) if kind in SOAP_KINDS else None
+    if fault is not None:
+        return "ok", "a SOAP service answers (HTTP %d, %s: as to any GET)" % (code, fault), None
+    if code in (404, 410):
+        if wsdl is not None and wsdl.status == 200 and "definitions" in wsdl.text()[:4096]:
+            return "ok", "a SOAP service answers (its WSDL at ?wsdl)", None
+        return "fail", "HTTP %d: no service at this address" % code, \
+            "check platform.endpoint: the host answers, but not at this path (the platform's documentation " \
+            "gives the service's full URL)"
+    if code < 400 or code == 405:  # 405: a service that takes only POST
+        return "ok", "answers HTTP %d" % code, None
+    if code in (401, 403):
+        return "warn", "HTTP %d: the server refuses this box" % code, \
+            "a proxy or firewall in front of the platform may need this box's address allowed"
+    if code < 500:
+        return "warn", "HTTP %d" % code, "check platform.endpoint"
+    return "warn", "HTTP %d: the platform's server fails" % code, \
+        "the platform itself has a problem; try later or call the platform's support"
 
 
 def _serial_fix(exc: Exception) -> str:
@@ -431,10 +510,15 @@ def report(findings: list[Finding]) -> str:
         lines.append("  %s %s: %s" % (marks[f.status], f.subject, f.text))
         if f.fix:
             lines.append("         fix: %s" % f.fix)
-    problems = [f for f in findings if f.status in ("warn", "fail")]
+    problems = problems_in(findings)
     lines.append("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s") if problems
                  else "no problems found")
     return "\n".join(lines)
+
+
+def problems_in(findings: list[Finding]) -> list[Finding]:
+    """What `report` counts as problems, and what makes `scanbox doctor` exit 1."""
+    return [f for f in findings if f.status in ("warn", "fail")]
 
 
 def to_json(findings: list[Finding]) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ class Verifier:
             record = self.platform.verify_record(request, scan.id)
             try:
                 # one deadline for the whole verification, a wait for the clock included
-                budget = None if self.deadline_s is None else self.deadline_s - (time.monotonic() - started)
+                budget = None if self.deadline_s is None else self.deadline_s - elapsed() / 1000
                 async with asyncio.timeout(budget):
                     answer = await self.platform.verify(record)
             except TimeoutError:

@@ -155,3 +155,68 @@ async def test_a_configured_card_reader_without_pcscd(tmp_path: Path, roots: doc
     config = make_config(None, tmp_path, sources={"cards": {"driver": "pcsc", "reader": "ACR1281"}})
     (finding,) = [f for f in await findings_of(config, roots, pcsc_list=no_pcscd) if f.area == "cards"]
     assert finding.status == "fail" and "Service not available" in finding.text and "pcscd" in finding.fix
+
+
+async def test_a_platform_path_that_is_not_there_is_a_failure(tmp_path: Path, roots: doctor.Roots, sim_server) -> None:
+    """An HTTP 404 from the platform's host used to be called "ok"."""
+    config = make_config(None, tmp_path, platform={"endpoint": sim_server.endpoint + "/wrong"})
+    found = by_subject(await findings_of(config, roots))
+    assert found["platform"].status == "fail" and "HTTP 404: no service at this address" in found["platform"].text
+    assert "platform.endpoint" in found["platform"].fix
+    right = by_subject(await findings_of(make_config(sim_server, tmp_path), roots))
+    assert right["platform"].status == "ok" and "its WSDL" in right["platform"].text
+
+
+async def test_a_soap_service_that_faults_a_get_is_there(tmp_path: Path, roots: doctor.Roots) -> None:
+    """CXF answers a GET of a service's address with HTTP 500 and a SOAP fault "No such
+    operation": the service is there (this used to be a warning)."""
+    from aiohttp import web
+
+    fault = ('<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><soap:Fault>'
+             '<faultcode>soap:Server</faultcode><faultstring>No such operation: (HTTP GET PATH_INFO: '
+             '/services/HealthCardService)</faultstring></soap:Fault></soap:Body></soap:Envelope>')
+
+    async def cxf(request: web.Request) -> web.Response:
+        return web.Response(status=500, text=fault, content_type="text/xml")
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="<html>Internal Server Error</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/services/HealthCardService", cxf)
+    app.router.add_get("/services/Broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        config = make_config(None, tmp_path, platform={
+            "endpoint": "http://127.0.0.1:%d/services/HealthCardService" % port})
+        found = by_subject(await findings_of(config, roots))
+        broken_config = make_config(None, tmp_path, platform={"endpoint": "http://127.0.0.1:%d/services/Broken" % port})
+        failing = by_subject(await findings_of(broken_config, roots))
+    finally:
+        await runner.cleanup()
+    assert found["platform"].status == "ok" and "a SOAP service answers" in found["platform"].text
+    assert "No such operation" in found["platform"].text
+    assert failing["platform"].status == "warn" and "the platform's server fails" in failing["platform"].text
+
+
+def test_without_a_config_the_problems_it_prints_make_it_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from agent import config as configuration
+
+    monkeypatch.setattr(configuration, "DEFAULT_CONFIG", tmp_path / "missing.toml")
+    code = cli.main(["doctor", "--no-probe"])
+    out = capsys.readouterr().out
+    assert "WARN config: no config" in out and "no problems found" not in out
+    assert code == 1
+
+
+async def test_the_running_daemons_alarms_are_findings(tmp_path: Path, roots: doctor.Roots, box) -> None:
+    """doctor collects what the daemon's components report (a missing scanner here)."""
+    await box.start(sources={})
+    box.daemon.hub.source_connected("serial:gone", False, "cannot open /dev/ttyNothing")  # as its driver says
+    found = [f for f in await findings_of(box.daemon.config, roots) if f.area == "daemon"]
+    assert any(f.subject == "serial:gone" and f.text.startswith("SOURCE_DISCONNECTED") for f in found), found
