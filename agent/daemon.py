@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -23,6 +24,8 @@ from agent.api.listeners import Listeners
 from agent.api.methods import Api
 from agent.api.stream import StreamServer
 from agent.config import Config
+from agent.events import (ComponentsChanged, DisplayChanged, Event, EventType, NetworkChanged, OutboxChanged,
+                          PlatformChanged, Verified)
 from agent.hub import Hub, HubSink
 from agent.model import Alarm, Component, ComponentStatus, device_id_default
 from agent.outbox import Store, StoreUnavailable, Uploader
@@ -153,7 +156,7 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics.exposition, self.api.guard,
                                                 require_token=config.metrics.require_token)
         self.listeners = Listeners(config, self.stream, self.http, lambda: self.hub.waiting, self.metrics_server)
-        self.network = NetworkWatch(lambda up: self.hub.publish("status", {"network": {"up": up}}))
+        self.network = NetworkWatch(lambda up: self.hub.publish(NetworkChanged(up)))
         self.screen = DisplayComponent(self.display, self.ui)
         # every part that reports its own health (agent.model.Component): `status` shows each
         # one's status under its name and all their alarms; sd_notify STATUS, /healthz, /metrics
@@ -302,17 +305,17 @@ class Daemon:
 
     # --- status ----------------------------------------------------------------------------
 
-    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "verification":
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Verified):
             self._platform_maybe_changed()
-        if kind in ("verification", "status"):
+        if event.type is not EventType.SCAN:
             self._status_soon()
 
     def _platform_maybe_changed(self) -> None:
         reachable = self.platform.health().reachable
         if reachable != self._platform_reachable:
             self._platform_reachable = reachable
-            self.hub.publish("status", {"platform": self.platform.health().to_json()})
+            self.hub.publish(PlatformChanged(dataclasses.replace(self.platform.health())))
 
     def _status_soon(self) -> None:
         if not self._status_pending:
@@ -322,7 +325,7 @@ class Daemon:
 
     def _supervision_changed(self) -> None:
         """A child failed, was restarted or given up: subscribers and systemd hear of it."""
-        self.hub.publish("status", {"components": {n: c.to_json() for n, c in self.supervisor.children.items()}})
+        self.hub.publish(ComponentsChanged({n: c.to_json() for n, c in self.supervisor.children.items()}))
 
     def _display_changed(self, connected: bool, error: str | None) -> None:
         """From the display's thread: tell status subscribers (and kiosks) on the loop."""
@@ -330,7 +333,7 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._publish_display)
 
     def _publish_display(self) -> None:
-        self.hub.publish("status", {"display": self.screen.status()})
+        self.hub.publish(DisplayChanged(self.screen.status()))
 
     def _outbox_changed(self) -> None:
         """Publish the outbox's counts (the display's pending badge, kiosks, tests), coalesced."""
@@ -343,8 +346,11 @@ class Daemon:
         self.supervisor.spawn(self._publish_outbox(), "publish outbox")
 
     async def _publish_outbox(self) -> None:
-        report = await self.store.get_status()
-        self.hub.publish("status", {"outbox": report.status})
+        try:
+            stats = await self.store.stats()
+        except StoreUnavailable:
+            stats = None
+        self.hub.publish(OutboxChanged(stats, self.store.error))
 
     def _send_status(self) -> None:
         self._status_pending = False

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 from agent.config import validate
 from agent.daemon import Daemon
+from agent.events import Event, ScanRead, SourceChanged, Verified
+from agent.model import Result
 from agent.privacy import mask_id_number, mask_name, mask_qr
 from agent.simulator.rhc import RhcSimulator
 from agent.simulator.soap import SimServer
@@ -62,36 +64,33 @@ class Printer:
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self._held: list[tuple[str, dict[str, Any]]] | None = []
+        self._held: list[Event] | None = []
 
     def start(self) -> None:
         held, self._held = self._held or [], None
-        for kind, data in held:
-            self(kind, data)
+        for event in held:
+            self(event)
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         if self._held is not None:
-            self._held.append((kind, data))
+            self._held.append(event)
             return
-        if kind == "scan":
-            payload = data["payload"]
-            self._print("→ scan %s from %s: %s" % (data["id"], data["source"],
-                                                   mask_qr(payload) if isinstance(payload, str) else "card"))
-        elif kind == "verification":
-            v = data["verification"] or {}
-            if v.get("ok"):
-                ident = data["identity"] or {}
+        match event:
+            case ScanRead(scan=scan):
+                self._print("→ scan %s from %s: %s" % (scan.id, scan.source, mask_qr(scan.payload)
+                                                       if isinstance(scan.payload, str) else "card"))
+            case Verified(result=Result(identity=ident, verification=v)) if v is not None and v.ok:
+                shown = ident.to_json() if ident is not None else {}  # the code tables' texts, as the HIS sees them
                 self._print("  ✔ verified %s %s %s, %s (platform %s %s) in %.1f ms" % (
-                    mask_name(ident.get("name")), ident.get("sex_text") or "", ident.get("nation_text") or "",
-                    mask_id_number(ident.get("id_number")), v.get("platform_code"),
-                    v.get("platform_message"), v.get("elapsed_ms", 0)))
-            else:
-                self._print("  ✘ %s: %s%s" % (v.get("reason"), v.get("message") or "",
-                                              " (platform %s)" % v["platform_code"] if v.get("platform_code") else ""))
-        elif kind == "status" and "source" in data:
-            s = data["source"]
-            self._print("  · %s %s%s" % (s["name"], "connected" if s["connected"] else "disconnected",
-                                         ": %s" % s["detail"] if s.get("detail") else ""))
+                    mask_name(shown.get("name")), shown.get("sex_text") or "", shown.get("nation_text") or "",
+                    mask_id_number(shown.get("id_number")), v.platform_code, v.platform_message, v.elapsed_ms))
+            case Verified(result=Result(verification=v)):
+                reason = v.reason.value if v is not None and v.reason is not None else None
+                self._print("  ✘ %s: %s%s" % (reason, (v.message if v else None) or "",
+                                              " (platform %s)" % v.platform_code if v and v.platform_code else ""))
+            case SourceChanged(name=name, connected=connected, detail=detail):
+                self._print("  · %s %s%s" % (name, "connected" if connected else "disconnected",
+                                             ": %s" % detail if detail else ""))
 
     def _print(self, text: str) -> None:
         print(text, file=self.out, flush=True)

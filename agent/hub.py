@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Iterable
 
 from agent import logs
+from agent.events import Event, Listener, ScanRead, SourceChanged, Verified
 from agent.model import Alarm, ComponentStatus, Reason, Result, Scan, ScanboxError, ScanKind
 from agent.privacy import mask_qr
 from agent.supervisor import Supervisor
@@ -26,8 +27,6 @@ from agent.verifier import Verifier
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[str, dict[str, Any]], None]
-EVENT_TYPES = ("scan", "verification", "status")
 
 
 @dataclass
@@ -98,10 +97,10 @@ class Hub:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def publish(self, kind: str, data: dict[str, Any]) -> None:
+    def publish(self, event: Event) -> None:
         for listener in list(self._listeners):
             try:
-                listener(kind, data)
+                listener(event)
             except Exception:  # one broken subscriber must not stop the others
                 logger.exception("event listener failed")
 
@@ -112,7 +111,7 @@ class Hub:
         changed = state.connected != connected or state.detail != detail
         state.connected, state.detail = connected, detail
         if changed:
-            self.publish("status", {"source": state.to_json()})
+            self.publish(SourceChanged(state.name, state.connected, state.detail, state.to_json()))
 
     def source_problem(self, source: str, text: str) -> None:
         self.sources.setdefault(source, SourceState(source)).problems += 1
@@ -140,7 +139,7 @@ class Hub:
         try:
             logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
                         mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
-            self.publish("scan", scan.to_json())
+            self.publish(ScanRead(scan))
             waiter = self._take_waiter(scan.kind)
             if waiter is not None:
                 self._spawn(self._serve(scan, waiter), "serve scan %s" % scan.id)
@@ -177,10 +176,10 @@ class Hub:
         waiting read_card callers (it is the caller's, not the counter's)."""
         bound = logs.bind_scan(scan.id, scan.source, scan.kind.value)
         try:
-            self.publish("scan", scan.to_json())
+            self.publish(ScanRead(scan))
             result = await self.verifier.verify(scan, step, channel)
             _log_answer(result)
-            self.publish("verification", result.to_json())
+            self.publish(Verified(result))
             return result
         finally:
             logs.unbind_scan(bound)
@@ -229,7 +228,7 @@ class Hub:
             return Result(scan, scan.identity, None)
         result = await self.verifier.verify(scan, step)
         _log_answer(result)
-        self.publish("verification", result.to_json())
+        self.publish(Verified(result))
         return result
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.config import dump
+from agent.events import Event, ScanRead, Verified
 from agent.platforms.base import Exchange
 
 if TYPE_CHECKING:
@@ -105,24 +106,20 @@ class BoxMetrics:
         self.daemon.hub.listen(self.on_event)
         self.daemon.platform.observers.append(self.on_exchange)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "scan":
-            source = str(data.get("source", ""))
-            if source.startswith("api:"):
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, ScanRead):
+            if event.scan.source.startswith("api:"):
                 return  # verify_qr: the caller scanned it; counted with its result
-            self.scans.labels(source, str(data.get("kind"))).inc()
-        elif kind == "verification":
-            scan = data.get("scan") or {}
-            verification = data.get("verification")
-            if not verification:
+            self.scans.labels(event.scan.source, event.scan.kind.value).inc()
+        elif isinstance(event, Verified):
+            scan, verification = event.result.scan, event.result.verification
+            if verification is None:
                 return
-            outcome = "ok" if verification.get("ok") else str(verification.get("reason") or "error").lower()
-            scan_kind = str(scan.get("kind"))
-            self.results.labels(str(scan.get("source")), scan_kind, outcome,
-                                "true" if verification.get("offline") else "false").inc()
-            elapsed = verification.get("elapsed_ms")
-            if isinstance(elapsed, (int, float)):
-                self.verify_seconds.labels(scan_kind).observe(elapsed / 1000.0)
+            outcome = "ok" if verification.ok else (verification.reason.value.lower() if verification.reason
+                                                     else "error")
+            self.results.labels(scan.source, scan.kind.value, outcome,
+                                "true" if verification.offline else "false").inc()
+            self.verify_seconds.labels(scan.kind.value).observe(verification.elapsed_ms / 1000.0)
 
     def on_exchange(self, exchange: Exchange) -> None:
         operation = _label(exchange.operation, _OPERATION)

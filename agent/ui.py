@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from agent.model import Alarm, ComponentStatus, Reason
+from agent.events import (Event, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged,
+                          Verified)
+from agent.model import Alarm, ComponentStatus, IdentitySource, Reason, Result, ScanKind
 from agent.privacy import mask_name
 
 if TYPE_CHECKING:
@@ -301,25 +303,25 @@ class Ui:
 
     # --- inputs ----------------------------------------------------------------------------
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        """A hub listener: scan, verification and status events."""
+    def on_event(self, event: Event) -> None:
+        """A hub listener: scans, verifications and status changes, as typed events."""
         s = self.state
         now = self.clock()
-        if kind == "scan":
-            s.verifying_since = now
-        elif kind == "verification":
-            s.verifying_since = None
-            s.result = self._result_screen(data)
-            s.result_until = now + self.result_s
-        elif kind == "status":
-            if "source" in data:
-                s.sources[data["source"]["name"]] = data["source"]["connected"]
-            if "platform" in data:
-                s.online = data["platform"].get("reachable")
-            if "network" in data:
-                s.network = data["network"].get("up")
-            if "outbox" in data and data["outbox"].get("available"):
-                s.pending = data["outbox"].get("pending", 0)
+        match event:
+            case ScanRead():
+                s.verifying_since = now
+            case Verified(result=result):
+                s.verifying_since = None
+                s.result = self._result_screen(result)
+                s.result_until = now + self.result_s
+            case SourceChanged(name=name, connected=connected):
+                s.sources[name] = connected
+            case PlatformChanged(health=health):
+                s.online = health.reachable
+            case NetworkChanged(up=up):
+                s.network = up
+            case OutboxChanged() if event.available:
+                s.pending = event.pending
         self._wake.set()
 
     def show_message(self, lines: list[str], seconds: float) -> None:
@@ -333,20 +335,17 @@ class Ui:
         self.state.message_until = self.clock() + seconds
         self._wake.set()
 
-    def _result_screen(self, data: dict[str, Any]) -> Screen:
-        v = data.get("verification") or {}
-        identity = data.get("identity") or {}
-        if v.get("ok"):
-            kind = data.get("scan", {}).get("kind", "qr")
-            card = {"qr": "ehc", "id_card": "id_card", "health_card": "health_card", "ssc": "ssc"}.get(kind, "ehc")
-            lines = ("%s  %s" % (mask_name(identity.get("name")), self.fonts.text(card)),)
-            if identity.get("source") == "cache":
+    def _result_screen(self, result: Result) -> Screen:
+        v = result.verification
+        identity = result.identity
+        if v is not None and v.ok:
+            card = {ScanKind.QR: "ehc", ScanKind.ID_CARD: "id_card", ScanKind.HEALTH_CARD: "health_card",
+                    ScanKind.SSC: "ssc"}.get(result.scan.kind, "ehc")
+            lines = ("%s  %s" % (mask_name(identity.name if identity else None), self.fonts.text(card)),)
+            if identity is not None and identity.source is IdentitySource.CACHE:
                 lines += (self.fonts.text("from_cache"),)
             return Screen("success", title="verified", lines=lines)
-        try:
-            reason = Reason(v.get("reason")) if v.get("reason") else None
-        except ValueError:
-            reason = Reason.INTERNAL
+        reason = v.reason if v is not None else None
         if reason is Reason.NOT_SUPPORTED:
             # nothing failed: this box only passes the code on (a platform with no verify call)
             return Screen("read", title="read", lines=(self.fonts.text("wait_staff"),))

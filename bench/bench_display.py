@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the repo on sys.path)
 
+from agent.events import ScanRead  # noqa: E402
+from agent.model import Scan  # noqa: E402
 from agent.ui import Fonts, Ui, render, samples  # noqa: E402
 from drivers.display import Display, Options  # noqa: E402
 
@@ -44,7 +46,8 @@ async def cpu_while(seconds: float, ui: Ui, animate: bool) -> tuple[float, int]:
     await asyncio.sleep(0.2)  # first frame drawn
     frames = ui.frames
     if animate:
-        ui.on_event("scan", {})  # the verifying screen's progress bar, for the whole period
+        # the verifying screen's progress bar, for the whole period
+        ui.on_event(ScanRead(Scan.from_qr_bytes("bench", b"CCEBCA5E8566:1")))
     started_cpu, started = time.process_time(), time.perf_counter()
     await asyncio.sleep(seconds)
     cpu = (time.process_time() - started_cpu) / (time.perf_counter() - started)

@@ -17,6 +17,7 @@ import pytest
 from agent.config import Config, split_secrets, to_toml, validate
 from agent.daemon import Daemon
 from agent.demo import DEMO_SITE
+from agent.events import Event
 from agent.platforms.base import Platform
 from agent.simulator.rhc import RhcSimulator
 from agent.supervisor import Supervisor
@@ -226,8 +227,8 @@ class EventRecorder:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._changed = asyncio.Condition()
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        self.events.append((kind, data))
+    def __call__(self, event: Event) -> None:
+        self.events.append((event.type.value, event.data()))  # as a subscriber sees it
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:

@@ -15,6 +15,7 @@ from typing_extensions import override
 import agent.daemon
 from agent.config import Config
 from agent.daemon import Daemon
+from agent.events import NetworkChanged
 from agent.model import Reason, UsageRecord, now_local
 from agent.outbox import Store
 from agent.platforms.base import VerifyAnswer, VerifyRequest
@@ -158,7 +159,7 @@ async def test_a_status_notification_that_raises_is_an_internal_error_alarm(box)
         raise Fault("notify socket bug")
 
     daemon.notifier.status = broken  # type: ignore[method-assign]
-    daemon.hub.publish("status", {"nothing": True})  # a STATUS= within a second
+    daemon.hub.publish(NetworkChanged(True))  # a STATUS= within a second
     async with asyncio.timeout(5):
         await failed.wait()
     await box.events.wait("status", lambda d: "components" in d)

@@ -14,7 +14,8 @@ from agent.api.jsonrpc import Method, NoParams, Params, Session
 from agent.api.onetrans import OneTrans
 from agent.codes import member_of, qwb002
 from agent.config import ClientConfig, OnetransConfig
-from agent.hub import EVENT_TYPES, Hub
+from agent.events import EVENT_TYPES, Event
+from agent.hub import Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
@@ -170,9 +171,9 @@ class Api:
         wanted = frozenset(params.events)
         session.close()  # a new subscribe replaces the previous one
 
-        def deliver(kind: str, data: dict[str, Any]) -> None:
-            if kind in wanted:
-                notify({"jsonrpc": "2.0", "method": "event", "params": {"type": kind, "data": data}})
+        def deliver(event: Event) -> None:
+            if event.type in wanted:  # JSON only here, at the edge
+                notify({"jsonrpc": "2.0", "method": "event", "params": event.wire()})
 
         session.cleanups.append(self.hub.listen(deliver))
         return {"subscribed": sorted(wanted)}

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from agent.daemon import Daemon
+from agent.events import ScanRead
+from agent.model import Scan
 from agent.simulator.soap import Fault
 from tests.conftest import ADMIN_TOKEN, TOKEN, RpcClient, until
 
@@ -402,7 +404,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_are_served(box)
     stuck._task.cancel()  # never reads again; the kernel buffers fill, then the queue
     healthy = await box.unix()
     for i in range(3000):
-        box.daemon.hub.publish("scan", {"payload": "x" * 2000, "n": i})
+        box.daemon.hub.publish(ScanRead(Scan.from_qr_bytes("test:%d" % i, b"x" * 2000)))
     await until(lambda: box.daemon.stream.clients <= 1, timeout=10)
     assert (await healthy.call("status"))["device_id"] == "test-box"
 

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from agent.config import parse_http_listen, validate
+from agent.events import DisplayChanged
 from tests.api.webclient import HTTP_API, base_url, open_ws, post_rpc
 from tests.conftest import ADMIN_TOKEN, TOKEN, config_dict, until
 
@@ -211,7 +212,7 @@ async def test_a_websocket_client_that_stops_reading_is_dropped_and_others_are_s
     assert (await lazy.receive_json(timeout=5))["result"]["subscribed"] == ["status"]
     other = await open_ws(http, box, TOKEN)
     for i in range(1000):
-        box.daemon.hub.publish("status", {"filler": "x" * 200, "i": i})
+        box.daemon.hub.publish(DisplayChanged({"filler": "x" * 200, "i": i}))
     await until(lambda: len(box.daemon.http.websockets) == 1, timeout=10)
     assert (await other.call("status"))["device_id"] == "test-box"
     await other.close()

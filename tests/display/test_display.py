@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from agent.model import Reason
+from agent.events import NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged, Verified
+from agent.model import Identity, IdentitySource, Reason, Result, Scan, Verification
+from agent.platforms.base import PlatformHealth
 from agent.ui import PROGRESS_FRAME_S, Fonts, Screen, Ui, _fit, _wrap, render, samples
 from drivers.display import Display, Options, open_device
 
@@ -199,24 +201,40 @@ def make_ui(fonts: Fonts, result_s: float = 5.0) -> tuple[Ui, list[Image.Image],
     return Ui(frames.append, (128, 64), fonts, result_s=result_s, clock=clock), frames, clock
 
 
-def verification(ok: bool, name: str = "张晓明", reason: str | None = None, source: str = "platform") -> dict:
-    return {"scan": {"kind": "qr"},
-            "identity": {"name": name, "id_number": "630102198503121237", "source": source} if ok else None,
-            "verification": {"ok": ok, "reason": reason}}
+def verification(ok: bool, name: str = "张晓明", reason: str | None = None, source: str = "platform") -> Verified:
+    scan = Scan.from_qr_bytes("serial:counter", b"CCEBCA5E8566:1")
+    identity = Identity(name=name, id_number="630102198503121237", source=IdentitySource(source)) if ok else None
+    return Verified(Result(scan, identity, Verification(ok, Reason(reason) if reason else None)))
+
+
+def scanned() -> ScanRead:
+    return ScanRead(Scan.from_qr_bytes("serial:counter", b"CCEBCA5E8566:1"))
+
+
+def platform(reachable: bool | None) -> PlatformChanged:
+    return PlatformChanged(PlatformHealth("rhc", reachable))
+
+
+def outbox(pending: int) -> OutboxChanged:
+    return OutboxChanged({"pending": pending, "sent": 0, "dead": 0})
+
+
+def source(connected: bool) -> SourceChanged:
+    return SourceChanged("serial:counter", connected, None, {})
 
 
 def test_scan_verify_success_then_back_to_ready(fonts):
     ui, frames, clock = make_ui(fonts)
     ui.refresh()
     assert ui.screen.kind == "ready"
-    ui.on_event("scan", {})
+    ui.on_event(scanned())
     ui.refresh()
     assert ui.screen.kind == "verifying"
     first = ui.screen.progress
     clock.now += PROGRESS_FRAME_S * 3
     ui.refresh()
     assert ui.screen.progress == first + 3  # the bar moves
-    ui.on_event("verification", verification(True))
+    ui.on_event(verification(True))
     until = ui.refresh()
     assert ui.screen.kind == "success" and ui.screen.lines == ("张*明  电子健康卡",)
     assert until == pytest.approx(clock.now + 5.0)
@@ -227,7 +245,7 @@ def test_scan_verify_success_then_back_to_ready(fonts):
 
 def test_the_screen_never_shows_a_full_name_or_an_id_number(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("verification", verification(True, name="才让卓玛"))
+    ui.on_event(verification(True, name="才让卓玛"))
     ui.refresh()
     text = " ".join(ui.screen.lines)
     assert "才**玛" in text and "才让卓玛" not in text and "1237" not in text and "630102" not in text
@@ -235,7 +253,7 @@ def test_the_screen_never_shows_a_full_name_or_an_id_number(fonts):
 
 def test_failure_shows_a_reason_a_patient_understands(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("verification", verification(False, reason="QR_EXPIRED"))
+    ui.on_event(verification(False, reason="QR_EXPIRED"))
     ui.refresh()
     assert ui.screen.kind == "failure" and ui.screen.lines == ("二维码已过期，请刷新",)
     assert Reason.QR_EXPIRED.patient_text == "二维码已过期，请刷新"
@@ -245,38 +263,38 @@ def test_a_code_the_box_only_passes_on_is_read_not_failed(fonts):
     """A platform with no verify call (fsjson) answers NOT_SUPPORTED for every code: the patient
     sees that the code was read, not a failure on every scan."""
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("verification", verification(False, reason="NOT_SUPPORTED"))
+    ui.on_event(verification(False, reason="NOT_SUPPORTED"))
     ui.refresh()
     assert ui.screen.kind == "read" and ui.screen.title == "read" and ui.screen.lines == ("请等候工作人员",)
-    ui.on_event("verification", verification(False, reason="QR_UNKNOWN"))
+    ui.on_event(verification(False, reason="QR_UNKNOWN"))
     ui.refresh()
     assert ui.screen.kind == "failure"  # the wrong code shown at a verifying box is worth saying
 
 
 def test_offline_with_the_pending_count_and_answers_from_the_cache(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("status", {"platform": {"reachable": False}})
-    ui.on_event("status", {"outbox": {"available": True, "pending": 7}})
+    ui.on_event(platform(False))
+    ui.on_event(outbox(7))
     ui.refresh()
     assert ui.screen.kind == "offline" and ui.screen.pending == 7 and ui.screen.online is False
-    ui.on_event("verification", verification(True, source="cache"))
+    ui.on_event(verification(True, source="cache"))
     ui.refresh()
     assert ui.screen.kind == "success" and ui.screen.lines[-1] == "离线核验"
 
 
 def test_a_missing_scanner_is_shown_until_it_is_back(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("status", {"source": {"name": "serial:counter", "connected": False}})
+    ui.on_event(source(False))
     ui.refresh()
     assert ui.screen.kind == "device_missing"
-    ui.on_event("status", {"source": {"name": "serial:counter", "connected": True}})
+    ui.on_event(source(True))
     ui.refresh()
     assert ui.screen.kind == "ready"
 
 
 def test_caller_text_comes_first_for_its_seconds(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("verification", verification(True))
+    ui.on_event(verification(True))
     ui.show_message(["请到3号窗口缴费"], seconds=10)
     ui.refresh()
     assert ui.screen.kind == "message" and ui.screen.lines == ("请到3号窗口缴费",)
@@ -289,7 +307,7 @@ def test_frames_go_to_the_display_only_when_the_picture_changes(fonts):
     ui, frames, clock = make_ui(fonts)
     ui.refresh()
     ui.refresh()
-    ui.on_event("status", {"outbox": {"available": True, "pending": 0}})  # nothing visible changes
+    ui.on_event(outbox(0))  # nothing visible changes
     ui.refresh()
     assert len(frames) == 1
     clock.now += 60  # the minute turns: the clock in the header changes
@@ -328,12 +346,12 @@ def test_the_readme_screens_are_the_code_s(fonts, path):
 
 def test_the_header_tells_network_down_from_platform_down(fonts):
     ui, frames, clock = make_ui(fonts)
-    ui.on_event("status", {"network": {"up": True}})
-    ui.on_event("status", {"platform": {"reachable": False}})
+    ui.on_event(NetworkChanged(True))
+    ui.on_event(platform(False))
     ui.refresh()
     platform_down = frames[-1]
     assert ui.screen.network is True and ui.screen.online is False
-    ui.on_event("status", {"network": {"up": False}})
+    ui.on_event(NetworkChanged(False))
     ui.refresh()
     assert ui.screen.network is False
     # the glyph left of "离线" changed from bars to a cross: the pictures differ in the header only
