@@ -336,18 +336,18 @@ def _outbox(args: argparse.Namespace) -> int:
             if args.action == "stats":
                 print(json.dumps(await store.stats(), indent=2))
             elif args.action == "list":
-                rows = await store.list(args.state, args.limit)
+                rows = await store.rows(args.state, args.limit)
                 for row in rows:
                     print("%6d  %-9s %-7s %s  attempts %d  %s" % (
                         row.id, row.operation, row.state, _when(row.created_at), row.attempts,
                         "%s %s" % (row.platform_code or "", row.platform_message or row.last_error or "")))
                 print("%d %s record%s" % (len(rows), args.state, "" if len(rows) == 1 else "s"))
             elif args.action == "show":
-                row = await store.get(args.id)
-                if row is None:
+                found = await store.get(args.id)
+                if found is None:
                     print("no record %d" % args.id, file=sys.stderr)
                     return 1
-                print(json.dumps(row.to_json(), ensure_ascii=False, indent=2))
+                print(json.dumps(found.to_json(), ensure_ascii=False, indent=2))
             elif args.action == "retry":
                 if not await store.retry(args.id):
                     print("no pending or dead record %d" % args.id, file=sys.stderr)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from agent.config import Config
+from agent.config import Config, PlatformConfig
 from agent.platforms.transport import Reply
 
 Status = Literal["ok", "info", "warn", "fail"]
@@ -312,11 +312,11 @@ class Doctor:
                 else:
                     out.append(Finding("camera", "ok", subject, "picamera2 is installed"))
             elif opts.device.startswith("/dev/"):
-                path = self._dev(opts.device)
-                if not path.exists():
+                device = self._dev(opts.device)
+                if not device.exists():
                     out.append(Finding("camera", "fail", subject, "%s does not exist" % opts.device,
                                        "plug the camera in; `ls /dev/video*`"))
-                elif not os.access(path, os.R_OK | os.W_OK):
+                elif not os.access(device, os.R_OK | os.W_OK):
                     out.append(Finding("camera", "fail", subject, "%s is not readable" % opts.device,
                                        "add the service user to group 'video'"))
                 else:
@@ -338,9 +338,9 @@ class Doctor:
         if display is None or display.model == "dummy" or display.interface != "i2c":
             return out
         subject = "display"
-        bus = self.roots.dev / ("i2c-%d" % display.i2c_port)
-        if not bus.exists():
-            out.append(Finding("i2c", "fail", subject, "%s: %s does not exist" % (display.describe(), bus),
+        bus_node = self.roots.dev / ("i2c-%d" % display.i2c_port)
+        if not bus_node.exists():
+            out.append(Finding("i2c", "fail", subject, "%s: %s does not exist" % (display.describe(), bus_node),
                                "enable I2C (raspi-config nonint do_i2c 0, or dtparam=i2c_arm=on in "
                                "config.txt) and reboot"))
             return out
@@ -377,7 +377,7 @@ class Doctor:
                              % p.get("last_error")) if failed else None)]
         if self.config is None:
             return []
-        return [await self._ask_platform()]
+        return [await self._ask_platform(self.config.platform)]
 
     async def _daemon_status(self) -> dict[str, Any] | None:
         path = self.socket_path or (self.config.unix_socket() if self.config else None)
@@ -396,11 +396,10 @@ class Doctor:
         finally:
             writer.close()
 
-    async def _ask_platform(self) -> Finding:
+    async def _ask_platform(self, cfg: PlatformConfig) -> Finding:
         from agent.platforms.base import PlatformUnavailable
         from agent.platforms.transport import HttpClient
 
-        cfg = self.config.platform  # type: ignore[union-attr]  (platform() asks only with a config)
         http = HttpClient(timeout_s=cfg.timeout_s, tls_verify=cfg.tls_verify)
         try:
             response = await http.get(cfg.endpoint)

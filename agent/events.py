@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping
 
 from agent.model import Result, Scan
 
@@ -25,7 +25,8 @@ class EventType(enum.StrEnum):
     STATUS = "status"
 
 
-EVENT_TYPES = tuple(t.value for t in EventType)
+EventName = Literal["scan", "verification", "status"]
+EVENT_TYPES: tuple[EventName, ...] = ("scan", "verification", "status")
 
 
 class Event:

@@ -309,7 +309,7 @@ class Store:
             return self._row(r) if r else None
         return await self._submit(one, write=False)
 
-    async def list(self, state: str = "pending", limit: int = 100) -> list[Row]:
+    async def rows(self, state: str = "pending", limit: int = 100) -> list[Row]:
         return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
             "SELECT * FROM outbox WHERE state = ? ORDER BY id LIMIT ?", (state, limit))], write=False)
 
@@ -516,15 +516,15 @@ class Store:
             for job in writes:
                 job.fail(error)
             return
-        if any(job.stores and exc is None for job, _, exc in results):
+        if any(job.stores and fault is None for job, _, fault in results):
             self.error = None
-        if any(job.deletes and exc is None for job, _, exc in results):
+        if any(job.deletes and fault is None for job, _, fault in results):
             _truncate_wal(conn)
-        for job, value, exc in results:
-            if exc is None:
+        for job, value, fault in results:
+            if fault is None:
                 job.done(value)
             else:
-                job.fail(exc)
+                job.fail(fault)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:
@@ -999,7 +999,7 @@ class Uploader:
         if not rows:
             return False
         slots = asyncio.Semaphore(self.max_in_flight)
-        failure: PlatformError | None = None  # the round's first transient failure stops it
+        failure: ScanboxError | None = None  # the round's first transient failure stops it
 
         async def send(row: Row) -> None:
             nonlocal failure

@@ -99,6 +99,8 @@ class Fonts:
     def __init__(self, path: Path | None = None) -> None:
         candidates = [path] if path else list(CJK_FONTS)
         self.path = next((p for p in candidates if p and p.is_file()), None)
+        self.small: ImageFont.FreeTypeFont | ImageFont.ImageFont
+        self.large: ImageFont.FreeTypeFont | ImageFont.ImageFont
         if self.path is not None:
             index = SHARP_INDEX if self.path.suffix == ".ttc" else 0
             # BASIC layout: Pillow otherwise uses raqm when libfribidi happens to be installed,
@@ -266,7 +268,7 @@ def samples(fonts: Fonts) -> dict[str, Screen]:
 def preview(screen: Screen, size: tuple[int, int], fonts: Fonts, scale: int = 4) -> Image.Image:
     """A screen as people look at it: scaled up, white on black like the panel."""
     image = render(screen, size, fonts).convert("L")
-    return image.resize((size[0] * scale, size[1] * scale), Image.NEAREST)
+    return image.resize((size[0] * scale, size[1] * scale), Image.Resampling.NEAREST)
 
 
 # --- deciding what to show ------------------------------------------------------------------
@@ -341,7 +343,8 @@ class Ui:
         if v is not None and v.ok:
             card = {ScanKind.QR: "ehc", ScanKind.ID_CARD: "id_card", ScanKind.HEALTH_CARD: "health_card",
                     ScanKind.SSC: "ssc"}.get(result.scan.kind, "ehc")
-            lines = ("%s  %s" % (mask_name(identity.name if identity else None), self.fonts.text(card)),)
+            lines: tuple[str, ...] = ("%s  %s" % (mask_name(identity.name if identity else None),
+                                                  self.fonts.text(card)),)
             if identity is not None and identity.source is IdentitySource.CACHE:
                 lines += (self.fonts.text("from_cache"),)
             return Screen("success", title="verified", lines=lines)
@@ -358,23 +361,27 @@ class Ui:
         s = self.state
         now = self.clock()
         when = datetime.fromtimestamp(now)
-        header = dict(clock=when.strftime("%H:%M"), network=s.network, online=s.online, pending=s.pending)
         next_minute = now + 60 - when.second - when.microsecond / 1e6
+
+        def headed(screen: Screen) -> Screen:
+            return replace(screen, clock=when.strftime("%H:%M"), network=s.network, online=s.online,
+                           pending=s.pending)
+
         if s.message is not None and now < s.message_until:
-            return replace(s.message, **header), min(s.message_until, next_minute)
+            return headed(s.message), min(s.message_until, next_minute)
         if s.result is not None and now < s.result_until:
-            return replace(s.result, **header), min(s.result_until, next_minute)
+            return headed(s.result), min(s.result_until, next_minute)
         if s.verifying_since is not None and now - s.verifying_since < VERIFY_TIMEOUT_S:
             step = int((now - s.verifying_since) / PROGRESS_FRAME_S)
-            return (Screen("verifying", progress=step, **header),
+            return (headed(Screen("verifying", progress=step)),
                     s.verifying_since + (step + 1) * PROGRESS_FRAME_S)
         if any(not connected for connected in s.sources.values()):
-            return Screen("device_missing", lines=(self.fonts.text("scanner_missing"),
-                                                   self.fonts.text("call_staff")), **header), next_minute
+            return headed(Screen("device_missing", lines=(self.fonts.text("scanner_missing"),
+                                                          self.fonts.text("call_staff")))), next_minute
         if s.online is False:
-            return Screen("offline", lines=(self.fonts.text("show_card"), self.fonts.text("offline_mode")),
-                          **header), next_minute
-        return Screen("ready", lines=(self.fonts.text("show_card"), self.fonts.text("aim")), **header), next_minute
+            return headed(Screen("offline", lines=(self.fonts.text("show_card"),
+                                                   self.fonts.text("offline_mode")))), next_minute
+        return headed(Screen("ready", lines=(self.fonts.text("show_card"), self.fonts.text("aim")))), next_minute
 
     def refresh(self) -> float | None:
         """Render the current screen; hand it to the display only if the picture changed."""

@@ -121,7 +121,8 @@ class Verifier:
                 async with asyncio.timeout(budget):
                     answer = await self.platform.verify(record)
             except TimeoutError:
-                late = PlatformUnavailable("no answer from the platform within %g s" % self.deadline_s)
+                late = PlatformUnavailable("no answer from the platform within %g s" % self.deadline_s
+                                           if self.deadline_s is not None else "the platform call timed out")
                 self.platform.record_failure(late)
                 raise late from None
         except PlatformError as exc:

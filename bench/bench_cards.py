@@ -15,10 +15,12 @@ import threading
 import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
+from typing_extensions import override
 
 from agent.simulator import cards as emu
 from agent.simulator.pcscd import CARD_READER, PSAM_READER, Pcscd, PcscSlot
 from drivers import pcsc
+from drivers.base import ScanSink
 
 KINDS = {
     "ssc v2 (no authentication)": lambda: emu.ssc("2.00"),
@@ -28,22 +30,29 @@ KINDS = {
 }
 
 
-class Sink:
+class Sink(ScanSink):
     def __init__(self) -> None:
         self.arrived = threading.Event()
         self.at = 0.0
         self.last = None
 
+    @override
     def scan(self, scan) -> None:
         self.at = time.monotonic()
         self.last = scan
         self.arrived.set()
 
+    @override
     def connected(self, source, connected, detail=None) -> None:
         pass
 
+    @override
     def problem(self, source, text) -> None:
         print("problem:", text)
+
+    @override
+    def failed(self, source: str, exc: BaseException) -> None:
+        print("driver failed:", repr(exc))
 
 
 def run(kind: str, make, n: int, card_slot: PcscSlot, psam: bool) -> None:

@@ -69,8 +69,8 @@ def bench_camera(n_frames: int, n_hard: int) -> None:
             ok = sum(decoder.decode(image) == [STATIC.encode()] for image in frames)
             totals[name] += ok
             row.append(100 * ok / len(frames))
-        print("  %-14s %7.0f%% %7.0f%%" % (kind, *row))
-    print("  %-14s %7.0f%% %7.0f%%" % ("all", *(100 * totals[n] / (n_hard * len(HARD)) for n in decoders)))
+        print("  %-14s %s" % (kind, " ".join("%7.0f%%" % r for r in row)))
+    print("  %-14s %s" % ("all", " ".join("%7.0f%%" % (100 * totals[n] / (n_hard * len(HARD))) for n in decoders)))
 
 
 def median_ms(values: list[float]) -> float:

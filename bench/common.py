@@ -23,6 +23,7 @@ def start_simulator(port: int) -> subprocess.Popen:
     """`scanbox simulate rhc` in its own process, so it does not share the daemon's event loop."""
     sim = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "rhc", "--listen", "127.0.0.1:%d" % port],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert sim.stdout is not None
     sim.stdout.readline()  # printed once it listens
     return sim
 

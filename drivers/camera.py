@@ -188,7 +188,7 @@ class ZxingDecoder(Decoder):
         except ImportError as exc:
             raise CameraError("zxing-cpp is not installed (pip install zxing-cpp)") from exc
         self._zxing = zxingcpp
-        self._formats = zxingcpp.BarcodeFormat.QRCode
+        self._formats = zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.QRCode)
 
     def read(self, frame: Frame) -> list[bytes]:
         image = frame.view() if isinstance(frame, LumaFrame) else frame
@@ -481,17 +481,17 @@ class Camera(ThreadedSource):
             logger.info("%s: reading %s with %s", self.name, self.frames.describe, self.decoder.name)
             sink.connected(self.name, True)
             last_detail = None
-            detail = self._read_frames(sink)
+            ended = self._read_frames(sink)
             self.frames.close()
             if self._stop.is_set():
                 break
-            if detail is None:  # image files played to the end
+            if ended is None:  # image files played to the end
                 self.ended.set()
                 sink.connected(self.name, False, "end of images")
                 return
-            logger.warning("%s: %s", self.name, detail)
-            sink.connected(self.name, False, detail)
-            last_detail = detail
+            logger.warning("%s: %s", self.name, ended)
+            sink.connected(self.name, False, ended)
+            last_detail = ended
             self._stop.wait(self.backoff.next())
         sink.connected(self.name, False, "stopped")
 

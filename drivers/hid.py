@@ -374,8 +374,11 @@ def find_devices(selectors: list[str], dev_root: Path = Path("/dev"), sys_root: 
 class InputDeviceLike(Protocol):
     """What the driver uses of evdev.InputDevice (tests pass a fake with a pipe as its fd)."""
 
-    path: str
-    name: str
+    @property
+    def path(self) -> str | bytes: ...  # evdev's own type; a fake's str is one
+
+    @property
+    def name(self) -> str: ...
 
     def fileno(self) -> int: ...
 

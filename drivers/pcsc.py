@@ -242,7 +242,7 @@ class PcscReader(ThreadedSource):
                     pnp_state = event & ~scard.SCARD_STATE_CHANGED
                     continue
                 if event & (scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE | scard.SCARD_STATE_UNAVAILABLE):
-                    last_detail, reader = self._lost(reader, sink), None
+                    last_detail, reader = self._lost(name, sink), None
                     continue
                 was_present = bool(state & scard.SCARD_STATE_PRESENT)
                 # pcsc-lite counts card insertions and removals in the upper 16 bits: a card

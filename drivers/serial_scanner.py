@@ -205,6 +205,8 @@ class SerialScanner(ThreadedSource):
 
 
 class _Reader(serial.threaded.ReaderThread):
+    alive: bool  # pyserial's own flag (the library has no type hints)
+
     """ReaderThread with the framer as its protocol, and a read loop that always ends in
     connection_lost: pyserial's own catches only SerialException from read(), but an unplugged
     device can fail with OSError (EIO) from the in_waiting ioctl, which would end the thread

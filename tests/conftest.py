@@ -283,11 +283,13 @@ async def box(tmp_path: Path, sim_server: SimServer, pty_scanner: PtyScanner):
             return self
 
         async def unix(self) -> RpcClient:
+            assert self.daemon.stream.unix_path is not None, "the daemon does not listen on a Unix socket"
             client = await RpcClient.unix(self.daemon.stream.unix_path)
             clients.append(client)
             return client
 
         async def tcp(self, token: str | None = TOKEN) -> RpcClient:
+            assert self.daemon.stream.tcp_address is not None, "the daemon does not listen on TCP"
             client = await RpcClient.tcp(*self.daemon.stream.tcp_address)
             clients.append(client)
             if token:

@@ -16,7 +16,7 @@ from tests.conftest import RpcClient
 
 
 async def read_until(stream: asyncio.StreamReader, pattern: str, timeout: float = 20) -> str:
-    seen = []
+    seen: list[str] = []
     async with asyncio.timeout(timeout):
         while True:
             line = (await stream.readline()).decode("utf-8")

@@ -85,7 +85,7 @@ async def test_states_sent_dead_retry_and_purge(store):
     assert [row.id for row in await store.due(10)] == [c]
     stats = await store.stats()
     assert (stats["pending"], stats["sent"], stats["dead"]) == (1, 1, 1)
-    dead = (await store.list("dead"))[0]
+    dead = (await store.rows("dead"))[0]
     assert (dead.platform_code, dead.platform_message, dead.attempts) == ("4002", "该卡未认证或已注销", 1)
     assert await store.retry(b) is True
     assert [row.id for row in await store.due(10)] == [b, c]

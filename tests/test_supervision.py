@@ -158,7 +158,7 @@ async def test_a_status_notification_that_raises_is_an_internal_error_alarm(box)
         failed.set()
         raise Fault("notify socket bug")
 
-    daemon.notifier.status = broken  # type: ignore[method-assign]
+    daemon.notifier.status = broken
     daemon.hub.publish(NetworkChanged(True))  # a STATUS= within a second
     async with asyncio.timeout(5):
         await failed.wait()

@@ -88,7 +88,7 @@ async def test_the_backlog_is_uploaded_in_order_with_its_msgguids(harness):
     assert [e.values["time"] for e in uploads(harness.server)] == [r.values["time"] for r in records]
     stats = await harness.stats()
     assert (stats["pending"], stats["sent"]) == (0, 20)
-    sent = await harness.store.list("sent", 100)
+    sent = await harness.store.rows("sent", 100)
     assert {row.platform_code for row in sent} == {"3005"}
 
 
@@ -110,7 +110,7 @@ async def test_transient_failures_back_off_and_recover_on_their_own(harness):
     attempts = [e for e in harness.server.sim.journal if e.msg_guid == r.guid]
     assert len(attempts) == 1 and attempts[0].ok  # the four failures never reached the business logic
     assert harness.server.requests == 5
-    row = (await harness.store.list("sent"))[0]
+    row = (await harness.store.rows("sent"))[0]
     assert row.attempts == 5 and "HTTP 500" in row.last_error
     assert uploader.backing_off is False and uploader.resume_at == 0.0
 
@@ -138,7 +138,7 @@ async def test_a_permanent_rejection_goes_to_dead_letter_with_the_platforms_code
     await harness.store.enqueue(good)
     uploader = await harness.start()
     await harness.drained()
-    (dead,) = await harness.store.list("dead")
+    (dead,) = await harness.store.rows("dead")
     assert (dead.guid, dead.platform_code, dead.platform_message) == (bad.guid, "4002", "该卡未认证或已注销")
     assert uploader.dead == 1 and uploader.sent == 1
 
@@ -149,7 +149,7 @@ async def test_a_record_that_fails_its_table_is_dead_without_being_sent(harness)
     await harness.store.enqueue(broken)
     await harness.start()
     await harness.drained()
-    (dead,) = await harness.store.list("dead")
+    (dead,) = await harness.store.rows("dead")
     assert dead.platform_code is None and "channel_code" in dead.platform_message
     assert harness.server.requests == 0
 

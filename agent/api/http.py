@@ -103,6 +103,8 @@ class HttpServer:
         # handler_cancellation: a HIS that hangs up stops its read_card waiting
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
+        if self._runner.server is None:  # setup() made it; aiohttp types it optional
+            raise RuntimeError("aiohttp made no server")
         self._limit_connections(self._runner.server)
         self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await self._site.start()

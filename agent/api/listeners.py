@@ -44,7 +44,7 @@ class Listeners:
                 await self.stream.start_tcp(host, port)
             except OSError as exc:
                 self._failed("tcp:%s" % api.tcp, exc)
-        if self.http is not None:
+        if self.http is not None and api.http:
             host, port = parse_http_listen(api.http)
             try:
                 await self.http.start(host, port)

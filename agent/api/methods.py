@@ -14,7 +14,7 @@ from agent.api.jsonrpc import Method, NoParams, Params, Session
 from agent.api.onetrans import OneTrans
 from agent.codes import member_of, qwb002
 from agent.config import ClientConfig, OnetransConfig
-from agent.events import EVENT_TYPES, Event
+from agent.events import EVENT_TYPES, Event, EventName
 from agent.hub import Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import Store, StoreUnavailable, Uploader
@@ -48,7 +48,7 @@ class VerifyQrParams(Params):
 
 
 class SubscribeParams(Params):
-    events: list[Literal["scan", "verification", "status"]] = Field(default_factory=lambda: list(EVENT_TYPES))
+    events: list[EventName] = Field(default_factory=lambda: list(EVENT_TYPES))
 
 
 class OutboxListParams(Params):
@@ -188,7 +188,7 @@ class Api:
         return await self._store(self.store.stats())
 
     async def outbox_list(self, session: Session, params: OutboxListParams) -> dict[str, Any]:
-        rows = await self._store(self.store.list(params.state, params.limit))
+        rows = await self._store(self.store.rows(params.state, params.limit))
         return {"state": params.state, "records": [r.to_json() for r in rows]}
 
     async def outbox_retry(self, session: Session, params: OutboxRetryParams) -> dict[str, Any]:

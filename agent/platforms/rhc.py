@@ -226,11 +226,11 @@ class RhcPlatform(Platform):
             "medstep_code": step,
             "medstep_name": codes.MEDICAL_STEP.text(step) or "",
         }
-        values = {k: v for k, v in values.items() if v}
-        problems = check_message(OPERATIONS["RHC_E0009"], values)
+        present = {k: str(v) for k, v in values.items() if v}
+        problems = check_message(OPERATIONS["RHC_E0009"], present)
         if problems:
             raise ScanboxError(Reason.BAD_REQUEST, "RHC_E0009 not recorded: %s" % "; ".join(map(str, problems)))
-        return UsageRecord(uuid.uuid4().hex, "RHC_E0009", values, scan.id)
+        return UsageRecord(uuid.uuid4().hex, "RHC_E0009", present, scan.id)
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         response = await self.request(record.operation, record.values, msg_guid=record.guid)

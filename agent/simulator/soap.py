@@ -202,8 +202,7 @@ class SimServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.host, self.port = sockets[0].getsockname()[:2]
+        self.host, self.port = self._runner.addresses[0][:2]
         return self
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
 
 def example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("example_%s" % name, EXAMPLES / ("%s.py" % name))
+    assert spec is not None and spec.loader is not None, name
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import aiohttp
 import pytest
@@ -82,7 +82,7 @@ counts: dict[str, int] = {}
 
 
 def run_fuzz(name: str, loop: asyncio.AbstractEventLoop, strategy: st.SearchStrategy[bytes],
-             attempt: Callable[[bytes], Awaitable[None]]) -> None:
+             attempt: Callable[[bytes], Coroutine[Any, Any, None]]) -> None:
     """In a worker thread: hypothesis draws, the daemon's loop runs each attempt."""
     counts[name] = 0
 

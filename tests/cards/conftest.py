@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from typing_extensions import override
 
 from agent.simulator.cards import VPCD_PORT
 from agent.simulator.pcscd import CARD_READER, PSAM_READER, Pcscd, PcscdError, PcscSlot
+from drivers.base import ScanSink
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +43,7 @@ def psam_slot(pcscd):
     slot.remove()
 
 
-class Collector:
+class Collector(ScanSink):
     """A ScanSink for a driver under test: records what its thread delivers; `wait` blocks on a
     condition (with a deadline) until something matching has arrived."""
 
@@ -51,21 +53,25 @@ class Collector:
         self.states: list[tuple[bool, str | None]] = []
         self._changed = threading.Condition()
 
+    @override
     def scan(self, scan) -> None:
         with self._changed:
             self.scans.append(scan)
             self._changed.notify_all()
 
+    @override
     def connected(self, source: str, connected: bool, detail: str | None = None) -> None:
         with self._changed:
             self.states.append((connected, detail))
             self._changed.notify_all()
 
+    @override
     def problem(self, source: str, text: str) -> None:
         with self._changed:
             self.problems.append(text)
             self._changed.notify_all()
 
+    @override
     def failed(self, source: str, exc: BaseException) -> None:
         with self._changed:
             self.problems.append("driver failed: %r" % exc)

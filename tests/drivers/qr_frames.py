@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Any
 
 import segno
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -55,7 +56,7 @@ def frame(payload: str | bytes, size: tuple[int, int] = (640, 480), module_px: i
     return image
 
 
-HARD = {
+HARD: dict[str, dict[str, tuple[float, float]]] = {
     "rotated": dict(angle=(5, 355)),
     "blurred": dict(blur=(0.8, 1.8)),
     "low contrast": dict(contrast=(0.12, 0.35)),
@@ -69,7 +70,7 @@ def hard_frames(payload: str, kind: str, count: int, size: tuple[int, int] = (64
     rnd = random.Random(seed)
     out = []
     for i in range(count):
-        params = {k: rnd.uniform(*bounds) for k, bounds in HARD[kind].items()}
+        params: dict[str, Any] = {k: rnd.uniform(*bounds) for k, bounds in HARD[kind].items()}
         out.append(frame(payload, size, module_px=rnd.choice((3, 4, 5)), seed=seed * 1000 + i, **params))
     return out
 

@@ -11,6 +11,7 @@ from typing import Any
 import pydantic
 import pytest
 from PIL import Image
+from typing_extensions import override
 
 from agent.model import ScanKind
 from drivers import camera
@@ -182,6 +183,7 @@ class BrokenDecoder(camera.Decoder):
     def __init__(self) -> None:
         self.calls = 0
 
+    @override
     def read(self, frame: camera.Frame) -> list[bytes]:
         self.calls += 1
         raise RuntimeError("decoder crashed")

@@ -20,6 +20,7 @@ from evdev import InputEvent, ecodes as e
 
 from agent.daemon import Daemon
 from drivers import hid
+from drivers.base import Source
 from tests.conftest import RpcClient, make_config, until
 from tests.drivers.test_serial_scanner import RecordingSink
 
@@ -415,11 +416,12 @@ async def test_a_hid_scan_reaches_the_his_and_a_missing_scanner_is_an_alarm(tmp_
     config = make_config(sim_server, tmp_path, sources={
         "counter": {"driver": "hid", "devices": ["/dev/input/by-id/usb-*-event-kbd"], "rescan_s": 0.1},
         "kiosk": {"driver": "hid", "devices": ["ffff:0001"]}})
-    sources = [hid.create("counter", config.sources["counter"], discover=bus.discover, opener=bus.open),
+    sources: list[Source] = [hid.create("counter", config.sources["counter"], discover=bus.discover, opener=bus.open),
                hid.create("kiosk", config.sources["kiosk"], discover=lambda: [], opener=bus.open)]
     device = bus.plug(FakeDevice("/dev/input/event3"))
     daemon = Daemon(config, sources=sources)
     await daemon.start()
+    assert daemon.stream.unix_path is not None
     client = await RpcClient.unix(daemon.stream.unix_path)
     try:
         await until(lambda: daemon.hub.sources.get("hid:counter") is not None

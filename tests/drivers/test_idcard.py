@@ -266,7 +266,7 @@ def test_options_are_checked() -> None:
         validate_source("reader", {"driver": "idcard", "port": "/dev/ttyUSB0", "pol_s": 1})
     assert "sources.reader.pol_s" in str(err.value)
     opts = validate_source("reader", {"driver": "idcard", "port": "spy:///dev/ttyUSB0"})
-    assert opts.baud == 115200
+    assert opts.model_dump()["baud"] == 115200
 
 
 async def test_a_card_read_reaches_the_his(box, reader: SamEmulator) -> None:

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typing_extensions import override
 
 from agent.model import Scan, ScanKind
 from drivers import serial_scanner
+from drivers.base import ScanSink
 from tests.conftest import PtyScanner
 
 
-class RecordingSink:
+class RecordingSink(ScanSink):
     """A ScanSink that records from the driver's threads and lets the test wait with a deadline."""
 
     def __init__(self) -> None:
@@ -23,17 +25,21 @@ class RecordingSink:
         self.connected_state: list[tuple[bool, str | None]] = []
         self.problems: list[str] = []
 
+    @override
     def scan(self, scan: Scan) -> None:
         self.items.put(("scan", scan))
 
+    @override
     def connected(self, source: str, connected: bool, detail: str | None = None) -> None:
         self.connected_state.append((connected, detail))
         self.items.put(("connected", connected))
 
+    @override
     def problem(self, source: str, text: str) -> None:
         self.problems.append(text)
         self.items.put(("problem", text))
 
+    @override
     def failed(self, source: str, exc: BaseException) -> None:
         self.items.put(("failed", exc))
 
@@ -178,7 +184,7 @@ def test_retries_while_unplugged_are_reported_once_and_do_not_spin(tmp_path):
             enough.set()
         return real_open()
 
-    scanner._open = counting_open  # type: ignore[method-assign]
+    scanner._open = counting_open
     started = time.monotonic()
     scanner.start(sink)
     assert enough.wait(5), "the driver stopped retrying"

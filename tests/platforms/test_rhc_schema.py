@@ -649,7 +649,7 @@ def test_parse_non_response_is_platform_unavailable(text, words):
 
 def test_parse_none_is_platform_unavailable():
     with pytest.raises(PlatformUnavailable):
-        parse_response(None, OPERATIONS["RHC_E0003"])  # type: ignore[arg-type]
+        parse_response(None, OPERATIONS["RHC_E0003"])
 
 
 def test_parse_does_not_expand_entities():
