@@ -6,8 +6,10 @@ which configured reader or PSAM slot each one is), cameras, I2C buses (and wheth
 configured display answers), the platform (from the running daemon's `status`, else asked
 directly) and the clock (TLS and the platforms' signatures need the right time).
 
-Everything under /dev and /sys is read below `Roots`, so tests give it a tree in a temporary
-directory; probes that talk to hardware (I2C, the clock) are injectable.
+The source drivers' checks are each driver module's own `doctor` probe (drivers/base.py,
+"`scanbox doctor`"): this module only runs them, with the configured sources of each. Everything
+under /dev and /sys is read below `Roots`, so tests give it a tree in a temporary directory;
+probes that talk to hardware (I2C, pcscd, the clock) are injectable.
 """
 
 from __future__ import annotations
@@ -17,36 +19,22 @@ import ctypes
 import ctypes.util
 import glob
 import json
-import os
 import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
+import drivers
 from agent.config import Config, PlatformConfig
 from agent.platforms.transport import Reply
+from drivers.base import Finding, FindingStatus, ProbeContext, Roots
 
-Status = Literal["ok", "info", "warn", "fail"]
+Status = FindingStatus
 
 # a clock before this cannot be right: scanbox did not exist yet
 EARLIEST_PLAUSIBLE = 1735689600  # 2025-01-01T00:00:00Z
-
-
-@dataclass
-class Finding:
-    area: str
-    status: Status
-    subject: str
-    text: str
-    fix: str | None = None
-
-
-@dataclass
-class Roots:
-    dev: Path = Path("/dev")
-    sys: Path = Path("/sys")
 
 
 def i2c_answers(bus: int, address: int) -> bool:
@@ -59,30 +47,6 @@ def i2c_answers(bus: int, address: int) -> bool:
         except OSError:
             return False
     return True
-
-
-class PcscUnavailable(Exception):
-    """pcscd is not running (or pyscard cannot reach it)."""
-
-
-def pcsc_readers() -> list[str]:
-    """The reader names pcscd offers now; raises PcscUnavailable when pcscd cannot be reached."""
-    from smartcard.scard import (SCARD_E_NO_READERS_AVAILABLE, SCARD_S_SUCCESS, SCARD_SCOPE_USER,
-                                 SCardEstablishContext, SCardGetErrorMessage, SCardListReaders,
-                                 SCardReleaseContext)
-
-    hresult, context = SCardEstablishContext(SCARD_SCOPE_USER)
-    if hresult != SCARD_S_SUCCESS:
-        raise PcscUnavailable(SCardGetErrorMessage(hresult))
-    try:
-        hresult, readers = SCardListReaders(context, [])
-        if hresult == SCARD_E_NO_READERS_AVAILABLE:
-            return []
-        if hresult != SCARD_S_SUCCESS:
-            raise PcscUnavailable(SCardGetErrorMessage(hresult))
-        return list(readers)
-    finally:
-        SCardReleaseContext(context)
 
 
 def clock_synchronised() -> tuple[bool | None, str]:
@@ -116,7 +80,7 @@ class Doctor:
     # ask unconfigured USB serial ports for the SAM status (writes 10 bytes to each)
     probe_unconfigured: bool = True
     i2c_probe: Callable[[int, int], bool] = i2c_answers
-    pcsc_list: Callable[[], list[str]] = pcsc_readers
+    pcsc_list: Callable[[], list[str]] | None = None  # None: ask pcscd
     clock_state: Callable[[], tuple[bool | None, str]] = clock_synchronised
     now: Callable[[], float] = time.time
 
@@ -125,10 +89,7 @@ class Doctor:
         if self.config is None:
             findings.append(Finding("config", "warn", "config", "no config: listing devices only",
                                     "scanbox doctor --config /etc/scanbox/scanbox.toml"))
-        findings += self.input_devices()
-        findings += await asyncio.to_thread(self.serial_ports)
-        findings += await asyncio.to_thread(self.card_readers)
-        findings += self.cameras()
+        findings += await asyncio.to_thread(self.sources)
         findings += self.displays()
         status = await self._daemon_status()
         findings += await self.platform(status)
@@ -143,188 +104,25 @@ class Doctor:
         return [Finding("daemon", "warn", str(a.get("source")), "%s: %s" % (a.get("code"), a.get("text")))
                 for a in status.get("alarms") or [] if isinstance(a, dict)]
 
-    def _sources(self, driver: str) -> dict[str, Any]:
-        if self.config is None:
-            return {}
-        return {name: opts for name, opts in self.config.sources.items() if opts.driver == driver}
-
-    def _dev(self, path: str) -> Path:
-        return self.roots.dev / path[len("/dev/"):] if path.startswith("/dev/") else Path(path)
-
-    # -- input devices -------------------------------------------------------------------------
-
-    def input_devices(self) -> list[Finding]:
-        from drivers import hid
-
-        nodes = hid.list_input_nodes(self.roots.dev, self.roots.sys)
-        sources = self._sources("hid")
-        out = []
-        matched: dict[str, list[str]] = {name: [] for name in sources}
-        for node in nodes:
-            owners = [name for name, opts in sources.items()
-                      if any(hid.selector_matches(s, node, self.roots.dev) for s in opts.devices)]
-            for name in owners:
-                matched[name].append(node.path)
-            label = "%s (%s:%s)%s" % (node.name or "?", node.vendor or "?", node.product or "?",
-                                      " " + ", ".join(os.path.basename(p) for p in node.by_id) if node.by_id else "")
-            if owners:
-                readable = os.access(node.path, os.R_OK | os.W_OK)
-                out.append(Finding("input", "ok" if readable else "fail", node.path,
-                                   "%s: scanner for source %s" % (label, ", ".join(owners)),
-                                   None if readable else "the service user cannot open it: add it to group "
-                                   "'input' (the udev rule in systemd/ does this)"))
-            else:
-                out.append(Finding("input", "info", node.path, "%s: not a configured scanner" % label))
-        keyboards = [p for node in nodes for p in node.by_id if p.endswith("-event-kbd")]
-        for name, paths in matched.items():
-            if not paths:
-                out.append(Finding("input", "fail", "hid:%s" % name,
-                                   "no input device matches %s" % ", ".join(sources[name].devices),
-                                   "plug the scanner in, or set devices to one of: %s"
-                                   % (", ".join(keyboards) or "(no keyboard-like device is present)")))
-        return out
-
-    # -- serial ports --------------------------------------------------------------------------
-
-    def serial_ports(self) -> list[Finding]:
-        from drivers import idcard
-
-        out = []
-        ports: list[str] = []
-        for pattern in ("ttyUSB*", "ttyACM*", "ttyAMA*", "serial0", "serial/by-id/*"):
-            ports += sorted(glob.glob(str(self.roots.dev / pattern)))
-        readers = self._sources("idcard")
-        scanners = self._sources("serial_scanner")
-        configured = {}
-        for name, opts in readers.items():
-            configured[str(self._dev(opts.port))] = "idcard:%s" % name
-        for name, opts in scanners.items():
-            configured[str(self._dev(opts.port))] = "serial:%s" % name
-        probed: set[str] = set()
-        for port in ports:
-            real = os.path.realpath(port)
-            owner = configured.get(port) or next((o for p, o in configured.items()
-                                                  if os.path.realpath(p) == real), None)
-            if owner is not None:
+    def sources(self) -> list[Finding]:
+        """Each source driver's own probe (its module's `doctor`), given its configured sources:
+        a new driver brings its checks with it."""
+        configured = self.config.sources if self.config is not None else {}
+        ctx = ProbeContext(self.roots, self.probe_timeout_s, self.probe_unconfigured, pcsc_list=self.pcsc_list)
+        for name, opts in configured.items():
+            port = getattr(opts, "port", None)
+            if isinstance(port, str) and "://" not in port:
+                ctx.claimed[str(ctx.dev(port))] = "%s:%s" % (opts.driver, name)
+        out: list[Finding] = []
+        for driver in drivers.SOURCE_DRIVERS:
+            probe = getattr(drivers.source_module(driver), "doctor", None)
+            if probe is None:
                 continue
-            # a USB port nobody configured: is it an ID card reader someone forgot to add?
-            # (only USB ones: the Pi's own UART may carry a console)
-            usb = any(os.path.basename(p).startswith(("ttyUSB", "ttyACM")) for p in (port, real)) \
-                or "/serial/by-id/" in port
-            if self.probe_unconfigured and usb and real not in probed:
-                probed.add(real)
-                try:
-                    answer = idcard.probe(port, 115200, self.probe_timeout_s)
-                except Exception:  # not a reader, or not at the default rate: nothing to say
-                    pass
-                else:
-                    out.append(Finding("serial", "warn", port, "not configured, but an ID card reader answers "
-                                       "(%s)" % answer, "add [sources.idcard] driver = \"idcard\", port = \"%s\""
-                                       % port))
-                    continue
-            out.append(Finding("serial", "info", port, "not configured"))
-        for name, opts in readers.items():
-            port = opts.port if "://" in opts.port else str(self._dev(opts.port))
+            mine = {name: opts for name, opts in configured.items() if opts.driver == driver}
             try:
-                answer = idcard.probe(port, opts.baud, self.probe_timeout_s)
-            except idcard.ReaderTimeout:
-                out.append(Finding("serial", "fail", "idcard:%s" % name,
-                                   "%s opens, but nothing answers the SAM status command at %d baud"
-                                   % (opts.port, opts.baud),
-                                   "check that this is the reader's port and its baud rate (SAM modules "
-                                   "default to 115200); power-cycle the reader"))
-            except Exception as exc:
-                out.append(Finding("serial", "fail", "idcard:%s" % name, "cannot open %s: %s" % (opts.port, exc),
-                                   _serial_fix(exc)))
-            else:
-                out.append(Finding("serial", "ok", "idcard:%s" % name, "reader on %s: %s" % (opts.port, answer)))
-        for name, opts in scanners.items():
-            if "://" in opts.port:
-                out.append(Finding("serial", "info", "serial:%s" % name, "%s (a URL: not checked)" % opts.port))
-                continue
-            path = self._dev(opts.port)
-            if not path.exists():
-                out.append(Finding("serial", "fail", "serial:%s" % name, "%s does not exist" % opts.port,
-                                   "plug the scanner in (and set it to USB serial / VCOM mode), or fix port; "
-                                   "present: %s" % (", ".join(ports) or "none")))
-            elif not os.access(path, os.R_OK | os.W_OK):
-                out.append(Finding("serial", "fail", "serial:%s" % name, "%s is not readable" % opts.port,
-                                   "add the service user to group 'dialout'"))
-            else:
-                out.append(Finding("serial", "ok", "serial:%s" % name, "%s present" % opts.port))
-        return out
-
-    # -- PC/SC card readers --------------------------------------------------------------------
-
-    def card_readers(self) -> list[Finding]:
-        """The readers pcscd offers, which configured pcsc source (or PSAM slot) each one is,
-        and the configured sources no reader matches."""
-        import re
-
-        sources = self._sources("pcsc")
-        try:
-            readers = self.pcsc_list()
-        except (PcscUnavailable, ImportError) as exc:
-            if not sources:
-                return []  # no card reader configured: pcscd is not needed
-            return [Finding("cards", "fail", "pcscd", "PC/SC is not available: %s" % exc,
-                            "start pcscd: `systemctl enable --now pcscd.socket` (package pcscd)")]
-        roles: dict[str, str] = {}
-        out = []
-        for name, opts in sources.items():
-            for role, pattern in (("pcsc:%s" % name, opts.reader), ("PSAM of pcsc:%s" % name, opts.psam_reader)):
-                if pattern is None:
-                    continue
-                found = next((r for r in readers if re.search(pattern, r)), None)
-                if found is None:
-                    out.append(Finding("cards", "fail", role, "no PC/SC reader matches %r" % pattern,
-                                       "plug the reader in, or set the pattern to one of: %s"
-                                       % (", ".join(repr(r) for r in readers) or "(pcscd sees no reader)")))
-                else:
-                    roles.setdefault(found, role)
-                    out.append(Finding("cards", "ok", role, "reader %r" % found))
-        for reader in readers:
-            if reader not in roles:
-                out.append(Finding("cards", "info", reader, "PC/SC reader, not configured"))
-        return out
-
-    # -- cameras -------------------------------------------------------------------------------
-
-    def cameras(self) -> list[Finding]:
-        out = []
-        for path in sorted(glob.glob(str(self.roots.dev / "video*"))):
-            node = os.path.basename(path)
-            name_file = self.roots.sys / "class" / "video4linux" / node / "name"
-            try:
-                name = name_file.read_text().strip()
-            except OSError:
-                name = "?"
-            out.append(Finding("camera", "info", path, name))
-        for name, opts in self._sources("camera").items():
-            subject = "camera:%s" % name
-            if opts.device == "picamera2":
-                try:
-                    import picamera2  # noqa: F401
-                except ImportError:
-                    from drivers.camera import PICAMERA2_MISSING
-
-                    out.append(Finding("camera", "fail", subject, "picamera2 cannot be imported", PICAMERA2_MISSING))
-                else:
-                    out.append(Finding("camera", "ok", subject, "picamera2 is installed"))
-            elif opts.device.startswith("/dev/"):
-                device = self._dev(opts.device)
-                if not device.exists():
-                    out.append(Finding("camera", "fail", subject, "%s does not exist" % opts.device,
-                                       "plug the camera in; `ls /dev/video*`"))
-                elif not os.access(device, os.R_OK | os.W_OK):
-                    out.append(Finding("camera", "fail", subject, "%s is not readable" % opts.device,
-                                       "add the service user to group 'video'"))
-                else:
-                    out.append(Finding("camera", "ok", subject, "%s present" % opts.device))
-            elif not os.path.exists(opts.device):
-                out.append(Finding("camera", "fail", subject, "%s: no such image file or folder" % opts.device))
-            else:
-                out.append(Finding("camera", "ok", subject, "images from %s" % opts.device))
+                out += probe(mine, ctx)
+            except Exception as exc:  # a probe's bug is one finding, not the end of doctor
+                out.append(Finding(driver, "fail", driver, "the %s driver's check failed: %s" % (driver, exc)))
         return out
 
     # -- I2C displays --------------------------------------------------------------------------
@@ -475,17 +273,6 @@ def _judge_platform_answer(kind: str, response: Reply, wsdl: Reply | None) -> tu
         return "warn", "HTTP %d" % code, "check platform.endpoint"
     return "warn", "HTTP %d: the platform's server fails" % code, \
         "the platform itself has a problem; try later or call the platform's support"
-
-
-def _serial_fix(exc: Exception) -> str:
-    text = str(exc)
-    if "Permission denied" in text or "Errno 13" in text:
-        return "add the service user to group 'dialout'"
-    if "No such file" in text or "Errno 2" in text:
-        return "plug the reader in, or fix port (ls /dev/ttyUSB* /dev/serial/by-id/)"
-    if "busy" in text.lower() or "lock" in text.lower():
-        return "another program has the port open (is scanbox running? it holds its readers)"
-    return "check the port"
 
 
 def _age(seconds: float) -> str:

@@ -1,6 +1,9 @@
 """Hardware drivers. Each module turns one kind of device into a stream of Scans (or draws
 frames) and exposes, Klipper-style, an `Options` model for its config section and a `create`
-factory. Adding a reader is one module here plus one entry below; nothing above changes.
+factory, and may expose a `doctor(sources, ctx)` probe that `scanbox doctor` runs (drivers/base.py).
+Adding a reader is one module here plus one entry below; nothing above changes: the config
+validates its section against its Options, `status` shows it among the sources, the supervisor
+restarts its thread if it dies, and doctor runs its probe.
 
 Drivers never import `agent`, except the plain types in `agent.model`.
 """

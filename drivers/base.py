@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
+import glob
 import random
 import threading
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -105,3 +108,57 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+
+# --- `scanbox doctor`: each driver module brings its own probe --------------------------------
+#
+# A module in SOURCE_DRIVERS may define
+#     def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]
+# called with the configured sources of that driver (none: it still reports what it finds on
+# the box, say an unconfigured reader). `doctor` only collects (STYLE.md item 11).
+
+FindingStatus = Literal["ok", "info", "warn", "fail"]
+
+
+@dataclass
+class Finding:
+    area: str
+    status: FindingStatus
+    subject: str
+    text: str
+    fix: str | None = None
+
+
+@dataclass
+class Roots:
+    """Where /dev and /sys are: the real ones, or a tree in a test's temporary directory."""
+
+    dev: Path = Path("/dev")
+    sys: Path = Path("/sys")
+
+
+@dataclass
+class ProbeContext:
+    roots: Roots = field(default_factory=Roots)
+    probe_timeout_s: float = 1.0
+    # ask devices nobody configured whether they are a reader (writes to them)
+    probe_unconfigured: bool = True
+    # every device path the config names (any driver's `port`), as under roots.dev -> its source
+    claimed: dict[str, str] = field(default_factory=dict)
+    # the PC/SC readers pcscd offers (injectable; None: ask pcscd)
+    pcsc_list: Callable[[], list[str]] | None = None
+
+    def dev(self, path: str) -> Path:
+        """A configured /dev path as seen under `roots`."""
+        return self.roots.dev / path[len("/dev/"):] if path.startswith("/dev/") else Path(path)
+
+
+SERIAL_PORT_PATTERNS = ("ttyUSB*", "ttyACM*", "ttyAMA*", "serial0", "serial/by-id/*")
+
+
+def serial_ports(dev_root: Path) -> list[str]:
+    ports: list[str] = []
+    for pattern in SERIAL_PORT_PATTERNS:
+        ports += sorted(glob.glob(str(dev_root / pattern)))
+    return ports
+

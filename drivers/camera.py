@@ -35,13 +35,13 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Mapping, Union
 
 from PIL import Image, ImageFilter
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
+from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -516,4 +516,41 @@ class Camera(ThreadedSource):
                     sink.problem(self.name, "cannot decode frames: %s" % exc)
             self._stop.wait(max(0.0, self.min_interval - (time.monotonic() - started)))
         return "stopped"
+
+
+def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
+    """`scanbox doctor`: the video devices on the box, and whether each configured camera is there."""
+    out = []
+    for path in sorted(glob.glob(str(ctx.roots.dev / "video*"))):
+        node = os.path.basename(path)
+        name_file = ctx.roots.sys / "class" / "video4linux" / node / "name"
+        try:
+            name = name_file.read_text().strip()
+        except OSError:
+            name = "?"
+        out.append(Finding("camera", "info", path, name))
+    for name, opts in sources.items():
+        subject = "camera:%s" % name
+        if opts.device == "picamera2":
+            try:
+                import picamera2  # noqa: F401
+            except ImportError:
+                out.append(Finding("camera", "fail", subject, "picamera2 cannot be imported", PICAMERA2_MISSING))
+            else:
+                out.append(Finding("camera", "ok", subject, "picamera2 is installed"))
+        elif opts.device.startswith("/dev/"):
+            device = ctx.dev(opts.device)
+            if not device.exists():
+                out.append(Finding("camera", "fail", subject, "%s does not exist" % opts.device,
+                                   "plug the camera in; `ls /dev/video*`"))
+            elif not os.access(device, os.R_OK | os.W_OK):
+                out.append(Finding("camera", "fail", subject, "%s is not readable" % opts.device,
+                                   "add the service user to group 'video'"))
+            else:
+                out.append(Finding("camera", "ok", subject, "%s present" % opts.device))
+        elif not os.path.exists(opts.device):
+            out.append(Finding("camera", "fail", subject, "%s: no such image file or folder" % opts.device))
+        else:
+            out.append(Finding("camera", "ok", subject, "images from %s" % opts.device))
+    return out
 

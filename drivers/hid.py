@@ -27,13 +27,13 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Protocol, runtime_checkable
 
 from evdev import InputEvent, ecodes
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import DriverOptions, ScanSink, ThreadedSource
+from drivers.base import DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -619,3 +619,35 @@ def _close(device: InputDeviceLike) -> None:
         device.close()
     except OSError:
         pass
+
+
+def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
+    """`scanbox doctor`: every input device, which configured scanner each one is, and the
+    configured scanners no device matches."""
+    nodes = list_input_nodes(ctx.roots.dev, ctx.roots.sys)
+    out = []
+    matched: dict[str, list[str]] = {name: [] for name in sources}
+    for node in nodes:
+        owners = [name for name, opts in sources.items()
+                  if any(selector_matches(s, node, ctx.roots.dev) for s in opts.devices)]
+        for name in owners:
+            matched[name].append(node.path)
+        label = "%s (%s:%s)%s" % (node.name or "?", node.vendor or "?", node.product or "?",
+                                  " " + ", ".join(os.path.basename(p) for p in node.by_id) if node.by_id else "")
+        if owners:
+            readable = os.access(node.path, os.R_OK | os.W_OK)
+            out.append(Finding("input", "ok" if readable else "fail", node.path,
+                               "%s: scanner for source %s" % (label, ", ".join(owners)),
+                               None if readable else "the service user cannot open it: add it to group "
+                               "'input' (the udev rule in systemd/ does this)"))
+        else:
+            out.append(Finding("input", "info", node.path, "%s: not a configured scanner" % label))
+    keyboards = [p for node in nodes for p in node.by_id if p.endswith("-event-kbd")]
+    for name, paths in matched.items():
+        if not paths:
+            out.append(Finding("input", "fail", "hid:%s" % name,
+                               "no input device matches %s" % ", ".join(sources[name].devices),
+                               "plug the scanner in, or set devices to one of: %s"
+                               % (", ".join(keyboards) or "(no keyboard-like device is present)")))
+    return out
+

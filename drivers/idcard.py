@@ -21,16 +21,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import termios
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import serial
 from pydantic import Field
 
 from agent.model import Identity, IdentitySource, Scan, ScanKind
-from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
+from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource, serial_ports
 
 logger = logging.getLogger(__name__)
 
@@ -449,3 +450,61 @@ class IdCardReader(ThreadedSource):
             sink.scan(scan)
         except Exception:  # the sink is the daemon's; never let it stop the reader
             logger.exception("%s: failed to deliver a card", self.name)
+
+
+def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
+    """`scanbox doctor`: the serial ports on the box (a USB one nobody configured is asked whether
+    it is a reader someone forgot to add), and whether each configured reader answers the SAM
+    status command."""
+    out = []
+    ports = serial_ports(ctx.roots.dev)
+    probed: set[str] = set()
+    for port in ports:
+        real = os.path.realpath(port)
+        owner = ctx.claimed.get(port) or next((o for p, o in ctx.claimed.items()
+                                               if os.path.realpath(p) == real), None)
+        if owner is not None:
+            continue
+        # a USB port nobody configured: is it an ID card reader someone forgot to add?
+        # (only USB ones: the Pi's own UART may carry a console)
+        usb = any(os.path.basename(p).startswith(("ttyUSB", "ttyACM")) for p in (port, real)) \
+            or "/serial/by-id/" in port
+        if ctx.probe_unconfigured and usb and real not in probed:
+            probed.add(real)
+            try:
+                answer = probe(port, 115200, ctx.probe_timeout_s)
+            except Exception:  # not a reader, or not at the default rate: nothing to say
+                pass
+            else:
+                out.append(Finding("serial", "warn", port, "not configured, but an ID card reader answers "
+                                   "(%s)" % answer, "add [sources.idcard] driver = \"idcard\", port = \"%s\""
+                                   % port))
+                continue
+        out.append(Finding("serial", "info", port, "not configured"))
+    for name, opts in sources.items():
+        port = opts.port if "://" in opts.port else str(ctx.dev(opts.port))
+        try:
+            answer = probe(port, opts.baud, ctx.probe_timeout_s)
+        except ReaderTimeout:
+            out.append(Finding("serial", "fail", "idcard:%s" % name,
+                               "%s opens, but nothing answers the SAM status command at %d baud"
+                               % (opts.port, opts.baud),
+                               "check that this is the reader's port and its baud rate (SAM modules "
+                               "default to 115200); power-cycle the reader"))
+        except Exception as exc:
+            out.append(Finding("serial", "fail", "idcard:%s" % name, "cannot open %s: %s" % (opts.port, exc),
+                               _serial_fix(exc)))
+        else:
+            out.append(Finding("serial", "ok", "idcard:%s" % name, "reader on %s: %s" % (opts.port, answer)))
+    return out
+
+
+def _serial_fix(exc: Exception) -> str:
+    text = str(exc)
+    if "Permission denied" in text or "Errno 13" in text:
+        return "add the service user to group 'dialout'"
+    if "No such file" in text or "Errno 2" in text:
+        return "plug the reader in, or fix port (ls /dev/ttyUSB* /dev/serial/by-id/)"
+    if "busy" in text.lower() or "lock" in text.lower():
+        return "another program has the port open (is scanbox running? it holds its readers)"
+    return "check the port"

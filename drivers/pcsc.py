@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator
 from smartcard import scard
@@ -30,7 +30,7 @@ from smartcard.ATR import ATR
 
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanKind
 from drivers import cards
-from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
+from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
 
@@ -350,3 +350,54 @@ class _PsamSlot:
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
+
+
+class PcscUnavailable(Exception):
+    """pcscd is not running (or cannot be reached)."""
+
+
+def pcsc_readers() -> list[str]:
+    """The reader names pcscd offers now; raises PcscUnavailable when pcscd cannot be reached."""
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hresult != scard.SCARD_S_SUCCESS:
+        raise PcscUnavailable(scard.SCardGetErrorMessage(hresult))
+    try:
+        hresult, readers = scard.SCardListReaders(context, [])
+        if hresult == scard.SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscUnavailable(scard.SCardGetErrorMessage(hresult))
+        return list(readers)
+    finally:
+        scard.SCardReleaseContext(context)
+
+
+def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
+    """The readers pcscd offers, which configured pcsc source (or PSAM slot) each one is,
+    and the configured sources no reader matches."""
+    try:
+        readers = (ctx.pcsc_list or pcsc_readers)()
+    except PcscUnavailable as exc:
+        if not sources:
+            return []  # no card reader configured: pcscd is not needed
+        return [Finding("cards", "fail", "pcscd", "PC/SC is not available: %s" % exc,
+                        "start pcscd: `systemctl enable --now pcscd.socket` (package pcscd)")]
+    roles: dict[str, str] = {}
+    out = []
+    for name, opts in sources.items():
+        for role, pattern in (("pcsc:%s" % name, opts.reader), ("PSAM of pcsc:%s" % name, opts.psam_reader)):
+            if pattern is None:
+                continue
+            found = next((r for r in readers if re.search(pattern, r)), None)
+            if found is None:
+                out.append(Finding("cards", "fail", role, "no PC/SC reader matches %r" % pattern,
+                                   "plug the reader in, or set the pattern to one of: %s"
+                                   % (", ".join(repr(r) for r in readers) or "(pcscd sees no reader)")))
+            else:
+                roles.setdefault(found, role)
+                out.append(Finding("cards", "ok", role, "reader %r" % found))
+    for reader in readers:
+        if reader not in roles:
+            out.append(Finding("cards", "info", reader, "PC/SC reader, not configured"))
+    return out
+

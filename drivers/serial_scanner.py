@@ -11,16 +11,17 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
+import os
 import threading
 import time
-from typing import Literal
+from typing import Literal, Mapping
 
 import serial
 import serial.threaded
 from pydantic import Field, field_validator
 
 from agent.model import Scan
-from drivers.base import Backoff, DriverOptions, ScanSink, ThreadedSource
+from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource, serial_ports
 
 logger = logging.getLogger(__name__)
 
@@ -235,3 +236,23 @@ class _Reader(serial.threaded.ReaderThread):
             self.alive = False
             self._connection_made.set()
             self.protocol.connection_lost(error)
+
+
+def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
+    """`scanbox doctor`: each configured scanner's port is there and the service can open it."""
+    out = []
+    for name, opts in sources.items():
+        if "://" in opts.port:
+            out.append(Finding("serial", "info", "serial:%s" % name, "%s (a URL: not checked)" % opts.port))
+            continue
+        path = ctx.dev(opts.port)
+        if not path.exists():
+            out.append(Finding("serial", "fail", "serial:%s" % name, "%s does not exist" % opts.port,
+                               "plug the scanner in (and set it to USB serial / VCOM mode), or fix port; "
+                               "present: %s" % (", ".join(serial_ports(ctx.roots.dev)) or "none")))
+        elif not os.access(path, os.R_OK | os.W_OK):
+            out.append(Finding("serial", "fail", "serial:%s" % name, "%s is not readable" % opts.port,
+                               "add the service user to group 'dialout'"))
+        else:
+            out.append(Finding("serial", "ok", "serial:%s" % name, "%s present" % opts.port))
+    return out

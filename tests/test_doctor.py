@@ -13,6 +13,7 @@ import pytest
 
 from agent import cli, doctor
 from agent.config import Config
+from drivers import pcsc
 from tests.conftest import config_dict, make_config, write_config
 from tests.drivers.sam_emulator import SamEmulator
 from tests.drivers.test_hid import fake_sysfs
@@ -148,7 +149,7 @@ def test_the_command(tmp_path: Path, roots: doctor.Roots, capsys: pytest.Capture
 
 async def test_a_configured_card_reader_without_pcscd(tmp_path: Path, roots: doctor.Roots) -> None:
     def no_pcscd() -> list[str]:
-        raise doctor.PcscUnavailable("Service not available.")
+        raise pcsc.PcscUnavailable("Service not available.")
 
     bare = await findings_of(None, roots, pcsc_list=no_pcscd)
     assert not [f for f in bare if f.area == "cards"]  # no card reader configured: nothing to say
@@ -220,3 +221,31 @@ async def test_the_running_daemons_alarms_are_findings(tmp_path: Path, roots: do
     box.daemon.hub.source_connected("serial:gone", False, "cannot open /dev/ttyNothing")  # as its driver says
     found = [f for f in await findings_of(box.daemon.config, roots) if f.area == "daemon"]
     assert any(f.subject == "serial:gone" and f.text.startswith("SOURCE_DISCONNECTED") for f in found), found
+
+
+async def test_a_new_driver_brings_its_own_check(tmp_path: Path, roots: doctor.Roots,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a driver is one module and one registry line: its config section validates against
+    its Options and doctor runs its probe, with no edit to doctor or config."""
+    import sys
+    import types
+
+    import drivers
+    from drivers.base import DriverOptions, Finding, ProbeContext
+
+    module = types.ModuleType("tests_driver_nfc")
+
+    class Options(DriverOptions):
+        driver: str = "nfc"
+        antenna: str
+
+    def probe(sources: dict[str, Any], ctx: ProbeContext) -> list[Finding]:
+        return [Finding("nfc", "ok", "nfc:%s" % name, "antenna %s" % opts.antenna) for name, opts in sources.items()]
+
+    module.Options = Options  # type: ignore[attr-defined]
+    module.doctor = probe  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tests_driver_nfc", module)
+    monkeypatch.setitem(drivers.SOURCE_DRIVERS, "nfc", "tests_driver_nfc")
+    config = make_config(None, tmp_path, sources={"door": {"driver": "nfc", "antenna": "left"}})
+    found = by_subject(await findings_of(config, roots))
+    assert found["nfc:door"].status == "ok" and found["nfc:door"].text == "antenna left"
