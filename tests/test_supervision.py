@@ -289,3 +289,17 @@ async def test_a_child_that_is_not_critical_is_restarted_for_ever_and_the_box_st
         await sixth.wait()
     assert supervisor.healthy()
     await supervisor.close()
+
+
+async def test_onetrans_answers_999999_for_a_verification_that_raised(box):
+    """OneTrans's read (hos.user.get) gets 999999 at once, not 200001 after its read timeout."""
+    from tests.api.test_onetrans import ONETRANS, SPEC_READ_CARD, call, opened, request
+    from tests.conftest import TOKEN
+
+    await box.start(supervisor=fast(), adapter=rhc(VerifyRaises), api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    pending = asyncio.ensure_future(call(client, request(SPEC_READ_CARD)))
+    await box.waiting(1)
+    box.scan(box.resident().static_qr)
+    answer = opened(await pending)
+    assert answer["code"] == "999999" and answer["data"] == {}
