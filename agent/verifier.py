@@ -77,7 +77,6 @@ class Verifier:
 
     async def _verify(self, scan: Scan, step: str | None, channel: str | None,
                       elapsed: Callable[[], float]) -> Result:
-
         if scan.partial is not None:
             # a card read that got only part of the card (no PSAM, a failed authentication); no
             # use record either: the platform's needs the personal data (RHC_E0009: id_card)
