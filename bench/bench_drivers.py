@@ -86,7 +86,8 @@ def bench_phone(n_phone: int, n_hard: int) -> None:
     want = [STATIC.encode()]
 
     def raw(image: object) -> list[bytes]:
-        return [r.bytes for r in zxingcpp.read_barcodes(image, formats=zxingcpp.BarcodeFormat.QRCode)]
+        return [r.bytes for r in zxingcpp.read_barcodes(
+            image, formats=zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.QRCode))]
 
     def run(corpus: dict[str, list]) -> tuple[int, int, int, list[float], list[float]]:
         ok_raw = ok_box = total = 0
@@ -154,7 +155,7 @@ def bench_frame_path(n: int) -> None:
     try:
         import numpy
     except ImportError:
-        numpy = None
+        numpy = None  # type: ignore[assignment]  # the floor is then not measured
     print("camera: USB frame to grayscale, %d frames (goal: <= 2x the numpy floor)" % n)
     for size, module_px in (((640, 480), 4), ((1920, 1080), 8)):
         gray = frame(DYNAMIC, size, module_px)

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Union, cast
 
 from PIL import Image, ImageFilter
 from pydantic import Field, field_validator
@@ -139,11 +139,12 @@ class LumaFrame:
         left, top, width, height = self.box or (0, 0, self.width, self.height)
         row = self.width * self.pix_stride
         data = memoryview(self.data)[top * row + left * self.pix_stride:]
-        return zxingcpp.ImageView(data, width, height, zxingcpp.ImageFormat.Lum, row, self.pix_stride)
+        # zxing-cpp's stubs name an ndarray; it takes any buffer (the point: no copy)
+        return zxingcpp.ImageView(cast(Any, data), width, height, zxingcpp.ImageFormat.Lum, row, self.pix_stride)
 
     def image(self) -> Image.Image:
         mode = "L" if self.pix_stride == 1 else "LA"  # YUYV read as (Y, U/V) pairs: Pillow's C code splits them
-        image = Image.frombuffer(mode, (self.width, self.height), self.data, "raw", mode, 0, 1)
+        image = Image.frombuffer(mode, (self.width, self.height), cast(Any, self.data), "raw", mode, 0, 1)
         image = image.getchannel(0) if mode == "LA" else image.copy()
         if self.box:
             left, top, width, height = self.box

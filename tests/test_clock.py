@@ -42,7 +42,7 @@ class FakeTime:
 @pytest.fixture(autouse=True)
 def no_installed_clock():
     yield
-    clocks.install(None)  # type: ignore[arg-type]
+    clocks.install(None)
 
 
 def a_clock(tmp_path: Path, now: float, *, timesyncd: bool = False, sync_wait_s: float = 0.0) -> tuple[Clock, FakeTime]:

@@ -115,7 +115,7 @@ def phone_frame(payload: str | bytes, size: tuple[int, int] = (640, 480), *, mod
     return image
 
 
-PHONE = {
+PHONE: dict[str, dict[str, Any]] = {
     "moire, fine grid": dict(module_phone_px=(3, 4), module_camera_px=(2.5, 4.0)),
     "moire, coarse grid": dict(module_phone_px=(5, 6), module_camera_px=(3.5, 7.0)),
     "dark mode": dict(module_phone_px=(3, 6), module_camera_px=(3.0, 6.0), dark=True),
