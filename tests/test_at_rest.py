@@ -245,7 +245,7 @@ async def test_a_corrupt_database_has_its_readable_rows_carried_over_and_is_dele
     store = Store(path)
     await store.open()
     assert store.available and "corrupt" in store.recovered and "carried over" in store.recovered
-    carried = await store.list("pending", 1000)
+    carried = await store.rows("pending", 1000)
     assert 30 <= len(carried) < 60, len(carried)
     assert {r.guid for r in carried} <= set(guids)
     assert all(r.values is not None and r.values["qr_code"] == QR for r in carried)  # they still open

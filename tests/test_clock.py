@@ -105,7 +105,7 @@ async def test_started_in_1970_on_a_state_from_2026(box, tmp_path):
     fake.now = now_2026 + 60
     assert "CLOCK_UNSYNCHRONISED" not in {a["code"] for a in (await client.call("status"))["alarms"]}
     await until(lambda: any(e.msg_guid == old_use.guid and e.ok for e in box.sim.sim.journal), timeout=10)
-    dead = await box.daemon.store.list("dead")
+    dead = await box.daemon.store.rows("dead")
     assert [d.guid for d in dead] == [made_in_1970.guid]
     assert "clock was wrong" in dead[0].platform_message
     assert not [e for e in box.sim.sim.journal if e.msg_guid == made_in_1970.guid]
