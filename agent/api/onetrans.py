@@ -272,7 +272,7 @@ class OneTrans:
                 raise Refused(UNSUPPORTED_ALGORITHM, "enc_type %r is not supported: SM4 or NONE" % _short(enc_type))
             encrypt = enc_type == "SM4"
             self._check_envelope(message)
-            self._check_fresh(app_id, message)
+            self._check_fresh(str(app_id), message)  # a str: its app was found
             data = message.get("data")
             if encrypt:
                 if not isinstance(data, str):
@@ -290,7 +290,7 @@ class OneTrans:
                               % (_short(trans_type), ", ".join(sorted(self.trans_types))))
             if self._busy:
                 raise Refused(CONCURRENT, "接口业务不支持并发调用: another call is in progress")
-            self._remember(app_id, message["msgid"])  # no await since _check_fresh: nothing slipped in
+            self._remember(str(app_id), message["msgid"])  # no await since _check_fresh: nothing slipped in
             self._busy = True
             try:
                 out_data = await handler(data)
@@ -333,7 +333,8 @@ class OneTrans:
         if not any(name in message for name in KEY_NAMES):
             return
         given = message.get("app_key", message.get("appKey"))
-        app = self.config.apps.get(message.get("app_id")) if isinstance(message.get("app_id"), str) else None
+        app_id = message.get("app_id")
+        app = self.config.apps.get(app_id) if isinstance(app_id, str) else None
         if app is not None and isinstance(given, str) and hmac.compare_digest(
                 given.encode("utf-8"), app.app_key.get_secret_value().encode("utf-8")):
             logger.warning("onetrans: %s sent app %s's app_key over the network: it is no longer secret, "
