@@ -134,6 +134,7 @@ class Daemon:
                          result_s=config.display.result_s)
         self.api = Api(self.hub, self.platform, self.status, config.api.clients, self.store, self.uploader,
                        ui=self.ui, onetrans=config.api.onetrans)
+        self.api.onetrans.clock_problem = self.clock.problem  # no freshness check on a wrong clock
         self.dispatcher = Dispatcher(self.api.methods())
         self.stream = StreamServer(self.dispatcher, config.api)
         # GET /metrics is served over HTTP: prometheus-client is loaded only where it can be

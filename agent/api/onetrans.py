@@ -236,6 +236,9 @@ class OneTrans:
         self._serial = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self.trans_types: dict[str, TransHandler] = {"hos.user.get": self.user_get}
         self._msgids: dict[str, OrderedDict[str, float]] = {}
+        # what is wrong with the box's clock (agent.clock.Clock.problem), None when it is right:
+        # a timestamp window means nothing on a clock that is wrong or not yet synchronised
+        self.clock_problem: Callable[[], str | None] | None = None
 
     async def handle(self, p_in: Any, peer: str = "local") -> dict[str, Any]:
         """pInData (object, or the JSON text of one) -> pOutData. Never raises for bad input."""
@@ -350,6 +353,10 @@ class OneTrans:
         if now < EARLIEST_PLAUSIBLE:
             raise Refused(STALE, "the box's clock is not set (it says %s): requests cannot be checked for "
                           "freshness until it is synchronised" % now.strftime("%Y-%m-%d"))
+        problem = self.clock_problem() if self.clock_problem is not None else None
+        if problem is not None:
+            raise Refused(STALE, "the box's clock cannot be trusted (%s): requests cannot be checked for "
+                          "freshness until it is synchronised" % problem)
         try:
             t = message["timestamp"]  # 17 digits (_check_envelope): each field at its fixed place
             sent_at = dt.datetime(int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[8:10]), int(t[10:12]),

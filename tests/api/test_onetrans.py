@@ -378,6 +378,20 @@ async def test_post_onetrans_in_gbk_and_utf8(box):
         assert opened(answer)["data"]["baseinfo"]["psn_name"] == box.resident().name
 
 
+async def test_a_box_whose_clock_ntp_has_not_synchronised_refuses_too(box, tmp_path):
+    await box.start(sources={}, api=ONETRANS)
+    client = await box.tcp(TOKEN)
+    assert opened(await call(client, request(SPEC_RECHARGE)))["code"] == "100007"
+    # systemd-timesyncd runs and has not synchronised yet (its directory without the file)
+    timesync = tmp_path / "timesync"
+    timesync.mkdir()
+    box.daemon.clock.timesync_dir = timesync
+    answer = opened(await call(client, request(SPEC_RECHARGE)))
+    assert answer["code"] == "100008" and "not been synchronised" in answer["err_msg"], answer
+    timesync.joinpath("synchronized").touch()
+    assert opened(await call(client, request(SPEC_RECHARGE)))["code"] == "100007"
+
+
 async def test_post_onetrans_answers_every_body_with_a_pout_data(box):
     await box.start(sources={}, api=dict(ONETRANS, **HTTP_API))
     good = json.dumps(request(SPEC_RECHARGE), ensure_ascii=False)
