@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 # after a failed WSDL load, wait this long before trying again on demand
 RETRY_S = 30.0
+# what a WSDL that cannot be had or used raises on its way through zeep; anything else (zeep's
+# ValueError for a schema's unreadable minOccurs) is logged with its traceback, and waits all the same
+LOAD_ERRORS = (wsdl.WsdlError, zeep.exceptions.Error, etree.XMLSyntaxError, OSError, LookupError)
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
                           remove_blank_text=True)
 
@@ -73,10 +76,15 @@ class SoapService:
                     raise PlatformUnavailable("platform WSDL not loaded: %s" % self._error)
                 try:
                     self._bound = await self._load()
-                except (wsdl.WsdlError, zeep.exceptions.Error, etree.XMLSyntaxError, OSError, LookupError) as exc:
+                except Exception as exc:
+                    # whatever stopped the load, it waits RETRY_S: a box whose WSDL cannot be
+                    # used must not fetch it again for every scan, authKey and upload
+                    if not isinstance(exc, LOAD_ERRORS):
+                        logger.error("platform %s: the WSDL could not be loaded", self.label, exc_info=True)
                     self._failed_at = time.monotonic()
-                    self._error = str(exc)
-                    raise PlatformUnavailable("platform WSDL not loaded: %s" % exc) from None
+                    self._error = (str(exc) or type(exc).__name__) if isinstance(exc, LOAD_ERRORS) \
+                        else "%s: %s" % (type(exc).__name__, exc)
+                    raise PlatformUnavailable("platform WSDL not loaded: %s" % self._error) from None
                 self._failed_at = None
             return self._bound
 

@@ -173,12 +173,14 @@ class SimServer:
         self.arrivals: list[float] = []
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests it was answering at once
+        # every GET of the endpoint (the WSDL, its schemas) by query: how often a box fetches them
+        self.documents_served: list[str] = []
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self.host = ""
         self.port = 0
         app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_get(path, self._get)
+        app.router.add_get(path, self._document)
         app.router.add_post(path, self._post)
         app.router.add_get("/_sim/residents", self._residents)
         app.router.add_post("/_sim/dynamic", self._dynamic)
@@ -212,6 +214,10 @@ class SimServer:
             self._runner = None
 
     # --- SOAP ------------------------------------------------------------------------------
+
+    async def _document(self, request: web.Request) -> web.Response:
+        self.documents_served.append(request.query_string)
+        return await self._get(request)
 
     async def _get(self, request: web.Request) -> web.Response:
         if "wsdl" in request.query:
