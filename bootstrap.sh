@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs everything scanbox needs on Debian 12 (run as root): the system packages, then a
-# virtualenv in .venv with scanbox and its test tools. Safe to run again; it only adds what is
-# missing.
+# virtualenv in .venv with scanbox and its test tools, and .venv/wheelhouse with the wheels of
+# scanbox's runtime dependencies. Safe to run again; it only adds what is missing, and a second
+# run with nothing changed needs no network.
 set -eu
 cd "$(dirname "$0")"
 
@@ -26,8 +27,10 @@ PACKAGES="$PACKAGES prometheus"
 PACKAGES="$PACKAGES gcc-mingw-w64-i686 gcc-mingw-w64-x86-64 make wine64"
 
 missing=""
+# one dpkg-query for all (a package dpkg has never heard of is simply not listed)
+installed=$(dpkg-query -W -f='${Package} ${Status}\n' $PACKAGES 2>/dev/null || true)
 for p in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    echo "$installed" | grep -qx "$p install ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -45,4 +48,26 @@ PYTHON=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The Python side is redone only when pyproject.toml or this script changed since the last run
+# that finished (the stamp), so a second run needs no network.
+stamp=$(cat pyproject.toml bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/bootstrap.stamp 2>/dev/null || true)" = "$stamp" ]; then
+    exit 0
+fi
+PIP=".venv/bin/python -m pip --disable-pip-version-check"
+$PIP install -q -e '.[test]'
+# The wheelhouse: scanbox's runtime dependencies and its build backend as wheels, at the versions
+# just installed (pyscard and evdev are built from source once, here). The fresh-virtualenv test
+# (tests/appliance/test_wheel.py) builds the wheel and installs it from there alone, with no index.
+.venv/bin/python - > .venv/wheelhouse.txt <<'EOF'
+import tomllib
+with open("pyproject.toml", "rb") as fh:
+    project = tomllib.load(fh)
+print("\n".join(project["project"]["dependencies"] + project["build-system"]["requires"]))
+EOF
+$PIP freeze --exclude-editable > .venv/wheelhouse-constraints.txt
+rm -rf .venv/wheelhouse
+$PIP wheel -q -w .venv/wheelhouse -c .venv/wheelhouse-constraints.txt -r .venv/wheelhouse.txt
+echo "$stamp" > .venv/bootstrap.stamp.new
+mv .venv/bootstrap.stamp.new .venv/bootstrap.stamp
