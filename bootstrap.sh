@@ -52,7 +52,7 @@ fi
 # The Python side is redone only when pyproject.toml or this script changed since the last run
 # that finished (the stamp), so a second run needs no network.
 stamp=$(cat pyproject.toml bootstrap.sh | sha256sum | cut -d' ' -f1)
-if [ "$(cat .venv/bootstrap.stamp 2>/dev/null || true)" = "$stamp" ]; then
+if [ "$(cat .venv/bootstrap.stamp 2>/dev/null || true)" = "$stamp" ] && [ -d .venv/wheelhouse ]; then
     exit 0
 fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check"

@@ -12,6 +12,7 @@ FAKE_PYTHON = """#!/bin/sh
 # stands in for the venv's python: records how bootstrap called it
 echo "$*" >> "$(dirname "$0")/../../calls.log"
 if [ "$1" = "-" ]; then cat > /dev/null; fi
+case "$*" in *" wheel "*) mkdir -p .venv/wheelhouse ;; esac
 """
 
 
@@ -51,3 +52,6 @@ def test_the_python_side_is_redone_when_pyproject_or_the_script_changes(tmp_path
     with open(tmp_path / "bootstrap.sh", "a") as fh:
         fh.write("# another step\n")
     assert run() == first
+    shutil.rmtree(tmp_path / ".venv" / "wheelhouse")  # the fresh-venv test would have nothing to install
+    assert run() == first
+    assert run() == []

@@ -61,7 +61,7 @@ def pip_env() -> dict[str, str]:
 
 def _offline_pip(python: Path | str, *args: str) -> None:
     if not any(WHEELHOUSE.glob("setuptools-*.whl")):
-        pytest.fail("no wheelhouse at %s: run ./bootstrap.sh" % WHEELHOUSE)
+        pytest.fail("no wheelhouse at %s: run ./bootstrap.sh (it makes one when there is none)" % WHEELHOUSE)
     command = no_network() + [str(python), "-m", "pip", *args, "--no-index", "--find-links", str(WHEELHOUSE)]
     proc = subprocess.run(command, env=pip_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, "%s failed:\n%s%s" % (" ".join(command), proc.stdout, proc.stderr)
@@ -248,6 +248,9 @@ async def test_the_installed_scanbox_verifies_answers_offline_and_drains(install
             assert records[1].values["useCardInfo"]["medStepcode"] == "010105"
         # the WSDL was fetched once, at start: not again for each call, retry or drain
         assert server.documents_served == ["wsdl"]
+        status = await client.call("status")
+        assert status["platform"]["reachable"] is True and status["outbox"]["pending"] == 0
+        assert "PLATFORM_UNREACHABLE" not in {a["code"] for a in status["alarms"]}
 
         await client.close()
         client = None
