@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ("*.wsdl", "*.toml")
 # bootstrap.sh leaves the runtime dependencies' wheels (and the build backend's) beside the venv
 WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
+# building, installing and starting what was built take longer than a test of one part
+pytestmark = pytest.mark.timeout(300)
 TEST_TOOLS = ("pytest", "pytest-asyncio", "pytest-timeout", "ruff", "segno", "hypothesis", "selenium")
 
 
@@ -168,11 +170,12 @@ async def _rhc() -> tuple[SimServer, dict[str, Any], str, Callable[[SimServer], 
 
 
 async def _wondersgroup() -> tuple[SimServer, dict[str, Any], str, Callable[[SimServer], list[Any]]]:
-    server = await WondersgroupServer(WondersgroupSimulator(org_code=ORG)).start("127.0.0.1", 0)
+    server = WondersgroupServer(WondersgroupSimulator(org_code=ORG))
+    await server.start("127.0.0.1", 0)
     person = next(iter(server.sim.people.values()))
     platform = {"kind": "wondersgroup", "endpoint": server.endpoint, "wsdl": server.wsdl_url, "timeout_s": 2,
                 "wondersgroup": {"org_code": ORG, "user_name": "scanbox", "pass_word": "scanbox-secret"}}
-    return server, platform, person.static_qr, lambda s: s.sim.journal_for("virIdCardVerify")
+    return server, platform, person.static_qr, lambda _: server.sim.journal_for("virIdCardVerify")
 
 
 async def _read_card(client: RpcClient, scanner: PtyScanner, qr: str, **params: Any) -> dict[str, Any]:

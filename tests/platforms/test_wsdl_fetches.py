@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from agent.platforms.base import PlatformUnavailable
+from agent.platforms.base import Platform, PlatformUnavailable
 from agent.simulator.rhc import RhcSimulator
 from agent.simulator.soap import SimServer
 from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulator
@@ -56,16 +56,19 @@ async def test_a_wondersgroup_box_fetches_its_wsdl_once(tmp_path):
 
 @pytest.mark.parametrize("kind", ["rhc", "wondersgroup"])
 async def test_a_wsdl_that_cannot_be_loaded_is_fetched_once_per_retry_window(kind, tmp_path):
+    server: SimServer
+    p: Platform
     if kind == "rhc":
-        sim = RhcSimulator()
-        server: SimServer = await UnreadableRhcWsdl(sim).start("127.0.0.1", 0)
+        rhc_sim = RhcSimulator()
+        server = await UnreadableRhcWsdl(rhc_sim).start("127.0.0.1", 0)
         p = rhc.new_platform(server, tmp_path, wsdl=server.wsdl_url)
-        request = rhc.scan(next(iter(sim.residents.values())).static_qr)
+        request = rhc.scan(next(iter(rhc_sim.residents.values())).static_qr)
     else:
-        sim = WondersgroupSimulator(org_code=wg.ORG)
-        server = await UnreadableWondersgroupWsdl(sim).start("127.0.0.1", 0)
-        p = wg.new_platform(server, tmp_path)
-        request = wg.scan(wg.first(sim, "袁宇阳").static_qr)
+        wg_sim = WondersgroupSimulator(org_code=wg.ORG)
+        wg_server = UnreadableWondersgroupWsdl(wg_sim)
+        server = await wg_server.start("127.0.0.1", 0)
+        p = wg.new_platform(wg_server, tmp_path)
+        request = wg.scan(wg.first(wg_sim, "袁宇阳").static_qr)
     try:
         await p.start()  # does not raise: the box starts and says what is wrong
         assert p.health().reachable is False
@@ -74,7 +77,7 @@ async def test_a_wsdl_that_cannot_be_loaded_is_fetched_once_per_retry_window(kin
                 await p.verify_qr(request)
             assert "WSDL not loaded" in info.value.message and "ValueError" in info.value.message
         assert server.documents_served == ["wsdl"]
-        assert sim.journal == []
+        assert server.sim.journal == []  # nothing was sent
     finally:
         await p.close()
         await server.close()
