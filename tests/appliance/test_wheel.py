@@ -3,7 +3,8 @@
 Built from a clean copy of the tree, installed with no extras into a fresh virtualenv that holds
 no test tool, from bootstrap's wheelhouse (.venv/wheelhouse) with no package index: what is
 tested here is what ships, and a runtime dependency that only a test tool brought into the
-development venv (zeep's async transport needs `packaging`) fails here. The pip steps run in a
+development venv fails here (zeep's AsyncTransport, when the adapters used it, needed `packaging`,
+which only pytest installed: every verification of a box raised). The pip steps run in a
 network namespace of their own where the system allows one (root or user namespaces), so
 nothing here can fetch from the index.
 
