@@ -1,11 +1,14 @@
 """Outbox figures: durable enqueues per second, drain rate, and platform-back to empty backlog.
 
-    .venv/bin/python bench/bench_outbox.py [--records 10000]
+    .venv/bin/python bench/bench_outbox.py [--records 10000] [--runs 3]
 
 - enqueue: records committed (WAL, synchronous=FULL, fsync) one at a time, and from 64
   concurrent producers (commits are grouped: one fsync for all that arrived together);
 - drain: a backlog uploaded by the real uploader and adapter to the RHC simulator running in its
-  own process at zero latency; beside it, the same adapter without the outbox, and the rate the
+  own process at zero latency, at 1 and 8 (and 4) uploads in flight; interleaved with it, the
+  floor's drain (bench_floor.floor_drain: the same records in sqlite, a SOAP body from a template,
+  aiohttp, each marked sent by its own durable commit), and the ratio beside issue 17's goal
+  (>= 0.8x the floor); beside those, the same adapter without the outbox, and the rate the
   simulator takes from a lean raw client, so it can be read off which side limits the drain;
 - platform back: the backlog waits while the platform is down (the uploader backs off), then the
   simulator starts; time to the first upload and to an empty outbox.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_floor  # noqa: E402
 from common import free_port, start_simulator, stop  # noqa: E402
 
 
@@ -75,9 +80,9 @@ async def enqueue_rates(tmp: Path) -> tuple[float, float]:
     return sequential, concurrent
 
 
-async def drain(port: int, tmp: Path, n: int, in_flight: int) -> float:
+async def drain(port: int, tmp: Path, n: int, in_flight: int, run: int = 0) -> float:
     platform = platform_for(port, tmp)
-    store = Store(tmp / ("drain-%d.db" % in_flight))
+    store = Store(tmp / ("drain-%d-%d.db" % (in_flight, run)))
     await store.open()
     for r in records(platform, n):
         await store.enqueue(r)
@@ -112,6 +117,20 @@ async def adapter_alone(port: int, tmp: Path, n: int, concurrency: int) -> float
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     rate = n / (time.perf_counter() - started)
     await platform.close()
+    return rate
+
+
+async def floor(port: int, tmp: Path, n: int, in_flight: int, run: int) -> float:
+    """The floor's drain of the same backlog (see bench_floor.floor_drain)."""
+    platform = platform_for(port, tmp)
+    template = bench_floor.make_template(platform)
+    path = str(tmp / ("floor-%d-%d.db" % (in_flight, run)))
+    bench_floor.fill_outbox(path, [(r.values["qr_code"], r.values["time"]) for r in records(platform, n)])
+    started = time.perf_counter()
+    sent = await bench_floor.floor_drain(path, platform.endpoint, template, in_flight)
+    rate = n / (time.perf_counter() - started)
+    if sent != n:
+        raise RuntimeError("the floor uploaded %d of %d records" % (sent, n))
     return rate
 
 
@@ -182,7 +201,7 @@ async def platform_back(tmp: Path, n: int, outage_s: float) -> tuple[float, floa
     return max(waited, 0.0), first_at, empty_at
 
 
-async def main(n: int) -> None:
+async def main(n: int, runs: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="scanbox-bench-outbox-"))
     sequential, concurrent = await enqueue_rates(tmp)
     print("outbox benchmark (%s)" % tmp)
@@ -191,11 +210,24 @@ async def main(n: int) -> None:
     port = free_port()
     sim = start_simulator(port)
     try:
+        load = open("/proc/loadavg").read().split()[:3]
+        print("  drain, interleaved with the floor's, median of %d runs each (load average %s):"
+              % (runs, " ".join(load)))
+        print("  %-30s %10s %10s %8s  %s" % ("", "scanbox/s", "floor/s", "ratio", "goal (issue 17)"))
+        for in_flight in (1, 8):
+            ours, theirs = [], []
+            for run in range(runs):  # alternate which goes first
+                order = [("scanbox", ours), ("floor", theirs)][::1 if run % 2 == 0 else -1]
+                for who, rates in order:
+                    if who == "scanbox":
+                        rates.append(await drain(port, tmp, n, in_flight, run))
+                    else:
+                        rates.append(await floor(port, tmp, n, in_flight, run))
+            a, b = statistics.median(ours), statistics.median(theirs)
+            print("  %-30s %10.0f %10.0f %7.2fx  >= 0.8x" % ("drain, %d in flight" % in_flight, a, b, a / b))
         for in_flight in (1, 4, 8):
-            rate = await drain(port, tmp, n, in_flight)
             alone = await adapter_alone(port, tmp, n, in_flight)
-            print("  drain, %d in flight                 %8.0f records/s  (the adapter without the outbox: "
-                  "%.0f/s)" % (in_flight, rate, alone))
+            print("  the adapter without the outbox, %d in flight  %8.0f records/s" % (in_flight, alone))
         raw = await simulator_capacity(port, tmp, n)
         print("  the simulator itself, raw HTTP      %8.0f requests/s  (pre-built SOAP, 8 at once: what it "
               "can take)" % raw)
@@ -210,4 +242,6 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=10000)
-    asyncio.run(main(parser.parse_args().records))
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.records, args.runs))
