@@ -18,7 +18,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import drivers
-from agent import __version__, clock as clocks, platforms, provision
+import agent
+from agent import clock as clocks, platforms, provision
 from agent.api.jsonrpc import Dispatcher
 from agent.api.listeners import Listeners
 from agent.api.methods import Api
@@ -227,7 +228,7 @@ class Daemon:
         self.ready_at = time.monotonic()
         self.ready.set()
         self.notifier.ready(await self.status_line())
-        logger.info("scanbox %s ready as %s in %.0f ms", __version__, self.device_id,
+        logger.info("scanbox %s ready as %s in %.0f ms", agent.__version__, self.device_id,
                     (self.ready_at - self.started_at) * 1000)
 
     async def _start_platform(self) -> None:
@@ -378,7 +379,7 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         reports = await self.reports()
-        out: dict[str, Any] = {"device_id": self.device_id, "version": __version__,
+        out: dict[str, Any] = {"device_id": self.device_id, "version": agent.__version__,
                                "uptime_s": round(time.monotonic() - self.started_at, 1)}
         out.update((name, report.status) for name, report in reports.items())
         out["alarms"] = [a.to_json() for r in reports.values() for a in r.alarms]
@@ -393,7 +394,7 @@ class Daemon:
     async def health(self) -> dict[str, Any]:
         """GET /healthz, for monitoring without a token: no personal data, no configuration."""
         reports = await self.reports()
-        return {"ok": True, "version": __version__, "uptime_s": round(time.monotonic() - self.started_at, 1),
+        return {"ok": True, "version": agent.__version__, "uptime_s": round(time.monotonic() - self.started_at, 1),
                 "alarms": sorted({a.code for r in reports.values() for a in r.alarms})}
 
     async def status_line(self) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Annotated, Any, Awaitable, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -19,7 +19,9 @@ from agent.hub import Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform
-from agent.ui import Ui
+
+if TYPE_CHECKING:
+    from agent.ui import Ui
 
 logger = logging.getLogger(__name__)
 
