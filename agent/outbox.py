@@ -133,6 +133,9 @@ def qr_hash(qr: str) -> str:
     return hashlib.sha256(qr.encode("utf-8")).hexdigest()
 
 
+STATS_REUSE_S = 1.0
+
+
 class Store:
     """The outbox and the identity cache. Every method is a coroutine that runs its SQL in the
     store's own thread; StoreUnavailable means the database cannot be used right now."""
@@ -161,6 +164,13 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._open_failed_at: float | None = None
+        # stats() answers from its last counts for up to STATS_REUSE_S while no write was submitted
+        # here since, no connection was (re)opened and no cached identity expired: `status` (a HIS
+        # may ask before every scan) costs no thread round trip. A change the CLI makes in its own
+        # process shows within STATS_REUSE_S
+        self._writes = 0
+        self._connections = 0
+        self._stats: tuple[tuple[int, int], float, dict[str, int], float | None, int, float | None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -315,16 +325,24 @@ class Store:
 
     async def stats(self) -> dict[str, Any]:
         now = self.clock()
+        snapshot = self._stats
+        if (snapshot is None or snapshot[0] != (self._writes, self._connections) or self.error is not None
+                or self._thread is None or not 0 <= now - snapshot[1] < STATS_REUSE_S
+                or (snapshot[5] is not None and now >= snapshot[5])):
+            writes = self._writes
 
-        def count(conn: sqlite3.Connection) -> dict[str, Any]:
-            counts = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
-            oldest = conn.execute("SELECT min(created_at) FROM outbox WHERE state = 'pending'").fetchone()[0]
-            cached = conn.execute("SELECT count(*) FROM identity_cache WHERE expires_at > ?", (now,)).fetchone()[0]
-            return {"pending": counts.get("pending", 0), "sent": counts.get("sent", 0),
-                    "dead": counts.get("dead", 0),
-                    "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
-                    "cached_identities": cached}
-        return await self._submit(count, write=False)
+            def count(conn: sqlite3.Connection) -> Any:
+                counts = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+                oldest = conn.execute("SELECT min(created_at) FROM outbox WHERE state = 'pending'").fetchone()[0]
+                cached, expiry = conn.execute("SELECT count(*), min(expires_at) FROM identity_cache"
+                                              " WHERE expires_at > ?", (now,)).fetchone()
+                return (writes, self._connections), now, counts, oldest, cached, expiry
+            snapshot = self._stats = await self._submit(count, write=False)
+        _, _, counts, oldest, cached, _ = snapshot
+        return {"pending": counts.get("pending", 0), "sent": counts.get("sent", 0),
+                "dead": counts.get("dead", 0),
+                "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
+                "cached_identities": cached}
 
     # --- the identity cache ----------------------------------------------------------------
 
@@ -418,6 +436,8 @@ class Store:
             # died (the supervisor restarts it) or given up: an answer now, not a wait forever
             raise StoreUnavailable(self.error or "the outbox database thread is not running")
         loop = asyncio.get_running_loop()
+        if write:
+            self._writes += 1
         job = _Job(fn, write, loop, loop.create_future(), stores, deletes)
         self._queue.put(job)
         return await job.future
@@ -682,6 +702,7 @@ class Store:
         os.close(fd)
         os.chmod(self.path, 0o600)
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=5)
+        self._connections += 1
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode = WAL")

@@ -241,3 +241,30 @@ async def test_only_storing_a_record_clears_the_alarm_not_an_update_that_fits(tm
     await store.enqueue(record(99999))
     assert store.available
     await store.close()
+
+
+async def test_stats_reused_between_calls_still_tell_every_change(tmp_path):
+    """stats() answers from its last counts while nothing changed (status before every scan
+    costs no round trip to the store's thread); its own writes, an identity expiring, time and
+    another process's change (within STATS_REUSE_S) all show."""
+    clock = Clock()
+    store = Store(tmp_path / "outbox.db", clock=clock)
+    await store.open()
+    await store.cache_put("A" * 64 + ":1", {"name": "x"}, ttl_s=1.2)
+    first = await store.stats()
+    assert (first["pending"], first["cached_identities"], first["oldest_pending_age_s"]) == (0, 1, None)
+    await store.enqueue(record(1))
+    clock.now += 0.4
+    stats = await store.stats()
+    assert stats["pending"] == 1
+    clock.now += 0.5
+    assert abs((await store.stats())["oldest_pending_age_s"] - stats["oldest_pending_age_s"] - 0.5) < 0.11
+    clock.now += 0.35  # past the identity's expiry, within STATS_REUSE_S of the last count: the expiry decides
+    assert (await store.stats())["cached_identities"] == 0
+    # the CLI (another process, another connection) marks the record dead
+    with sqlite3.connect(tmp_path / "outbox.db") as conn:
+        conn.execute("UPDATE outbox SET state = 'dead'")
+    clock.now += outbox_module.STATS_REUSE_S
+    stats = await store.stats()
+    assert (stats["pending"], stats["dead"]) == (0, 1)
+    await store.close()
