@@ -32,7 +32,7 @@ from agent.platforms.base import (
     VerifyAnswer,
     VerifyRequest,
 )
-from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, Operation, check_fields, check_message
+from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, Operation, Problem, check_fields, check_message
 from agent.platforms.soapservice import SoapService
 from agent.platforms.transport import HttpClient, preview
 from agent.qr import QrKind
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
                           remove_blank_text=True)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_OWN_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f.name in ("msgGuid", "msgCreateTime"))
+_STATIC_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f not in _OWN_ACTION_FIELDS)
+_ACTION_ORDER = {f.name: i for i, f in enumerate(ACTION_FIELDS)}
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class RhcPlatform(Platform):
                                    config.endpoint, config.timeout_s, (self.rhc.operation,))
         # the names of the operation's (action, message) parameters, once the WSDL is loaded
         self._names: tuple[str, str] | None = None
+        self._action_problems: dict[str, list[Problem]] = {}
 
     @property
     def operations(self) -> list[str]:
@@ -308,8 +312,13 @@ class RhcPlatform(Platform):
             # defines; scanbox leaves it empty (no encryption) and relies on TLS
             "encryption": "",
         }
-        problems = check_fields(ACTION_FIELDS, values)
+        # the fields from config are checked once per business code, the message's own each time
+        static = self._action_problems.get(code)
+        if static is None:
+            static = self._action_problems[code] = check_fields(_STATIC_ACTION_FIELDS, values)
+        problems = static + check_fields(_OWN_ACTION_FIELDS, values)
         if problems:
+            problems.sort(key=lambda p: _ACTION_ORDER[p.field])
             raise ScanboxError(Reason.BAD_REQUEST, "action not sent: %s" % "; ".join(map(str, problems)))
         return build_xml(ACTION_FIELDS, values)
 
