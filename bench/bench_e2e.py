@@ -73,6 +73,7 @@ class Contender:
         self.notify.bind(str(tmp / "notify.sock"))
         self.notify.settimeout(60)
         self.proc: subprocess.Popen | None = None
+        self.rss = 0
         self.argv: list[str] = []
         self.ready_ms: list[float] = []
         self.ready_cpu_ms: list[float] = []
@@ -130,14 +131,19 @@ class Contender:
         assert response["result"]["verification"]["ok"], (self.name, response)
         return elapsed
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "%s is not running" % self.name
+        return self.proc.pid
+
     async def batch(self, codes: list[str], n: int, sim_url: str) -> None:
         before_service = len(service_ms(sim_url))
-        before_cpu = cpu_ms(self.proc.pid)
+        before_cpu = cpu_ms(self.pid)
         e2e = []
         for _ in range(n):
             e2e.append(await self.scan(codes[self.scans % len(codes)]))
             self.scans += 1
-        self.cpu += cpu_ms(self.proc.pid) - before_cpu
+        self.cpu += cpu_ms(self.pid) - before_cpu
         service = service_ms(sim_url)[before_service:]
         if len(service) != len(e2e):
             raise RuntimeError("%s: %d scans but %d requests at the simulator" % (self.name, len(e2e), len(service)))
@@ -205,7 +211,7 @@ async def run(scans: int, batch: int, starts: int, children: list[subprocess.Pop
         for contender in (contenders if (round_ // batch) % 2 == 0 else contenders[::-1]):
             await contender.batch(codes, min(batch, scans - round_), sim_url)
     for contender in contenders:
-        contender.rss = rss_kib(contender.proc.pid)
+        contender.rss = rss_kib(contender.pid)
         contender.writer.close()
     report(scans, batch, scanbox, floor)
 

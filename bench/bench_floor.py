@@ -158,6 +158,7 @@ class Floor:
     async def scan(self, qr: str) -> None:
         self.scans += 1
         at = time.strftime("%Y-%m-%d %H:%M:%S")
+        assert self.session is not None, "run() opens the session first"
         try:
             async with self.session.post(self.config["endpoint"], data=body_for(self.template, qr, at),
                                          headers={"Content-Type": "text/xml; charset=utf-8",
@@ -225,6 +226,7 @@ async def floor_drain(path: str, endpoint: str, template: str, in_flight: int) -
         conn.execute("BEGIN")
         conn.executemany("UPDATE outbox SET state = ?, code = ? WHERE id = ?", batch)
         conn.execute("COMMIT")
+        assert future is not None, "a commit is scheduled only with its future"
         future.set_result(None)
 
     async with aiohttp.ClientSession() as session:

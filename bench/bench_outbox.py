@@ -215,7 +215,8 @@ async def main(n: int, runs: int) -> None:
               % (runs, " ".join(load)))
         print("  %-30s %10s %10s %8s  %s" % ("", "scanbox/s", "floor/s", "ratio", "goal (issue 17)"))
         for in_flight in (1, 8):
-            ours, theirs = [], []
+            ours: list[float] = []
+            theirs: list[float] = []
             for run in range(runs):  # alternate which goes first
                 order = [("scanbox", ours), ("floor", theirs)][::1 if run % 2 == 0 else -1]
                 for who, rates in order:

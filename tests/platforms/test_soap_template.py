@@ -33,11 +33,13 @@ async def loaded(tmp_path, path, needed) -> SoapService:
 
 def zeeps(service: SoapService, operation: str, params: dict) -> bytes:
     bound = service._bound
+    assert bound is not None
     return etree.tostring(bound.client.create_message(bound.proxy, operation, **params), encoding="utf-8",
                           xml_declaration=True)
 
 
 def templates(service: SoapService, operation: str, params: dict) -> bytes | None:
+    assert service._bound is not None
     envelope, _ = service._from_template(service._bound, operation, params)
     return None if envelope is None else etree.tostring(envelope, encoding="utf-8", xml_declaration=True)
 
