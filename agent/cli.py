@@ -16,6 +16,22 @@ from agent import config as configuration
 from agent import logs
 
 
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%d is outside %d..%d" % (value, low, high))
+        return value
+    return parse
+
+
+# an outbox id is a SQLite INTEGER (64-bit signed); a larger one raises in the database thread
+_record_id = _bounded_int(1, 2 ** 63 - 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -97,13 +113,13 @@ def _parser() -> argparse.ArgumentParser:
                                                                                                action="stats")
     listing = actions.add_parser("list", help="records in a state")
     listing.add_argument("--state", choices=("pending", "dead", "sent"), default="pending")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_bounded_int(1, 100_000), default=50)
     listing.set_defaults(func=_outbox, action="list")
     show = actions.add_parser("show", help="one record, with its message")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_record_id)
     show.set_defaults(func=_outbox, action="show")
     retry = actions.add_parser("retry", help="send a dead (or waiting) record again")
-    retry.add_argument("id", type=int)
+    retry.add_argument("id", type=_record_id)
     retry.set_defaults(func=_outbox, action="retry")
     actions.add_parser("purge-dead", help="delete every dead record").set_defaults(func=_outbox, action="purge-dead")
     unrecorded = actions.add_parser("unrecorded", help="uses that could not be recorded (a full disk): "

@@ -268,3 +268,14 @@ async def test_stats_reused_between_calls_still_tell_every_change(tmp_path):
     stats = await store.stats()
     assert (stats["pending"], stats["dead"]) == (0, 1)
     await store.close()
+
+
+@pytest.mark.parametrize("argv", [["outbox", "retry", str(2 ** 63)], ["outbox", "show", "-1"],
+                                  ["outbox", "list", "--limit", str(2 ** 64)], ["outbox", "retry", "1.5"]])
+def test_the_cli_refuses_an_id_or_limit_sqlite_cannot_hold_before_opening_the_outbox(argv, capsys):
+    from agent import cli
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "outside" in err or "whole number" in err

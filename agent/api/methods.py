@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
@@ -27,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 ALL_KINDS = [k.value for k in ScanKind]
 
+# SQLite's INTEGER is 64-bit signed: a larger id raises inside the database thread (OverflowError)
+# instead of matching nothing, so every id is bounded here, at the edge, like every other number
+SQLITE_MAX_INT = 2 ** 63 - 1
+# platform.call's params: deep enough for the specs' DTOs (cardInfo.peopleInfo.*), no deeper
+MAX_PARAMS_DEPTH = 4
+
 
 Step = Annotated[str, AfterValidator(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))]
 Channel = Annotated[str, AfterValidator(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))]
@@ -37,7 +44,7 @@ class AuthParams(Params):
 
 
 class ReadCardParams(Params):
-    timeout_s: float = Field(30, gt=0, le=3600)
+    timeout_s: float = Field(30, gt=0, le=3600, strict=True)
     kinds: list[ScanKind] = Field(default_factory=lambda: list(ScanKind), min_length=1)
     step: Step | None = None
     verify: bool = True
@@ -55,21 +62,49 @@ class SubscribeParams(Params):
 
 class OutboxListParams(Params):
     state: Literal["pending", "dead", "sent"] = "pending"
-    limit: int = Field(50, ge=1, le=1000)
+    limit: int = Field(50, ge=1, le=1000, strict=True)
 
 
 class OutboxRetryParams(Params):
-    id: int = Field(..., ge=1)
+    id: int = Field(..., ge=1, le=SQLITE_MAX_INT, strict=True)
 
 
 class DisplayShowParams(Params):
     lines: list[Annotated[str, Field(max_length=64)]] = Field(..., min_length=1, max_length=4)
-    seconds: float = Field(5.0, gt=0, le=300)
+    seconds: float = Field(5.0, gt=0, le=300, strict=True)
+
+
+def _platform_value(value: Any, path: str = "params", depth: int = 0) -> Any:
+    """A DTO as docs/api.md shows it (objects of strings and numbers, lists of them), each number
+    one a platform can carry: a 64-bit integer or a finite float."""
+    if isinstance(value, dict):
+        if depth >= MAX_PARAMS_DEPTH:
+            raise ValueError("%s: nested deeper than %d objects" % (path, MAX_PARAMS_DEPTH))
+        for key, item in value.items():
+            _platform_value(item, "%s.%s" % (path, key), depth + 1)
+    elif isinstance(value, list):
+        if depth >= MAX_PARAMS_DEPTH:
+            raise ValueError("%s: nested deeper than %d objects" % (path, MAX_PARAMS_DEPTH))
+        for i, item in enumerate(value):
+            _platform_value(item, "%s[%d]" % (path, i), depth + 1)
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        pass
+    elif isinstance(value, int):
+        if not -SQLITE_MAX_INT - 1 <= value <= SQLITE_MAX_INT:
+            raise ValueError("%s: %d is outside the 64-bit integer range" % (path, value))
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("%s: %r is not a number a platform can carry" % (path, value))
+    else:
+        raise ValueError("%s: not a JSON value" % path)
+    return value
 
 
 class PlatformCallParams(Params):
     operation: str = Field(..., min_length=1, max_length=64)
-    params: dict[str, str | int] = {}
+    # the DTOs of docs/api.md are objects ({"cardInfo": {"peopleInfo": {...}}}); each adapter
+    # checks its operation's own fields
+    params: Annotated[dict[str, Any], AfterValidator(_platform_value)] = {}
 
 
 class OnetransParams(Params):

@@ -353,6 +353,40 @@ async def test_bad_lines_get_json_rpc_errors_and_the_connection_stays_usable(box
     assert (await client.call("status"))["device_id"] == "test-box"
 
 
+@pytest.mark.parametrize("method, params, problem", [
+    ("outbox.retry", {"id": 2 ** 63}, "id"),       # beyond SQLite's INTEGER: once killed the DB thread
+    ("outbox.retry", {"id": -(2 ** 70)}, "id"),
+    ("outbox.retry", {"id": 0}, "id"),
+    ("outbox.retry", {"id": True}, "id"),
+    ("outbox.retry", {"id": 1.5}, "id"),
+    ("outbox.list", {"limit": 2 ** 64}, "limit"),
+    ("outbox.list", {"limit": 0}, "limit"),
+    ("read_card", {"timeout_s": 1e308}, "timeout_s"),
+    ("read_card", {"timeout_s": -1}, "timeout_s"),
+    ("read_card", {"timeout_s": float("nan")}, "timeout_s"),
+    ("read_card", {"timeout_s": True}, "timeout_s"),
+    ("display.show", {"lines": ["x"], "seconds": float("inf")}, "seconds"),
+    ("display.show", {"lines": ["x"], "seconds": 0}, "seconds"),
+    ("platform.call", {"operation": "RHC_E0017", "params": {"orgId": 2 ** 64}}, "orgId"),
+    ("platform.call", {"operation": "RHC_E0017", "params": {"orgId": float("nan")}}, "orgId"),
+    ("platform.call", {"operation": "RHC_E0017", "params": {"a": {"b": {"c": {"d": {"e": 1}}}}}}, "deeper"),
+])
+async def test_every_numeric_parameter_is_bounded_and_the_box_keeps_answering(box, method, params, problem):
+    await box.start(sources={})
+    admin = await box.tcp(ADMIN_TOKEN)
+    # json.dumps writes NaN/Infinity as Python's json.loads (the box's parser) reads them
+    admin.send_raw(json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode() + b"\n")
+    refused = await admin.unsolicited()
+    assert refused["id"] == 7 and refused["error"]["code"] == -32602, refused
+    assert refused["error"]["data"]["reason"] == "BAD_REQUEST"
+    assert problem in refused["error"]["message"]
+    # the outbox (its database thread) still answers, and so does status
+    assert (await admin.call("outbox.list", {"state": "dead"}, timeout=5))["records"] == []
+    assert (await admin.call("status", timeout=5))["device_id"] == "test-box"
+    missing = await admin.request("outbox.retry", {"id": 2 ** 63 - 1})
+    assert missing["error"]["data"]["reason"] == "BAD_REQUEST" and "no pending or dead record" in missing["error"]["message"]
+
+
 async def test_notifications_get_no_answer_and_batches_are_answered_together(box):
     await box.start(sources={})
     client = await box.unix()
