@@ -14,7 +14,9 @@ from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulat
 from agent.config import ConfigError, validate
 from tests.conftest import ADMIN_TOKEN, config_dict
 from tests.platforms.test_fsjson import APP_ID, SECRET
+from tests.platforms.test_fsjson import new_person as fs_new_person
 from tests.platforms.test_wondersgroup import ORG
+from tests.platforms.test_wondersgroup import new_person as wg_new_person
 
 
 @pytest.fixture
@@ -83,6 +85,35 @@ async def test_fsjson_box_answers_not_supported_for_scans_and_keeps_serving(box,
     admin = await box.tcp(ADMIN_TOKEN)
     img = await admin.call("platform.call", {"operation": "getImg", "params": {"ehealthCardId": person.vuid}})
     assert img["resultCode"] == "10000" and img["data"]["QrCode"].startswith(person.vuid)
+
+
+async def test_card_issue_and_update_through_the_api_on_wondersgroup(box, wg_server):
+    """platform.call's params are the DTOs of docs/api.md: objects inside objects."""
+    await box.start(sources={}, platform=wondersgroup(wg_server))
+    admin = await box.tcp(ADMIN_TOKEN)
+    person = wg_new_person("欧阳芳", "331")
+    issued = await admin.call("platform.call", {"operation": "syncCardInfo", "params": {
+        "cardInfo": {"isRealName": "1", "peopleInfo": person}}})
+    assert issued["resultCode"] == "10000" and issued["data"]["QRCode"] == issued["data"]["vuid"] + ":1"
+    assert wg_server.sim.journal_for("syncCardInfo")[-1].values["cardInfo"]["peopleInfo"]["xm"] == "欧阳芳"
+    updated = await admin.call("platform.call", {"operation": "updateCardInfo", "params": {
+        "qrCode": issued["data"]["QRCode"], "issuingMode": "2", "terminalType": "1",
+        "peopleInfo": {**{k: person[k] for k in ("xm", "xb", "mzdm", "csrq", "zjlx", "zjhm")},
+                       "brdh": "13600000002"}}})
+    assert updated["resultCode"] == "10000"
+    verified = await admin.call("verify_qr", {"qr": issued["data"]["QRCode"]})
+    assert verified["identity"]["phone"] == "13600000002"
+
+
+async def test_card_issue_through_the_api_on_fsjson(box, fs_server):
+    await box.start(sources={}, platform={"kind": "fsjson", "endpoint": fs_server.endpoint,
+                                          "fsjson": {"app_id": APP_ID, "app_secret": SECRET}})
+    admin = await box.tcp(ADMIN_TOKEN)
+    person = fs_new_person("夏海", "341")
+    issued = await admin.call("platform.call", {"operation": "syncCardInfo", "params": {
+        "cardInfo": {"orgCode": "091760215", "isRealName": "0"}, "peopleInfo": person}})
+    assert issued["resultCode"] == "10000" and issued["data"]["ehealthCardId"]
+    assert fs_server.sim.journal_for("syncCardInfo")[-1].values["cardInfo"]["klx"] == "3"
 
 
 @pytest.mark.parametrize("platform, where, text", [
