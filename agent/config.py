@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import json
 import os
 import re
 import stat
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, get_args, get_origin
 
+import tomli_w
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
                       SecretStr, ValidationError, field_validator, model_validator)
 
@@ -556,27 +556,19 @@ def secret_names(model: type[BaseModel] | None = None) -> set[str]:
     return names
 
 
-def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+def to_toml(data: Mapping[str, Any]) -> str:
     """TOML text for a config mapping (tomllib only reads): what `config check` prints and what
-    provisioning writes. Values are strings, numbers, booleans and lists of them."""
-    lines: list[str] = []
-    tables = []
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        elif value is not None:
-            lines.append("%s = %s" % (key, json.dumps(value, ensure_ascii=False)))
-    out = []
-    if lines:
-        if prefix:
-            out.append("[%s]" % prefix)
-        out.extend(lines)
-        out.append("")
-    for key, value in tables:
-        rendered = to_toml(value, "%s.%s" % (prefix, key) if prefix else key)
-        if rendered:
-            out.append(rendered)
-    return "\n".join(out).rstrip() + "\n" if out else ""
+    provisioning and import-wscall write. tomli-w quotes what a bare key cannot hold (a client
+    named "front desk", an app id with a dot); TOML has no null, so unset values are left out."""
+    return tomli_w.dumps(_without_none(data))
+
+
+def _without_none(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {str(k): _without_none(v) for k, v in node.items() if v is not None}
+    if isinstance(node, (list, tuple)):
+        return [_without_none(v) for v in node if v is not None]
+    return node
 
 
 # --- internals -------------------------------------------------------------------------------

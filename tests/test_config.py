@@ -327,8 +327,8 @@ def test_config_check_prints_the_effective_config_with_secrets_masked(
 
     def without_none(value: Any) -> Any:
         if isinstance(value, dict):
-            # an empty table (no OneTrans apps) prints as nothing
-            return {k: without_none(v) for k, v in value.items() if v is not None and v != {}}
+            # TOML has no null: unset keys are left out (an empty table, no OneTrans apps, stays)
+            return {k: without_none(v) for k, v in value.items() if v is not None}
         return value
 
     assert parsed == without_none(dump(load(main_file, secrets_file)))

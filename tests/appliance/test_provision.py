@@ -74,6 +74,26 @@ def test_a_good_file_is_installed_and_wiped_from_the_boot_partition(boot, root, 
     assert outcome.screen_lines() == ["counter-7", "西宁市第一人民医院"]
 
 
+def test_names_that_need_quotes_in_toml_survive_the_install(boot, root, tmp_path):
+    """A client named "front desk" and an app id with dots are quoted keys in TOML; the files
+    provisioning writes must read back to the same names (tomli-w writes them)."""
+    source = technician_file(boot, tmp_path)
+    with source.open("a", encoding="utf-8") as fh:
+        fh.write('\n[api.clients."front desk"]\ntoken = "desk-token-0123456789"\nscopes = ["read", "admin"]\n'
+                 '\n[api.onetrans.apps."HIS.app.1"]\napp_key = "app-key-0123456789abcdef"\n')
+    outcome = provision.provision(source, root)
+    assert outcome.ok, outcome.note
+    etc = root / "etc" / "scanbox"
+    installed = configuration.load(etc / "scanbox.toml", etc / "secrets.toml")
+    assert sorted(installed.api.clients) == ["front desk", "his"]
+    assert installed.api.clients["front desk"].token.get_secret_value() == "desk-token-0123456789"
+    assert installed.api.clients["front desk"].scopes == ["read", "admin"]
+    assert list(installed.api.onetrans.apps) == ["HIS.app.1"]
+    assert installed.api.onetrans.apps["HIS.app.1"].app_key.get_secret_value() == "app-key-0123456789abcdef"
+    applied = tomllib.loads((boot / provision.APPLIED_NAME).read_text(encoding="utf-8"))
+    assert applied["api"]["clients"]["front desk"] == {"scopes": ["read", "admin"]}
+
+
 def test_a_bad_file_installs_nothing_and_says_what_is_wrong(boot, root, tmp_path):
     source = technician_file(boot, tmp_path, platform={"endpont": "http://x"}, site={"channel": "07"})
     before = source.read_bytes()
