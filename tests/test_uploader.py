@@ -139,7 +139,7 @@ async def test_a_permanent_rejection_goes_to_dead_letter_with_the_platforms_code
     uploader = await harness.start()
     await harness.drained()
     (dead,) = await harness.store.rows("dead")
-    assert (dead.guid, dead.platform_code, dead.platform_message) == (bad.guid, "4002", "该卡未认证或已注销")
+    assert (dead.guid, dead.platform_code, dead.platform_message) == (bad.guid, "3003", "居民信息验证错误")
     assert uploader.dead == 1 and uploader.sent == 1
 
 

@@ -102,6 +102,17 @@ CARD_STATUS = CodeTable("RHC_VCARD_ZT", "虚拟账户状态", {
     "5": "未注册",
 })
 
+# What a refusal that carries the card's status (RHC_E0003's 3003 "居民信息验证错误" with
+# ehc_card_status) means for the HIS: a card that exists but cannot be used is CARD_INACTIVE
+# (docs/api.md), one never registered CARD_NOT_FOUND; "1" (正常) says nothing more.
+CARD_STATUS_REASON = {
+    "0": Reason.CARD_INACTIVE,   # 注销
+    "2": Reason.CARD_INACTIVE,   # 待审核
+    "3": Reason.CARD_INACTIVE,   # 审核未通过
+    "4": Reason.CARD_INACTIVE,   # 已认证, no QR code applied for
+    "5": Reason.CARD_NOT_FOUND,  # 未注册
+}
+
 # 4.3.7 (channel_code / channel_name)
 TERMINAL_TYPE = CodeTable("RHC_TERMINAL_TYPE", "刷卡终端类型", {
     "01": "人工窗口",

@@ -9,6 +9,7 @@ checked against them before sending; the reply's `<response>` is parsed into dat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 
 from lxml import etree
 
-from agent.codes import Outcome
+from agent.codes import Outcome, ReturnCode
 from agent.codes import qwb002 as codes
 from agent.config import PlatformConfig, SiteConfig
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanboxError, ScanKind, UsageRecord
@@ -287,7 +288,7 @@ class RhcPlatform(Platform):
                 error = PlatformUnavailable("platform failed: %s %s" % (rc.code, response.desc or rc.text),
                                             platform_code=rc.code, platform_message=response.desc or rc.text)
             else:
-                error = PlatformRejected(rc, response.desc)
+                error = PlatformRejected(card_status_refusal(rc, response.data), response.desc)
             self.record_failure(error)
             self.exchanged(code, started, response.code, error)
             logger.info("%s answered %s (%s)", code, response.code, response.desc)
@@ -349,6 +350,16 @@ class RhcPlatform(Platform):
                 self._names = (elements[0], elements[1])
             logger.info("platform rhc: operation %s(%s, %s)", self.rhc.operation, *self._names)
         return self._names
+
+
+def card_status_refusal(rc: ReturnCode, data: Mapping[str, Any]) -> ReturnCode:
+    """A general refusal (3003 居民信息验证错误) that names the card's status (RHC_VCARD_ZT) is
+    about the card: 0 注销 or 4 已认证 is CARD_INACTIVE, not a generic PLATFORM_REJECTED."""
+    status = data.get("ehc_card_status")
+    reason = codes.CARD_STATUS_REASON.get(status) if isinstance(status, str) else None
+    if reason is None or rc.reason is not Reason.PLATFORM_REJECTED:
+        return rc
+    return dataclasses.replace(rc, reason=reason)
 
 
 def card_atr_number(card: dict[str, Any]) -> str:

@@ -101,6 +101,9 @@ def default_residents() -> list[Resident]:
                  "09715512345", "青海省西宁市城北区", status="0"),
         Resident("韩雪", "2", "01", "20010515", make_id("630102", "20010515", "448"),
                  "09718800000", "青海省西宁市城中区", status="2"),
+        # authenticated on site (RHC_E0006), never applied for a static code
+        Resident("赵文博", "1", "01", "19751020", make_id("630103", "19751020", "517"),
+                 "09718300000", "青海省西宁市城东区", status="4"),
     ]
 
 
@@ -298,8 +301,10 @@ class RhcSimulator:
         else:
             raise Answer("3001", "二维码错误")
         resident = self.residents[key]
-        if resident.status == "0":
-            raise Answer("4002", "该卡未认证或已注销")
+        if resident.status in ("0", "4"):
+            # as the platform answers a cancelled card, or one authenticated on site that never
+            # applied for its code (a dynamic code issued before): 3003 with the card's status
+            raise Answer("3003", "居民信息验证错误", False, {"ehc_card_status": resident.status}, "ehc_cardinfo")
         if resident.status in ("2", "3"):
             raise Answer("2002", "该卡未审核")
         raise Answer("3005", "验证成功", True, {

@@ -152,7 +152,12 @@ async def test_verify_qr_outcomes(box):
     assert wrong["verification"]["reason"] == "QR_INVALID" and wrong["verification"]["platform_code"] == "3001"
     cancelled = next(r for r in sim.residents.values() if r.status == "0")
     inactive = await client.call("verify_qr", {"qr": cancelled.static_qr})
+    # the platform answers 3003 居民信息验证错误 with ehc_card_status 0: the card, not the box
     assert inactive["verification"]["reason"] == "CARD_INACTIVE"
+    assert inactive["verification"]["platform_code"] == "3003"
+    authenticated = next(r for r in sim.residents.values() if r.status == "4")
+    no_code = await client.call("verify_qr", {"qr": sim.issue_dynamic(authenticated.id_card, 60)})
+    assert no_code["verification"]["reason"] == "CARD_INACTIVE" and no_code["identity"] is None
 
 
 async def test_bad_codes_get_specific_reasons_and_never_reach_the_platform(box):

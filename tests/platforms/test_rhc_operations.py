@@ -181,7 +181,7 @@ async def test_every_operation_in_a_flow(platform, sim):
     assert r["resultCode"] == "4004"
     with pytest.raises(PlatformRejected) as info:
         await platform.verify_qr(scan(static))
-    assert (info.value.reason, info.value.platform_code) == (Reason.CARD_INACTIVE, "4002")
+    assert (info.value.reason, info.value.platform_code) == (Reason.CARD_INACTIVE, "3003")
 
     # every message reached the platform once, each with its own msgGuid
     seen = {e.code for e in sim.journal}
@@ -335,12 +335,15 @@ async def test_verify_dynamic(platform, sim):
 @pytest.mark.parametrize("who,qr,reason,code", [
     ("expired", None, Reason.QR_EXPIRED, "3004"),
     ("unknown", "0" * 64 + ":1", Reason.QR_INVALID, "3001"),
-    ("cancelled", LI.static_qr, Reason.CARD_INACTIVE, "4002"),
+    ("cancelled", LI.static_qr, Reason.CARD_INACTIVE, "3003"),  # with ehc_card_status 0
+    ("authenticated", "authenticated", Reason.CARD_INACTIVE, "3003"),  # with ehc_card_status 4
     ("pending", HAN.static_qr, Reason.CARD_INACTIVE, "2002"),
 ])
 async def test_verify_refusals(platform, sim, who, qr, reason, code):
     if who == "expired":
         qr = sim.issue_dynamic(ZHANG.id_card, ttl_s=-1)
+    if who == "authenticated":
+        qr = sim.issue_dynamic(next(r for r in sim.residents.values() if r.status == "4").id_card)
     with pytest.raises(PlatformRejected) as info:
         await platform.verify_qr(scan(qr, QrKind.DYNAMIC if who == "expired" else QrKind.STATIC))
     assert (info.value.reason, info.value.platform_code) == (reason, code)

@@ -248,10 +248,12 @@ def test_unknown_code_is_3001(sim, qr):
     assert code_of(sim, action(), verify(qr)) == "3001"
 
 
-def test_cancelled_resident_is_4002(sim):
+def test_cancelled_resident_is_3003_with_the_card_status(sim):
     assert LI.status == "0"
-    assert code_of(sim, action(), verify(LI.static_qr)) == "4002"
-    assert code_of(sim, action(), verify(sim.issue_dynamic(LI.id_card))) == "4002"
+    assert code_of(sim, action(), verify(LI.static_qr)) == "3003"
+    assert code_of(sim, action(), verify(sim.issue_dynamic(LI.id_card))) == "3003"
+    reply = answer(sim.handle(action(), verify(LI.static_qr)))
+    assert reply["ehc_cardinfo"]["ehc_card_status"] == "0"
 
 
 def test_pending_resident_is_2002(sim):
@@ -278,7 +280,7 @@ def test_every_request_is_journaled_once(sim):
     assert [e.ok for e in sim.journal] == [False, False, True, False]
 
 
-@pytest.mark.parametrize("qr,expected", [(ZHANG.static_qr, "3005"), ("X" * 20, "3001"), (LI.static_qr, "4002")])
+@pytest.mark.parametrize("qr,expected", [(ZHANG.static_qr, "3005"), ("X" * 20, "3001"), (LI.static_qr, "3003")])
 def test_journal_records_msg_guid_and_code_of_accepted_requests(sim, qr, expected):
     guid = uuid.uuid4().hex
     sim.handle(action(msgGuid=guid), verify(qr))
