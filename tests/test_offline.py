@@ -100,7 +100,7 @@ async def test_a_refused_deferred_record_is_dead_letter_and_can_be_retried(box):
     assert refused["error"]["data"]["reason"] == "UNAUTHORIZED"
     admin = await box.tcp(ADMIN_TOKEN)
     (dead,) = (await admin.call("outbox.list", {"state": "dead"}))["records"]
-    assert (dead["platform_code"], dead["platform_message"]) == ("4002", "该卡未认证或已注销")
+    assert (dead["platform_code"], dead["platform_message"]) == ("3003", "居民信息验证错误")
     resident.status = "1"  # reinstated
     assert await admin.call("outbox.retry", {"id": dead["id"]}) == {"ok": True, "id": dead["id"]}
     await outbox_event(box, lambda o: o["dead"] == 0 and o["pending"] == 0)
