@@ -99,16 +99,40 @@ class SiteConfig(Section):
         return self.org_code + self.department if self.org_code else ""
 
 
+# National mobile payment codes (付款码), as the issuers publish them for merchants' scanners:
+# all digits, 16 to 24 long, told apart by their first digits. A counter scanner reads them too;
+# none is ever a health card, so none is ever sent to a health platform.
+PAYMENT_CODES = {
+    "wechat": r"^1[0-5][0-9]{16}$",              # WeChat Pay: 18 digits, 10..15
+    "alipay": r"^(2[5-9]|30)[0-9]{14,22}$",      # Alipay: 16..24 digits, 25..30
+    "unionpay": r"^62[0-9]{17}$",                # UnionPay / 云闪付: 19 digits, 62
+    "jdpay": r"^18[0-9]{16}$",                   # JD Pay: 18 digits, 18
+    "qqwallet": r"^91[0-9]{16}$",                # QQ Wallet: 18 digits, 91
+    "webank": r"^5678[0-9]{15}$",                # WeBank: 19 digits, 5678
+    "lakala": r"^8[12][02][0-9]{16}$",           # Lakala: 19 digits, 810/812/820/822
+    "ecny": r"^01[0-9]{17}$",                    # e-CNY (数字人民币): 19 digits, 01
+}
+
+
 class QrRules(Section):
-    """QR classification (agent/qr.py); the defaults follow DESIGN.md."""
+    """QR classification (agent/qr.py); the defaults follow DESIGN.md. Where the specs leave a
+    form loose, the default is the strictest reading they allow; a site whose platform issues
+    other forms widens them here (docs/api.md "QR classification")."""
 
     max_length: int = Field(512, ge=20, le=4096)
     static: str = r"^[0-9A-F]{64}:1$"
     dynamic: str = r"^[0-9A-F]{64}:0:[0-9A-F]{32}$"
-    temporary: str = r"^[0-9A-Za-z]{20}$"
-    # spec 000 3.3 gives only "二维码密文, up to 256": taken as the hex/base64 alphabet, at least
-    # 32 long, so a ticket number or a URL is delivered raw instead of being sent to the platform
-    ciphertext: str = r"^[0-9A-Za-z+/=]{32,256}$"
+    # spec 000 3.12/3.13 give only "String 20": exactly 20 letters and digits, at least one a
+    # letter (20 digits is the shape of a payment code, and of an order or ticket number)
+    temporary: str = r"^(?=[0-9]*[A-Za-z])[0-9A-Za-z]{20}$"
+    # spec 000 3.3 gives only "二维码密文, up to 256": binary encoded as base64 (whole 4-character
+    # groups, = padding only at the end), 32 to 256 characters, at least one character outside
+    # the hex digits, so a number, a hex id or a URL is delivered raw instead of being sent
+    ciphertext: str = (r"^(?=.{32,256}$)(?=[0-9A-Fa-f]*[G-Zg-z+/])(?:[0-9A-Za-z+/]{4})*"
+                       r"(?:[0-9A-Za-z+/]{4}|[0-9A-Za-z+/]{3}=|[0-9A-Za-z+/]{2}==)$")
+    # checked before every other form: a code of one of these shapes never leaves the box.
+    # Setting this table replaces the whole default (copy the entries to keep them).
+    payment: dict[str, str] = Field(default_factory=lambda: dict(PAYMENT_CODES))
 
     @field_validator("static", "dynamic", "temporary", "ciphertext")
     @classmethod
@@ -117,6 +141,16 @@ class QrRules(Section):
             re.compile(v)
         except re.error as exc:
             raise ValueError("not a regular expression: %s" % exc) from None
+        return v
+
+    @field_validator("payment")
+    @classmethod
+    def _regexes(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError("%s: not a regular expression: %s" % (name, exc)) from None
         return v
 
 

@@ -27,7 +27,7 @@ from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Resu
 from agent.outbox import Store, StoreUnavailable, Uploader, qr_hash
 from agent.platforms.base import Platform, PlatformError, PlatformUnavailable, VerifyRequest
 from agent.privacy import mask_qr
-from agent.qr import Classifier, QrKind
+from agent.qr import VERIFIABLE, Classifier, QrKind
 from agent.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,14 @@ class Verifier:
         except ScanboxError as exc:
             logger.info("scan %s from %s: %s", scan.id, scan.source, exc.message)
             return Result(scan, None, Verification.failed(exc, elapsed()))
-        if kind is QrKind.UNKNOWN:
-            return Result(scan, None, Verification(
-                False, Reason.QR_UNKNOWN, "not a health card code this box verifies; delivered raw",
-                elapsed_ms=elapsed()))
+        if kind not in VERIFIABLE:
+            # refused here, never sent: the log says why (the shape, not the code), so a
+            # technician whose platform issues this form can widen [platform.qr]
+            logger.info("scan %s from %s: not sent to the platform: %s", scan.id, scan.source,
+                        self.classifier.explain(scan.payload))
+            message = ("a mobile payment code, never sent to the health platform; delivered raw"
+                       if kind is QrKind.PAYMENT else "not a health card code this box verifies; delivered raw")
+            return Result(scan, None, Verification(False, Reason.QR_UNKNOWN, message, elapsed_ms=elapsed()))
         scanned_at = scan.at
         if self.clock is not None and self.clock.problem() is not None:
             if await self.clock.wait_synchronised(self.deadline_s / 2 if self.deadline_s else None):

@@ -52,3 +52,24 @@ def test_the_commented_source_examples_are_valid():
         options = validate_source(name, tomllib.loads("\n".join(lines)))
         drivers.add(options.driver)
     assert drivers == {"hid", "camera", "idcard", "pcsc"}
+
+
+def test_the_commented_qr_block_is_the_defaults_with_every_key():
+    """`# [platform.qr]` in the example, uncommented, is exactly what the box uses unset."""
+    import re
+    import tomllib
+
+    from agent.config import QrRules
+
+    text = (ROOT / "config" / "scanbox.example.toml").read_text(encoding="utf-8")
+    start = text.index("# [platform.qr]\n")
+    lines = []
+    for line in text[start:].splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[2:]
+        if re.match(r"(\[|[a-z_]+ = )", body):
+            lines.append(re.sub(r"'\s+#.*$", "'", body))
+    block = tomllib.loads("\n".join(lines))["platform"]["qr"]
+    assert set(block) == set(QrRules.model_fields)
+    assert QrRules.model_validate(block) == QrRules()

@@ -173,6 +173,33 @@ async def test_bad_codes_get_specific_reasons_and_never_reach_the_platform(box):
     assert box.sim.sim.journal == []
 
 
+@pytest.mark.parametrize("code", [
+    "28" + "0" * 17 + "1",      # Alipay, 20 digits: once sent to the platform as a temporary card
+    "134567890123456789",       # WeChat Pay
+    "6212345678901234567",      # UnionPay
+    "0" * 20,                   # 20 digits of no issuer: not a temporary card by default either
+    "ABCDEF0123456789ABCDEF0123456789",  # 32 hex digits: not a ciphertext by default
+])
+async def test_payment_codes_and_loose_shapes_never_reach_the_platform_and_the_log_says_why(box, caplog, code):
+    await box.start()
+    client = await box.unix()
+    waiting = await read_card_task(client, timeout_s=10)
+    await box.waiting(1)
+    caplog.set_level("INFO", logger="agent.verifier")
+    box.scan(code)
+    result = (await waiting)["result"]
+    assert result["scan"]["payload"] == code  # the HIS gets it raw (a cashier may want it)
+    assert result["verification"]["reason"] == "QR_UNKNOWN" and result["identity"] is None
+    direct = await client.call("verify_qr", {"qr": code})
+    assert direct["verification"]["reason"] == "QR_UNKNOWN"
+    assert box.sim.sim.journal == []
+    refused = [r.getMessage() for r in caplog.records if "not sent to the platform" in r.getMessage()]
+    assert refused and "%d characters: " % len(code) in refused[0]
+    assert all(code[:8] not in line for line in refused)
+    if code[0] != "0" and code[0] != "A":
+        assert "payment code" in refused[0] and "payment code" in direct["verification"]["message"]
+
+
 async def test_serial_noise_reaches_the_his_as_an_invalid_scan_and_reading_goes_on(box):
     await box.start()
     client = await box.unix()
