@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 # identity is not written again until its entry is a quarter of `cache.ttl` old (an SD card write
 # and an fsync per scan saved; an entry can then expire up to a quarter of the TTL early)
 CACHE_NOTES = 4096
+# the forms whose identity may be cached: a static code, and a ciphertext (static or dynamic;
+# the platform's answer tells, and only a static one is put in the cache)
+CACHEABLE = frozenset({QrKind.STATIC, QrKind.CIPHERTEXT})
 
 
 class Verifier:
@@ -132,7 +135,7 @@ class Verifier:
             if exc.transient:
                 return await self._offline(scan, kind, record, exc, elapsed)
             logger.info("scan %s (%s %s): %s", scan.id, kind.value, mask_qr(scan.payload), exc.message)
-            if kind is QrKind.STATIC:
+            if kind in CACHEABLE:
                 self._background_task(self._forget(scan.payload), "forget a refused code")
             return Result(scan, None, Verification.failed(exc, elapsed(), msg_guid=record.guid))
         except ScanboxError as exc:
@@ -144,7 +147,10 @@ class Verifier:
                     answer.identity, verification.elapsed_ms)
         if self.uploader is not None:
             self.uploader.platform_back()
-        if kind is QrKind.STATIC and self.cache_ttl_s > 0 and self._cache_stale(scan.payload, answer.identity):
+        # a static code, or a ciphertext the platform's answer says is static (the form that
+        # RHC_E0002/E0005 issue): its identity may answer it while the platform is down
+        static = answer.static if answer.static is not None else kind is QrKind.STATIC
+        if static and kind in CACHEABLE and self.cache_ttl_s > 0 and self._cache_stale(scan.payload, answer.identity):
             self._background_task(self._remember(scan.payload, answer.identity), "cache an identity")
         return Result(scan, answer.identity, verification)
 
@@ -172,7 +178,8 @@ class Verifier:
 
     async def _offline(self, scan: Scan, kind: QrKind, record: UsageRecord, error: PlatformError,
                        elapsed: Any) -> Result:
-        cached = await self._cached(scan.payload) if kind is QrKind.STATIC and self.cache_ttl_s > 0 else None
+        # only codes found static online are ever in the cache
+        cached = await self._cached(scan.payload) if kind in CACHEABLE and self.cache_ttl_s > 0 else None
         if cached is None:
             logger.info("scan %s (%s %s): %s; not in the cache", scan.id, kind.value, mask_qr(scan.payload),
                         error.message)

@@ -46,6 +46,33 @@ async def test_platform_down_a_known_static_code_is_answered_from_the_cache(box)
     assert row["attempts"] >= 1 and "HTTP 500" in row["last_error"]
 
 
+async def test_the_platforms_own_static_ciphertext_is_cached_and_its_dynamic_one_is_not(box):
+    """A platform that issues its codes in the ciphertext form (RHC_E0002/E0005): RHC_E0003's
+    qr_codetext says which were static, and those get an offline answer."""
+    await box.start(sources={})
+    sim = box.sim.sim
+    sim.code_form = "ciphertext"
+    resident = box.resident()
+    admin = await box.tcp(ADMIN_TOKEN)
+    issued = (await admin.call("platform.call", {"operation": "RHC_E0005", "params": {
+        "id_card": resident.id_card, "id_type": "01", "id_number": resident.id_number}}))["data"]
+    static, dynamic = issued["qr_code"], issued["dt_qr_code"]
+    assert static == resident.ciphertext_qr and ":" not in static + dynamic
+    client = await box.unix()
+    for qr in (static, dynamic):
+        online = await client.call("verify_qr", {"qr": qr})
+        assert online["verification"]["ok"] and online["identity"]["name"] == resident.name
+    assert [e.values["qr_code"] for e in sim.journal_for("RHC_E0003")] == [static, dynamic]
+
+    box.sim.faults.add(Fault("http500", count=None))
+    cached = await client.call("verify_qr", {"qr": static})
+    assert cached["verification"]["ok"] and cached["verification"]["offline"]
+    assert cached["identity"]["source"] == "cache" and cached["identity"]["name"] == resident.name
+    refused = await client.call("verify_qr", {"qr": dynamic})
+    assert refused["verification"]["reason"] == "PLATFORM_UNAVAILABLE" and refused["identity"] is None
+    assert (await admin.call("outbox.stats"))["cached_identities"] == 1
+
+
 async def test_platform_down_unknown_and_dynamic_codes_get_platform_unavailable_with_the_scan(box):
     await box.start(sources={})
     client = await box.unix()

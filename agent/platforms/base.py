@@ -58,6 +58,9 @@ class VerifyAnswer:
     identity: Identity
     platform_code: str | None
     platform_message: str | None
+    # what the platform says the code was: True a static (reusable) code, whose identity may
+    # answer it offline later; False a dynamic one; None when the reply does not say
+    static: bool | None = None
 
 
 @dataclass

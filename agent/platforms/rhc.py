@@ -239,7 +239,8 @@ class RhcPlatform(Platform):
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         response = await self.request(record.operation, record.values, msg_guid=record.guid)
-        return VerifyAnswer(identity_from(response.data), response.code, response.desc)
+        return VerifyAnswer(identity_from(response.data), response.code, response.desc,
+                            static=code_is_static(response.data.get("qr_codetext")))
 
     async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
         if record.operation not in OPERATIONS:
@@ -350,6 +351,20 @@ class RhcPlatform(Platform):
                 self._names = (elements[0], elements[1])
             logger.info("platform rhc: operation %s(%s, %s)", self.rhc.operation, *self._names)
         return self._names
+
+
+def code_is_static(qr_codetext: Any) -> bool | None:
+    """RHC_E0003's qr_codetext (3.3.3) is the code in clear: "电子健康卡 ID:二维类型" for a
+    static code (type 1), "ID:类型:有效时间" for a dynamic one (type 0). The ciphertext form
+    looks the same either way; this is how the box tells a static one, which it may cache."""
+    if not isinstance(qr_codetext, str):
+        return None
+    parts = qr_codetext.strip().split(":")
+    if len(parts) == 2 and parts[0] and parts[1] == "1":
+        return True
+    if len(parts) == 3 and parts[0] and parts[1] == "0":
+        return False
+    return None
 
 
 def card_status_refusal(rc: ReturnCode, data: Mapping[str, Any]) -> ReturnCode:

@@ -11,6 +11,7 @@ Every request is journaled with its msgGuid, so tests can count what reached the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import threading
@@ -64,6 +65,13 @@ class Resident:
     @property
     def static_qr(self) -> str:
         return hashlib.sha256(("static:" + self.ecard_id).encode()).hexdigest().upper() + ":1"
+
+    @property
+    def ciphertext_qr(self) -> str:
+        """The same static code in the ciphertext form spec 000 3.3 describes ("二维码密文", up
+        to 256): what a platform set to `code_form="ciphertext"` issues from RHC_E0002/E0005."""
+        digest = hashlib.sha512(("static:" + self.ecard_id).encode()).digest()
+        return base64.b64encode(digest[:48]).decode("ascii")
 
     def person_fields(self) -> dict[str, str]:
         return {
@@ -140,13 +148,18 @@ class RhcSimulator:
     def __init__(self, *, user_name: str = "scanbox", user_pwd: str = "scanbox-secret",
                  org_ids: tuple[str, ...] = ("QH0001",), app_codes: tuple[str, ...] = ("APP001",),
                  residents: list[Resident] | None = None, dynamic_ttl_s: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, code_form: str = "hex") -> None:
         self.user_name = user_name
         self.user_pwd = user_pwd
         self.org_ids = set(org_ids)
         self.app_codes = set(app_codes)
         self.dynamic_ttl_s = dynamic_ttl_s
         self.clock = clock
+        if code_form not in ("hex", "ciphertext"):
+            raise ValueError("code_form is hex (64 hex + :1 / :0:...) or ciphertext (base64)")
+        # which form RHC_E0002/E0005 issue; RHC_E0003 verifies both, and names the kind in
+        # qr_codetext (ecardId:1 static, ecardId:0:valid-until dynamic)
+        self.code_form = code_form
         self.residents: dict[str, Resident] = {}  # Resident.key -> resident
         self.static_codes: dict[str, str] = {}  # qr -> resident key
         self.dynamic_codes: dict[str, tuple[str, float]] = {}  # qr -> (resident key, expires at)
@@ -162,13 +175,17 @@ class RhcSimulator:
     def add_resident(self, resident: Resident) -> Resident:
         self.residents[resident.key] = resident
         self.static_codes[resident.static_qr] = resident.key
+        self.static_codes[resident.ciphertext_qr] = resident.key
         return resident
+
+    def issued_static(self, resident: Resident) -> str:
+        return resident.ciphertext_qr if self.code_form == "ciphertext" else resident.static_qr
 
     def by_card(self, id_card: str) -> Resident | None:
         """The person whose own resident ID card this is (not a newborn registered under it)."""
         return next((r for r in self.residents.values() if r.id_card == id_card and not r.newborn), None)
 
-    def issue_dynamic(self, id_card: str, ttl_s: float | None = None) -> str:
+    def issue_dynamic(self, id_card: str, ttl_s: float | None = None, form: str | None = None) -> str:
         resident = self.by_card(id_card)
         if resident is None:
             raise KeyError(id_card)
@@ -177,6 +194,8 @@ class RhcSimulator:
         head = hashlib.sha256(("dynamic:%s:%d" % (resident.ecard_id, n)).encode()).hexdigest().upper()
         tail = hashlib.md5(("%s:%f" % (head, expires)).encode()).hexdigest().upper()
         code = "%s:0:%s" % (head, tail)
+        if (form or self.code_form) == "ciphertext":
+            code = base64.b64encode(bytes.fromhex(head + tail)).decode("ascii")
         self.dynamic_codes[code] = (resident.key, expires)
         return code
 
@@ -281,7 +300,7 @@ class RhcSimulator:
             if resident.status == "1":
                 raise Answer("2003", "该居民已申请过静态二维码")
             resident.status = "1"
-            qr = resident.static_qr
+            qr = self.issued_static(resident)
         else:
             qr = self.issue_dynamic(resident.id_card)
         raise Answer("2009", "申请二维码成功", True, {"qr_code": qr, "qr_code_imgtext": "", "qr_code_imgurl": ""},
@@ -329,7 +348,7 @@ class RhcSimulator:
             raise Answer(*refused[resident.status])
         data = {**resident.person_fields(), "ehc_card_status": resident.status,
                 "cellphone": resident.cellphone, "unit": resident.unit,
-                "qr_code": resident.static_qr if resident.status == "1" else "", "qr_code_imgtext": "",
+                "qr_code": self.issued_static(resident) if resident.status == "1" else "", "qr_code_imgtext": "",
                 "dt_qr_code": self.issue_dynamic(resident.id_card), "qr_code_dtimgtext": ""}
         raise Answer("5005", "查询成功", True, data, "ehc_cardinfo")
 
