@@ -192,7 +192,7 @@ class IdentitySource(enum.StrEnum):
 
 IDENTITY_FIELDS = (
     "name", "sex", "nation", "birthday", "id_type", "id_number", "ecard_id", "main_index",
-    "phone", "address", "card_status",
+    "phone", "address", "card_status", "age", "clinic_time",
 )
 
 
@@ -212,6 +212,10 @@ class Identity:
     phone: str | None = None
     address: str | None = None
     card_status: str | None = None
+    # a temporary card (spec 000 3.13) carries no birthday or id: the age given when it was
+    # issued, and the visit it was issued for ("yyyy-MM-dd HH:mm:ss", the platform's text)
+    age: str | None = None
+    clinic_time: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         from agent.codes import qwb002  # codes are data tables; imported late to keep this module light

@@ -138,6 +138,8 @@ def identity_from(data: Mapping[str, Any], source: IdentitySource = IdentitySour
         phone=get("cellphone") or get("telephone"),
         address=get("address"),
         card_status=get("ehc_card_status"),
+        age=get("age"),
+        clinic_time=get("clinicTime"),
     )
 
 

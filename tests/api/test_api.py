@@ -160,6 +160,28 @@ async def test_verify_qr_outcomes(box):
     assert no_code["verification"]["reason"] == "CARD_INACTIVE" and no_code["identity"] is None
 
 
+async def test_a_temporary_card_answers_with_its_age_and_clinic_time(box):
+    await box.start()
+    admin = await box.tcp(ADMIN_TOKEN)
+    issued = await admin.call("platform.call", {"operation": "RHC_E0012", "params": {
+        "name": "王小二", "sex": "1", "age": "35", "clinicTime": "2026-11-22 09:20:00"}})
+    temp = issued["data"]["qr_code"]
+    client = await box.unix()
+    waiting = await read_card_task(client, timeout_s=10)
+    await box.waiting(1)
+    box.scan(temp)
+    result = (await waiting)["result"]
+    assert result["verification"]["ok"] and result["verification"]["platform_code"] == "13002"
+    identity = result["identity"]
+    assert (identity["name"], identity["sex_text"], identity["age"], identity["clinic_time"]) == (
+        "王小二", "男性", "35", "2026-11-22 09:20:00")
+    assert identity["id_number"] is None and identity["birthday"] is None
+    assert box.sim.sim.journal[-1].code == "RHC_E0013"
+    # a card's identity has the fields too, null
+    static = await client.call("verify_qr", {"qr": box.resident().static_qr})
+    assert static["identity"]["age"] is None and static["identity"]["clinic_time"] is None
+
+
 async def test_bad_codes_get_specific_reasons_and_never_reach_the_platform(box):
     await box.start(sources={})
     client = await box.unix()
