@@ -28,8 +28,9 @@ _SERVICE_CODES = [
     _rc("10101", "机构代码错误", _A, Reason.PLATFORM_AUTH, "WebService返回机构代码错误"),
     _rc("10102", "用户名错误", _A, Reason.PLATFORM_AUTH, "WebService用户名错误"),
     _rc("10103", "密码错误", _A, Reason.PLATFORM_AUTH, "WebService返回密码错误"),
-    # an expired authKey is refreshed and the call retried once by the adapter; a second 10105
-    # right after a fresh getAuthKey means the platform does not accept this box
+    # an expired authKey is refreshed and the call retried by the adapter (once per expiry); a
+    # 10105 for a key fetched right after the call's own 10105 means the platform does not
+    # accept this box
     _rc(AUTH_EXPIRED, "认证字符串无效", _A, Reason.PLATFORM_AUTH, "WebService认证字符串失效,请重新操作本操作"),
     _rc("10108", "身份证未办卡", _R, Reason.CARD_NOT_FOUND),
     _rc("10109", "卡号不存在", _R, Reason.CARD_NOT_FOUND, "WebService返回卡不存在"),

@@ -77,14 +77,20 @@ class CredentialCache:
         Callers that need a new credential while one is being fetched wait for that fetch and
         share its result, or its failure: twenty callers and a platform that does not answer
         cost one request and one timeout, not twenty in a row."""
+        return (await self.renew(stale))[0]
+
+    async def renew(self, stale: str | None = None) -> tuple[str, bool]:
+        """As `get`, and whether the credential was fetched after this call (True), or is one
+        another caller had already fetched (False), which may have expired since: refused,
+        the first means the platform does not accept this box, the second is another expiry."""
         current = self._usable(stale)
         if current is not None:
-            return current.value
+            return current.value, False
         if self._inflight is None:
             self._inflight = asyncio.get_running_loop().create_task(self._refresh())
             self._inflight.add_done_callback(_retrieve)
         # shielded: a caller that gives up (its own deadline) does not cancel the others' fetch
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(self._inflight), True
 
     async def _refresh(self) -> str:
         try:

@@ -54,6 +54,9 @@ from agent.platforms.transport import HttpClient, preview
 
 logger = logging.getLogger(__name__)
 
+# the most workKey expiries one call lives through (each refreshed once, for all callers)
+MAX_KEY_REFRESHES = 3
+
 # what each method's sign covers after appId|key|timestamp (spec 003, each method's table)
 SIGNED: dict[str, tuple[str, ...]] = {
     "bindCardInfo": ("zjlx", "zjhm"),
@@ -249,11 +252,15 @@ class FsjsonPlatform(Platform):
             if skewed and answer["resultCode"] != codes.SUCCESS:
                 # signed with a time our clock got wrong: once more with the platform's time
                 answer, _ = await self._signed(method, data, key)
-            if answer["resultCode"] == codes.AUTH_EXPIRED:
-                # a new day at the platform or a revoked key: one fresh workKey, shared with
-                # every caller that heard the same, and one more try
+            # a new day at the platform or a revoked key: one fresh workKey, shared with every
+            # caller that heard the same, and one more try. A key another caller fetched that
+            # expired since (a second expiry within a burst) is refreshed too; a key fetched
+            # for this call and refused at once is an auth error
+            fresh, refreshes = False, 0
+            while answer["resultCode"] == codes.AUTH_EXPIRED and not fresh and refreshes < MAX_KEY_REFRESHES:
+                refreshes += 1
                 logger.info("%s answered 10105; refreshing the workKey and sending again", method)
-                key = await self.work_key.get(stale=key)
+                key, fresh = await self.work_key.renew(stale=key)
                 answer, _ = await self._signed(method, data, key)
             self._check(answer)
         except PlatformError as exc:

@@ -34,6 +34,10 @@ from agent.platforms.transport import HttpClient
 
 logger = logging.getLogger(__name__)
 
+# the most expiries one call lives through (each refreshed once, for all callers), so a platform
+# that expires every key it hands out is answered PLATFORM_AUTH, not asked forever
+MAX_AUTH_REFRESHES = 3
+
 VERIFY = "virIdCardVerify"
 OPERATIONS = tuple(schema.OPERATIONS)
 
@@ -189,13 +193,17 @@ class WondersgroupPlatform(Platform):
                                data={"problems": [{"field": p.field, "text": p.text} for p in problems]})
         started = time.monotonic()
         try:
-            key = await self.auth.get()
+            key, fresh = await self.auth.get(), False
             result = await self._send(operation, {"orgCode": self.wg.org_code, "authKey": key, **values})
-            if result.get("resultCode") == codes.AUTH_EXPIRED:
-                # the authKey expired (or was revoked): one fresh key, shared with every caller
-                # that heard the same, and one more try
+            # the authKey expired (or was revoked): one fresh key, shared with every caller that
+            # heard the same, and one more try. In a burst the key handed over may be one
+            # another caller fetched and that expired since (a second expiry): that one is
+            # refreshed too. A key fetched for this call and refused at once is PLATFORM_AUTH.
+            refreshes = 0
+            while result.get("resultCode") == codes.AUTH_EXPIRED and not fresh and refreshes < MAX_AUTH_REFRESHES:
+                refreshes += 1
                 logger.info("%s: authKey expired (10105); refreshing it and sending again", operation)
-                key = await self.auth.get(stale=key)
+                key, fresh = await self.auth.renew(stale=key)
                 result = await self._send(operation, {"orgCode": self.wg.org_code, "authKey": key, **values})
             self._check(operation, result)
         except PlatformError as exc:

@@ -33,7 +33,7 @@ DEFAULT_NAMESPACE = "http://webservice.healthcard.rhc/"
 OPERATION = "RHCMessageServer"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
 
-FaultMode = Literal["latency", "http500", "garbage", "html", "empty", "hang", "reset"]
+FaultMode = Literal["latency", "http500", "garbage", "html", "empty", "hang", "reset", "hold"]
 FAULT_MODES: tuple[str, ...] = ("latency", "http500", "garbage", "html", "empty", "hang", "reset")
 
 
@@ -177,6 +177,10 @@ class SimServer:
         self.documents_served: list[str] = []
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        # requests a "hold" fault keeps until release_held(), then handles as usual: a test
+        # orders one request's handling after others' without guessing at times
+        self.held = 0
+        self._release = asyncio.Event()
         self.host = ""
         self.port = 0
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -206,6 +210,10 @@ class SimServer:
         await site.start()
         self.host, self.port = self._runner.addresses[0][:2]
         return self
+
+    def release_held(self) -> None:
+        """Requests held by a "hold" fault go on to be handled (and later ones are not held)."""
+        self._release.set()
 
     async def close(self) -> None:
         self._closing.set()  # ends requests held by a "hang" fault
@@ -283,6 +291,17 @@ class SimServer:
             return web.Response(status=200, content_type="text/xml", body=b"\x00\xff<soap:Env\x13\x88garbage")
         if fault.mode == "empty":
             return web.Response(status=200, content_type="text/xml", body=b"")
+        if fault.mode == "hold":
+            self.held += 1
+            release = asyncio.ensure_future(self._release.wait())
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                await asyncio.wait({release, closing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                release.cancel()
+                closing.cancel()
+                self.held -= 1
+            return None
         if fault.mode == "hang":
             await self._closing.wait()  # the client gives up long before; the server closing ends it
             return web.Response(status=503)

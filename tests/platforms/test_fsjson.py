@@ -24,7 +24,7 @@ from agent.qr import QrKind
 from agent.simulator.fsjson import FsjsonServer, FsjsonSimulator
 from agent.simulator.rhc import make_id
 from agent.simulator.soap import Fault
-from tests.conftest import config_dict
+from tests.conftest import config_dict, until
 
 APP_ID = "39bf0ca6e9b340659852808173fdf705"
 SECRET = "scanbox-app-secret"
@@ -218,6 +218,23 @@ async def test_expired_work_key_mid_traffic_20_concurrent_calls_one_refresh(plat
     assert all(a["resultCode"] == "10000" for a in answers)
     assert len(fs_sim.journal_for("getWorkKey")) == 2
     assert sum(e.result_code == "10105" for e in fs_sim.journal_for("getImg")) == 20
+
+
+async def test_two_work_key_expiries_within_one_burst_are_each_refreshed_once(platform, fs_server, fs_sim):
+    vuids = [p.vuid for p in fs_sim.people.values() if p.status == "1"]
+    await platform.call("getImg", {"ehealthCardId": vuids[0]})
+    fs_sim.expire_auth()                                    # the first expiry
+    fs_server.faults.add(Fault("hold"))                     # the late caller's request waits
+    late = asyncio.get_running_loop().create_task(platform.call("getImg", {"ehealthCardId": vuids[1]}))
+    await until(lambda: fs_server.held == 1)
+    others = await asyncio.gather(*(platform.call("getImg", {"ehealthCardId": vuids[i % len(vuids)]})
+                                    for i in range(5)))
+    assert all(a["resultCode"] == "10000" for a in others)
+    assert len(fs_sim.journal_for("getWorkKey")) == 2
+    fs_sim.expire_auth()                                    # the second, while the late one waits
+    fs_server.release_held()
+    assert (await late)["resultCode"] == "10000"
+    assert len(fs_sim.journal_for("getWorkKey")) == 3       # one refresh per expiry
 
 
 @pytest.mark.parametrize("settings", [{"app_secret": "not-the-secret"}, {"sign_separator": ""}])

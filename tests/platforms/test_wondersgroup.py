@@ -23,7 +23,7 @@ from agent.qr import QrKind
 from agent.simulator.rhc import make_id
 from agent.simulator.soap import Fault
 from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulator
-from tests.conftest import config_dict
+from tests.conftest import config_dict, until
 
 ORG = "440604001"
 
@@ -198,6 +198,25 @@ async def test_expired_auth_mid_traffic_20_concurrent_verifies_one_reauth(platfo
     verifies = wg_sim.journal_for("virIdCardVerify")
     assert sum(e.result_code == "10105" for e in verifies) == 20  # each heard "expired" once ...
     assert sum(e.result_code == "10000" for e in verifies) == 21  # ... and was answered on its retry
+
+
+async def test_two_expiries_within_one_burst_are_each_refreshed_once(platform, wg_server, wg_sim):
+    """A caller that heard key 1 expire is handed key 2, which expired too in the meantime: it
+    refreshes again (once), instead of answering PLATFORM_AUTH."""
+    qrs = [p.static_qr for p in wg_sim.people.values() if p.status == "1"]
+    await platform.verify_qr(scan(qrs[0]))
+    wg_sim.expire_auth()                                    # the first expiry
+    wg_server.faults.add(Fault("hold"))                     # the late caller's request waits
+    late = asyncio.get_running_loop().create_task(platform.verify_qr(scan(qrs[1])))
+    await until(lambda: wg_server.held == 1)
+    others = await asyncio.gather(*(platform.verify_qr(scan(qrs[i % len(qrs)])) for i in range(5)))
+    assert all(a.platform_code == "10000" for a in others)
+    assert len(wg_sim.journal_for("getAuthKey")) == 2       # one refresh for the first expiry
+    wg_sim.expire_auth()                                    # the second, while the late one waits
+    wg_server.release_held()
+    assert (await late).platform_code == "10000"            # 10105 (key 1), 10105 (key 2), 10000 (key 3)
+    assert len(wg_sim.journal_for("getAuthKey")) == 3       # and one refresh for the second
+    assert [e.result_code for e in wg_sim.journal_for("virIdCardVerify")][-2:] == ["10105", "10000"]
 
 
 async def test_callers_waiting_for_a_failing_auth_share_its_failure(wg_server, wg_sim, tmp_path):
