@@ -418,9 +418,10 @@ class IdCardReader(ThreadedSource):
                 self._stop.wait(self.poll_s)
                 continue
             except (ReaderStatusError, ValueError) as exc:
-                # a card moved away mid-read, or a read the card refused: try again next poll
+                # a card moved away mid-read, or a read the card refused: try again next poll.
+                # The placement goes on (`present` stays): only a "no card" answer ends it, so
+                # a card left on the reader is not delivered again after one failed read
                 sink.problem(self.name, "card read failed: %s" % exc)
-                present = None
                 self._stop.wait(self.poll_s)
                 continue
             timeouts = 0

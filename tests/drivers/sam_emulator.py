@@ -49,6 +49,7 @@ class SamEmulator:
         self.photo = PHOTO
         # each is consumed by the next answer it applies to
         self.faults: list[str] = []
+        self.read_failures = 0  # base-info reads still to answer 0x41 with the card on the reader
         self.commands: list[tuple[int, int]] = []
         self.commands_seen = threading.Condition()
         self.silent = False
@@ -62,6 +63,11 @@ class SamEmulator:
 
     def remove(self) -> None:
         self.card = None
+
+    def fail_next_read(self) -> None:
+        """The next base-info read answers SW3 0x41 (reading the card failed), the card still
+        on the reader: a read disturbed by a hand, or a card slightly out of the field."""
+        self.read_failures += 1
 
     def fault(self, kind: str) -> None:
         """"garbage" (noise before the frame), "checksum" (one bit flipped), "truncate" (half a
@@ -89,6 +95,9 @@ class SamEmulator:
             return response_frame(0x90, bytes(8)) if self.card else response_frame(0x81)
         if (cmd, para) == (0x30, 0x01):
             if not self.card:
+                return response_frame(0x41)
+            if self.read_failures:
+                self.read_failures -= 1
                 return response_frame(0x41)
             text = self.text or build_text(self.card, self.card_type)
             data = len(text).to_bytes(2, "big") + len(self.photo).to_bytes(2, "big") + text + self.photo

@@ -174,6 +174,23 @@ def test_a_card_left_on_the_reader_is_one_scan_until_taken_off(reader: SamEmulat
     assert second.id != first.id
 
 
+def test_a_card_left_on_the_reader_is_one_scan_across_a_failed_read(reader: SamEmulator, started) -> None:
+    """One read answering SW3 0x41 (read failed) while the card stays on the reader does not
+    end the placement: the next clean read of the same card is not a second scan."""
+    source, sink = started()
+    reader.insert()
+    sink.next("scan")
+    reader.fail_next_read()
+    seen = len(reader.commands)
+    reader.wait_commands(seen + 12)  # the failed read, then clean reads of the same card
+    assert reader.read_failures == 0 and any("0x41" in p for p in sink.problems)
+    assert [k for k, _ in list(sink.items.queue) if k == "scan"] == []
+    # a different card is still a new scan, even after a failed read
+    reader.fail_next_read()
+    reader.insert(dict(CARD, name="李四"))
+    assert sink.next("scan").identity.name == "李四"
+
+
 @pytest.mark.parametrize("fault", ["garbage", "checksum", "truncate", "silence"])
 def test_broken_answers_are_survived(reader: SamEmulator, started, fault: str) -> None:
     _, sink = started(timeout_s=0.2)
