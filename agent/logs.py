@@ -36,7 +36,7 @@ import threading
 from datetime import datetime
 from typing import IO, Any
 
-from agent.privacy import mask_text
+from agent.privacy import escape_controls, mask_text
 
 NOISY = ("zeep", "httpx", "httpcore", "aiohttp.access", "asyncio")
 FORMATS = ("auto", "journal", "json", "text")
@@ -74,16 +74,23 @@ class MaskingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string must not lose the record
             message = "%s %r" % (record.msg, record.args)
-        record.msg = mask_text(message)
+        # control characters (a scanned code's, an exception's text) escaped: one record is
+        # one line, and nothing in it can drive a terminal or forge a journald entry
+        record.msg = escape_controls(mask_text(message))
         record.args = None
         if record.exc_info and not record.exc_text:
-            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = _traceback(logging.Formatter().formatException(record.exc_info))
         elif record.exc_text:
-            record.exc_text = mask_text(record.exc_text)
+            record.exc_text = _traceback(record.exc_text)
         if not hasattr(record, "scan"):
             # the record is made in the logging task: its context is the scan's
             record.scan = _scan.get()
         return True
+
+
+def _traceback(text: str) -> str:
+    """A traceback keeps its lines; anything else that controls a terminal is escaped."""
+    return "\n".join(escape_controls(line) for line in mask_text(text).split("\n"))
 
 
 def setup(level: str = "info", stream: IO[str] | None = None, fmt: str = "auto",

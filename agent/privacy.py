@@ -53,12 +53,24 @@ def mask_phone(value: str | None) -> str:
 
 
 def mask_qr(payload: str | None) -> str:
-    """Enough of a QR payload to tell two scans apart in a log, not enough to replay it."""
+    """Enough of a QR payload to tell two scans apart in a log, not enough to replay it. The
+    part kept is logged before the code is checked, so its control characters are escaped."""
     if payload is None:
         return ""
     if len(payload) <= 8:
         return "*" * len(payload)
-    return "%s…(%d chars)" % (payload[:6], len(payload))
+    return "%s…(%d chars)" % (escape_controls(payload[:6]), len(payload))
+
+
+# C0 controls (newline and tab too), DEL, C1 controls, and the line/paragraph separators
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as \\xNN: scanned text cannot move a terminal's cursor, colour a
+    line, or start a forged log line (journald takes a newline for a new entry)."""
+    return _CONTROLS.sub(lambda m: "\\x%02x" % ord(m.group(0)) if ord(m.group(0)) < 0x100
+                         else "\\u%04x" % ord(m.group(0)), text)
 
 
 def mask_text(text: str) -> str:

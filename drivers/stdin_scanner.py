@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Literal
 
+from pydantic import Field
+
 from agent.model import Scan
 from drivers.base import DriverOptions, ScanSink, Source
 
@@ -18,17 +20,21 @@ logger = logging.getLogger(__name__)
 class Options(DriverOptions):
     driver: Literal["stdin"]
     charset: str = "utf-8"
+    # a line longer than this (bytes) is no scan: dropped whole and reported, never buffered
+    # (a 60 MB paste once grew the demo to 206 MB); the serial scanner's limit
+    max_length: int = Field(16384, ge=64, le=1024 * 1024)
 
 
 def create(name: str, options: Options, fd: int | None = None) -> "StdinScanner":
-    return StdinScanner(name, options.charset, fd)
+    return StdinScanner(name, options.charset, fd, options.max_length)
 
 
 class StdinScanner(Source):
-    def __init__(self, name: str, charset: str, fd: int | None = None) -> None:
+    def __init__(self, name: str, charset: str, fd: int | None = None, max_length: int = 16384) -> None:
         super().__init__("stdin:" + name)
         self.charset = charset
         self.fd = fd
+        self.max_length = max_length
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
@@ -45,7 +51,8 @@ class StdinScanner(Source):
 
     def _run(self, sink: ScanSink, fd: int) -> None:
         sink.connected(self.name, True)
-        pending = b""
+        pending = bytearray()
+        discarding = 0  # bytes of an over-long line dropped so far (0: not dropping)
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -56,12 +63,37 @@ class StdinScanner(Source):
                 return
             if not chunk:
                 break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                line = line.rstrip(b"\r")
-                if line:
-                    sink.scan(Scan.from_qr_bytes(self.name, line, self.charset))
-        if pending.strip():
-            sink.scan(Scan.from_qr_bytes(self.name, pending.rstrip(b"\r"), self.charset))
+            start = 0
+            while True:
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start:end]
+                if discarding:
+                    discarding += len(piece)
+                elif len(pending) + len(piece) > self.max_length:
+                    discarding = len(pending) + len(piece)
+                    pending.clear()
+                else:
+                    pending += piece
+                if end < 0:
+                    break
+                if discarding:
+                    self._too_long(sink, discarding)
+                    discarding = 0
+                else:
+                    self._line(sink, bytes(pending))
+                pending.clear()
+                start = end + 1
+        if discarding:
+            self._too_long(sink, discarding)
+        elif pending.strip():
+            self._line(sink, bytes(pending))
         sink.connected(self.name, False, "end of input")
+
+    def _line(self, sink: ScanSink, line: bytes) -> None:
+        line = line.rstrip(b"\r")
+        if line:
+            sink.scan(Scan.from_qr_bytes(self.name, line, self.charset))
+
+    def _too_long(self, sink: ScanSink, size: int) -> None:
+        sink.problem(self.name, "dropped a line of %d bytes, longer than max_length %d: not a scan"
+                     % (size, self.max_length))

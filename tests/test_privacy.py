@@ -219,6 +219,34 @@ def test_journald_lines_carry_the_priority_including_traceback_lines(
     assert ID18 not in stream.getvalue()
 
 
+def test_mask_qr_escapes_the_control_characters_it_keeps() -> None:
+    masked = mask_qr("\x1b[2J\r\n<3>forged entry")
+    assert masked == "\\x1b[2J\\x0d\\x0a…(21 chars)"
+    assert not any(ord(c) < 0x20 for c in masked)
+
+
+def test_control_characters_in_log_records_are_escaped(log_stream: io.StringIO) -> None:
+    logging.getLogger("agent.hub").info("scan from %s: %s", "serial:counter", "A\x1b[31mB\nC\u2028D\x9bE")
+    try:
+        raise ValueError("bad \x1b]0;title\x07 code")
+    except ValueError:
+        logging.getLogger("agent.hub").exception("failed\rhere")
+    out = log_stream.getvalue()
+    assert "A\\x1b[31mB\\x0aC\\u2028D\\x9bE" in out and "failed\\x0dhere" in out
+    assert "bad \\x1b]0;title\\x07 code" in out                 # the traceback keeps its lines ...
+    assert not any(c in out for c in "\x1b\x07\r\x9b\u2028")  # ... and loses every other control
+
+
+async def test_a_scanned_code_with_control_characters_never_reaches_the_log_raw(box, log_stream) -> None:
+    """The hub logs the first characters of every scan before it is checked."""
+    await box.start()
+    box.scanner.write(b"\x1b[2J\x1b[31m<3>forged " + ID18.encode() + b"\r\n")
+    scan = await box.events.wait("verification")
+    assert scan["verification"]["reason"] == "QR_INVALID"
+    out = log_stream.getvalue()
+    assert "\\x1b[2J" in out and "\x1b" not in out and ID18 not in out
+
+
 # --- Identity ---------------------------------------------------------------------------------------
 
 def test_identity_repr_and_str_are_masked() -> None:
