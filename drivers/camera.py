@@ -73,7 +73,10 @@ class Options(DriverOptions):
     max_fps: float = Field(10.0, gt=0, le=60)
     # the part of the frame to decode: [x, y, width, height] as fractions of the frame
     roi: tuple[float, float, float, float] | None = None
-    # decode at this fraction of the captured size (faster; codes must stay >= ~2 px per module)
+    # decode at 1/n of the captured size (0.5: half, 0.33: a third), the frame reduced by a
+    # whole factor with a box filter: faster on large frames (bench/bench_drivers.py prints the
+    # figures); codes must keep >= ~2 px per module. Other values use the next whole factor
+    # below them (0.75 decodes at full size) and say so at start
     scale: float = Field(1.0, ge=0.1, le=1.0)
     # a code seen again after this long out of sight is a new scan
     dedupe_s: float = Field(2.0, ge=0, le=60)
@@ -102,9 +105,19 @@ class Options(DriverOptions):
 
 
 def create(name: str, options: Options) -> "Camera":
+    factor = reduction(options.scale)
+    if abs(1 / factor - options.scale) > 0.01:
+        logger.warning("camera:%s: scale %g decodes at 1/%d of the frame (scale reduces by whole "
+                       "factors: 1, 0.5, 0.33, 0.25 ...)", name, options.scale, factor)
     return Camera(name, frames=frame_source(options), decoder=make_decoder(options.decoder),
                   roi=options.roi, scale=options.scale, max_fps=options.max_fps, dedupe_s=options.dedupe_s,
                   charsets=options.charsets, reconnect_max_s=options.reconnect_max_s)
+
+
+def reduction(scale: float) -> int:
+    """The whole factor a frame is reduced by for `scale`: the largest n with 1/n >= scale, so
+    a code is never decoded smaller than asked."""
+    return max(1, int(1 / scale + 1e-6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +262,12 @@ def prepare(frame: Frame, roi: tuple[float, float, float, float] | None, scale: 
             frame = frame.crop(box)
         else:
             frame = frame.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
-    if scale < 1.0:
-        image = as_image(frame)
-        frame = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BILINEAR)
+    factor = reduction(scale)
+    if factor > 1:
+        # a box filter over whole n x n blocks: a fraction of a millisecond where resize()'s
+        # antialiased bilinear cost more than the decode it was to save, and blurred small
+        # modules so that fewer codes were read (bench_drivers "camera: scale")
+        frame = as_image(frame).reduce(factor)
     return frame
 
 

@@ -438,7 +438,8 @@ async def test_every_numeric_parameter_is_bounded_and_the_box_keeps_answering(bo
     assert (await admin.call("outbox.list", {"state": "dead"}, timeout=5))["records"] == []
     assert (await admin.call("status", timeout=5))["device_id"] == "test-box"
     missing = await admin.request("outbox.retry", {"id": 2 ** 63 - 1})
-    assert missing["error"]["data"]["reason"] == "BAD_REQUEST" and "no pending or dead record" in missing["error"]["message"]
+    assert missing["error"]["data"]["reason"] == "BAD_REQUEST"
+    assert "no pending or dead record" in missing["error"]["message"]
 
 
 async def test_notifications_get_no_answer_and_batches_are_answered_together(box):

@@ -106,6 +106,32 @@ def test_region_of_interest_and_scale(decoder: camera.Decoder) -> None:
     assert camera.prepare(image.convert("RGB"), None, 1.0).mode == "L"
 
 
+def test_half_scale_reads_every_frame_full_scale_reads(decoder: camera.Decoder) -> None:
+    """scale = 0.5 once read fewer codes than 1.0 (and took longer): a reduction must keep every
+    module of a 4-px-per-module code readable."""
+    dynamic = "6B34A2F1" * 8 + ":0:" + "0123456789ABCDEF" * 2
+    frames = [frame(dynamic, (640, 480), 4, angle=(i * 7) % 30, seed=i) for i in range(12)]
+    full = [decoder.decode(camera.prepare(f, None, 1.0)) == [dynamic.encode()] for f in frames]
+    half = [decoder.decode(camera.prepare(f, None, 0.5)) == [dynamic.encode()] for f in frames]
+    assert all(full) and half == full
+    assert camera.prepare(frames[0], None, 0.5).size == (320, 240)
+
+
+@pytest.mark.parametrize("scale, factor", [(1.0, 1), (0.75, 1), (0.5, 2), (0.4, 2), (0.34, 2), (1 / 3, 3),
+                                           (0.25, 4), (0.1, 10)])
+def test_scale_reduces_by_the_whole_factor_that_keeps_at_least_the_asked_size(scale: float, factor: int) -> None:
+    assert camera.reduction(scale) == factor
+    assert camera.prepare(Image.new("L", (1200, 600)), None, scale).size == (1200 // factor, 600 // factor)
+
+
+def test_a_scale_that_is_not_a_whole_fraction_is_named_at_start(caplog: pytest.LogCaptureFixture,
+                                                                tmp_path: Path) -> None:
+    frame("x").save(tmp_path / "one.png")
+    options = camera.Options.model_validate({"driver": "camera", "device": str(tmp_path), "scale": 0.75})
+    camera.create("counter", options)  # an old config's value still starts
+    assert "scale 0.75 decodes at 1/1" in caplog.text
+
+
 def test_yuyv_and_mjpeg_frames_become_grayscale(decoder: camera.Decoder) -> None:
     gray = frame(STATIC)
     # YUYV: Y0 U Y1 V ... with neutral chroma, as a USB camera sends it
