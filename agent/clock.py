@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import time
 from datetime import datetime, timezone
@@ -45,11 +46,17 @@ _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    # once: find_library runs `ldconfig -p` in a subprocess, and the state is read for every scan
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def kernel_synchronised() -> bool | None:
     """The kernel's NTP state (adjtimex with modes 0 only reads); None when it cannot be read
     (the unit's ProtectClock= filters adjtimex)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = _libc()
         buf = ctypes.create_string_buffer(512)  # larger than any struct timex
         state = libc.adjtimex(buf)
     except (OSError, AttributeError):
