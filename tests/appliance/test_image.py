@@ -19,7 +19,9 @@ STEP_FILE = re.compile(r"[0-9]{2}-(packages|packages-nr|debconf|run\.sh|run-chro
 
 
 def shell_scripts() -> list[Path]:
-    scripts = [IMAGE / "build.sh"]
+    # and the QEMU boot test's build (image/qemu: build-base, build-root, run-stage)
+    scripts = [IMAGE / "build.sh"] + sorted(p for p in (IMAGE / "qemu").iterdir()
+                                            if p.is_file() and p.read_bytes().startswith(b"#!/bin/bash"))
     for path in sorted(STAGE.rglob("*")):
         if path.is_file() and (path.suffix == ".sh" or path.read_bytes().startswith(b"#!")):
             scripts.append(path)
