@@ -136,6 +136,8 @@ def test_the_scanbox_stage_through_the_runner(tmp_path):
         (prev / directory).mkdir(parents=True)
     (prev / "boot/firmware/config.txt").write_text("[all]\n")
     (prev / "etc/modules").write_text("")
+    (prev / "etc/fstab").write_text("proc /proc proc defaults 0 0\n"
+                                    "PARTUUID=abcdef01-01 /boot/firmware vfat defaults 0 2\n")
     dist = tmp_path / "dist"
     dist.mkdir()
     (dist / "scanbox-0.1.0-py3-none-any.whl").write_bytes(b"PK")
@@ -151,6 +153,7 @@ def test_the_scanbox_stage_through_the_runner(tmp_path):
         assert (rootfs / path).is_file(), path
     assert "dtparam=i2c_arm=on" in (rootfs / "boot/firmware/config.txt").read_text()
     assert (rootfs / "etc/modules").read_text() == "i2c-dev\n"
+    assert "/boot/firmware vfat defaults,uid=0,gid=0,fmask=0177,dmask=0077 0 2" in (rootfs / "etc/fstab").read_text()
     chroot = (work / "stage-scanbox" / "chroot.log").read_text()
     apt = next(line for line in chroot.splitlines() if "apt-get" in line).split()
     # Debian's evdev and pyscard reach the venv (--system-site-packages): no compiler on the box
