@@ -217,8 +217,13 @@ def test_the_boot_tests_technician_file_provisions(tmp_path):
 def test_the_boot_test_reads_the_readmes_exposure_figure():
     boot_test = load_boot_test()
     unit = (ROOT / "systemd" / "scanbox.service").read_text(encoding="utf-8")
-    claimed = re.search(r"systemd 252\): (\d+\.\d)", unit).group(1)
+    claimed = re.search(r"systemd 252\): (\d+\.\d) ", unit).group(1)
     assert boot_test.readme_exposure() == float(claimed)
+    # offline, as here, the same figure the booted guest computes (PrivateMounts= said explicitly)
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                           str(ROOT / "systemd" / "scanbox.service")], capture_output=True, text=True, timeout=60)
+    offline = re.search(r"Overall exposure level for scanbox\.service: (\d+\.\d)", proc.stdout)
+    assert offline and float(offline.group(1)) == boot_test.readme_exposure(), proc.stdout[-400:]
 
 
 def test_the_boot_test_is_clean_python():
