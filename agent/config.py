@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
 import re
 import stat
@@ -24,6 +25,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 import drivers
 from agent.codes import member_of, qwb002, wondersgroup
 from drivers.display import Options as DisplayOptions
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
 DEFAULT_SECRETS = Path("/etc/scanbox/secrets.toml")
@@ -160,7 +163,7 @@ class RhcConfig(Section):
     org_id: str = Field("", max_length=32)
     app_code: str = Field("", max_length=6)
     user_name: str = Field(..., min_length=1, max_length=32)
-    user_pwd: Secret
+    user_pwd: PlatformSecret
     std_ver_code: str = Field("1.0", max_length=100)
     operation: str = "RHCMessageServer"
 
@@ -179,7 +182,7 @@ class WondersgroupConfig(Section):
 
     org_code: str = Field(..., min_length=1, max_length=30)
     user_name: str = Field(..., min_length=1, max_length=16)
-    pass_word: Secret
+    pass_word: PlatformSecret
     # useCardInfo of every virIdCardVerify (spec 001 6.3, dictionaries 12.1.x)
     issuing_mode: Annotated[str, AfterValidator(member_of(wondersgroup.QR_CHANNEL, "spec 001 12.1.19"))] = "2"
     dep_code: str = Field("5500", pattern=r"^[0-9]{4}$")
@@ -196,7 +199,7 @@ class FsjsonConfig(Section):
     appSecret getWorkKey signs with."""
 
     app_id: str = Field(..., min_length=1, max_length=64)
-    app_secret: Secret
+    app_secret: PlatformSecret
     term_id: str = Field("", max_length=64)
     version: str = Field("v1.1", max_length=16)
     app_version: str = Field("1.1", max_length=16)
@@ -239,8 +242,34 @@ class PlatformConfig(Section):
         return self
 
 
+# a token or key someone could guess or read over a shoulder is refused (config check and start):
+# at least this long, and not one character repeated or a short run of a few
+MIN_SECRET_LENGTH = 16
+MIN_SECRET_DISTINCT = 8
+
+
+def _strong(value: _SecretStr) -> _SecretStr:
+    text = value.get_secret_value()
+    if len(text) < MIN_SECRET_LENGTH or len(set(text)) < MIN_SECRET_DISTINCT:
+        raise ValueError("too weak: at least %d characters with %d different ones (e.g. the output of "
+                         "`openssl rand -hex 16`)" % (MIN_SECRET_LENGTH, MIN_SECRET_DISTINCT))
+    return value
+
+
+def _not_empty(value: _SecretStr) -> _SecretStr:
+    if not value.get_secret_value():
+        raise ValueError("empty")
+    return value
+
+
+# tokens and keys scanbox's own clients use: scanbox sets their strength
+StrongSecret = Annotated[_SecretStr, AfterValidator(_strong), PlainSerializer(lambda s: MASK, return_type=str)]
+# passwords a platform issued: scanbox cannot choose them, but an empty one is a mistake
+PlatformSecret = Annotated[_SecretStr, AfterValidator(_not_empty), PlainSerializer(lambda s: MASK, return_type=str)]
+
+
 class ClientConfig(Section):
-    token: Secret
+    token: StrongSecret
     # "metrics": GET /metrics only (a Prometheus server's token)
     scopes: list[Literal["read", "admin", "metrics"]] = ["read"]
 
@@ -250,7 +279,7 @@ class OnetransApp(Section):
     app_key is the secret its requests' MAC and SM4 keys are derived from (docs/api.md); it never
     travels: the HIS's PC signs (scanbox's OneTrans2.dll does)."""
 
-    app_key: Secret
+    app_key: StrongSecret
 
 
 class OnetransConfig(Section):
@@ -288,7 +317,35 @@ class ApiConfig(Section):
     # open HTTP connections (WebSockets included) at most; a request head must arrive within
     # auth_timeout_s of connecting
     http_max_connections: int = Field(256, ge=1, le=4096)
+    # connections from one address that have not authenticated (TCP, HTTP, WebSocket), at most:
+    # one address cannot fill max_clients or http_max_connections with idle sockets
+    max_unauthenticated_per_address: int = Field(8, ge=1, le=1024)
+    # TLS on TCP, HTTP and WebSocket: "auto" on every address but loopback and the USB cable link
+    # (192.168.7.0/24); "on" everywhere; "off" nowhere (beyond loopback and the USB link only with
+    # [security] allow = ["plain_listener"])
+    tls: Literal["auto", "on", "off"] = "auto"
+    # the technician's certificate and key (PEM); unset: the box's own, made by `scanbox provision`
+    # or `scanbox tls init` (or at first start) in the state directory
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Host headers the HTTP API answers besides IP addresses, localhost and the box's own names
+    # (a browser on a rebound DNS name is refused)
+    http_hosts: list[str] = []
     onetrans: OnetransConfig = OnetransConfig()
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "ApiConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither (the box's own certificate)")
+        return self
+
+    @field_validator("http_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+                raise ValueError("%r is not a host name (no scheme, no port)" % host)
+        return [h.lower() for h in v]
 
     @field_validator("tcp")
     @classmethod
@@ -402,8 +459,26 @@ class ClockConfig(Section):
     sync_wait: Duration = 20.0
 
 
+# what [security] allow may name: each a setting config check refuses unless the site says it
+# means it (docs/technician.md "Security overrides")
+ALLOWABLE = {
+    "plain_listener": "TCP or HTTP without TLS on an address beyond loopback and the USB cable link",
+    "wide_trusted": "an api.trusted network wider than one /24 (IPv4) or /64 (IPv6)",
+    "open_unix_socket": "an api.unix_mode that lets other users open the socket",
+    "plain_platform": "an http:// platform endpoint beyond loopback",
+    "no_tls_verify": "platform.tls_verify = false",
+    "group_readable_secrets": "a secrets file its group can read",
+}
+
+
+class SecurityConfig(Section):
+    allow: list[Literal["plain_listener", "wide_trusted", "open_unix_socket", "plain_platform", "no_tls_verify",
+                        "group_readable_secrets"]] = []
+
+
 class Config(Section):
     device: DeviceConfig = DeviceConfig()
+    security: SecurityConfig = SecurityConfig()
     site: SiteConfig = SiteConfig()
     platform: PlatformConfig
     api: ApiConfig = ApiConfig()
@@ -456,6 +531,75 @@ def parse_http_listen(value: str) -> tuple[str, int]:
     return parse_hostport(value)
 
 
+# the gadget's link to the counter PC (image/stage-scanbox/01-usb-gadget): a cable, not a LAN
+USB_LINK = ipaddress.ip_network("192.168.7.0/24")
+
+
+def is_local_address(host: str) -> bool:
+    """Loopback or the USB cable link: the only places a plain (non-TLS) listener may be."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address in USB_LINK
+
+
+def uses_tls(api: ApiConfig, host: str) -> bool:
+    """Whether a TCP or HTTP listener on `host` speaks TLS (api.tls)."""
+    return api.tls == "on" or (api.tls == "auto" and not is_local_address(host))
+
+
+@dataclass(frozen=True)
+class Risk:
+    """A setting that weakens the box, refused unless `[security] allow` names it."""
+
+    allow: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return "%s: %s" % (self.path, self.message)
+
+
+def risks(config: Config, secrets_file: Path | None = None) -> list[Risk]:
+    """Every dangerous setting in `config` (allowed ones included: see `config.security.allow`)."""
+    found: list[Risk] = []
+    api = config.api
+    for key, value in (("api.tcp", api.tcp), ("api.http", api.http)):
+        if value:
+            host = (parse_hostport if key == "api.tcp" else parse_http_listen)(value)[0]
+            if not uses_tls(api, host) and not is_local_address(host):
+                found.append(Risk("plain_listener", key, "%s without TLS (api.tls = \"off\"): tokens and "
+                                  "identities would cross the network in clear" % value))
+    for item in api.trusted:
+        net = ipaddress.ip_network(item, strict=False)
+        if net.prefixlen < (24 if net.version == 4 else 64):
+            found.append(Risk("wide_trusted", "api.trusted", "%s: every address in it reads without a token" % item))
+    if int(api.unix_mode, 8) & 0o007:
+        found.append(Risk("open_unix_socket", "api.unix_mode", "%s: every user on the box gets the admin "
+                          "socket (0660 and api.unix_group)" % api.unix_mode))
+    endpoint = config.platform.endpoint
+    if endpoint.lower().startswith("http://"):
+        host = re.sub(r"^http://(\[[^\]]*\]|[^/:]*).*$", r"\1", endpoint, flags=re.IGNORECASE).strip("[]")
+        if not is_local_address(host):
+            found.append(Risk("plain_platform", "platform.endpoint", "%s is http://: identities and the "
+                              "platform password would cross the network in clear" % endpoint))
+    if config.platform.tls_verify is False:
+        found.append(Risk("no_tls_verify", "platform.tls_verify", "false: anyone on the path can pose as the "
+                          "platform (give the CA bundle's path for a private CA)"))
+    if secrets_file is not None:
+        try:
+            mode = secrets_file.stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & stat.S_IRWXG:
+            found.append(Risk("group_readable_secrets", str(secrets_file), "mode %04o: its group can read the "
+                              "secrets (chmod 600)" % stat.S_IMODE(mode)))
+    return found
+
+
 @dataclass(frozen=True)
 class ConfigProblem:
     path: str
@@ -499,6 +643,13 @@ def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Con
         config = validate(_deep_merge(raw, secrets))
     except ConfigError as exc:
         problems += exc.problems
+    else:
+        for risk in risks(config, secrets_file):
+            if risk.allow in config.security.allow:
+                logger.warning("config: %s (allowed by [security] allow = [\"%s\"])", risk, risk.allow)
+            else:
+                problems.append(ConfigProblem(risk.path, "%s; if this site means it: [security] allow = [\"%s\"]"
+                                              % (risk.message, risk.allow)))
     if problems:
         raise ConfigError(problems, str(config_path))
     return config
@@ -634,6 +785,7 @@ def _check_secrets_mode(path: Path) -> list[ConfigProblem]:
         st = path.stat()
     except OSError as exc:
         return [ConfigProblem(str(path), exc.strerror or str(exc))]
+    # readable by its group: a Risk (group_readable_secrets); by others: always refused
     if st.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
         return [ConfigProblem(str(path), "mode %04o: secrets must not be readable by others "
                               "(chmod 600)" % stat.S_IMODE(st.st_mode))]

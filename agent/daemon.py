@@ -387,6 +387,11 @@ class Daemon:
         return out
 
     @property
+    def tls_fingerprint(self) -> str | None:
+        """SHA-256 of the certificate the TLS listeners present; None while none speaks TLS."""
+        return self.listeners.tls_fingerprint
+
+    @property
     def http_address(self) -> tuple[str, int] | None:
         """Where the HTTP/WebSocket API listens; None when it does not."""
         return self.listeners.http_address

@@ -100,8 +100,9 @@ class RpcClient:
         return cls(reader, writer)
 
     @classmethod
-    async def tcp(cls, host: str, port: int) -> "RpcClient":
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
+    async def tcp(cls, host: str, port: int, **options: Any) -> "RpcClient":
+        """`options` go to asyncio.open_connection (local_addr, ssl, server_hostname)."""
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 22, **options)
         return cls(reader, writer)
 
     async def _read(self) -> None:

@@ -51,10 +51,21 @@ class Session:
     # how the transport sends a notification to this client; None where it cannot
     notify: Callable[[dict[str, Any]], None] | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    # called once when the session authenticates (the transport's count of unauthenticated
+    # connections from this address goes down)
+    on_authenticated: list[Callable[[], None]] = field(default_factory=list)
+    # where `auth` makes no sense (HTTP: every request carries its bearer token)
+    auth_method: bool = True
 
     @property
     def authenticated(self) -> bool:
         return bool(self.scopes)
+
+    def authenticate(self, client: str | None, scopes: frozenset[str]) -> None:
+        self.client, self.scopes = client, scopes
+        hooks, self.on_authenticated = self.on_authenticated, []
+        for hook in hooks:
+            hook()
 
     def close(self) -> None:
         for cleanup in self.cleanups:
@@ -126,12 +137,14 @@ class Dispatcher:
             if len(message) > MAX_BATCH:
                 return error_response(None, RpcError(INVALID_REQUEST, "batch of %d requests, at most %d"
                                                      % (len(message), MAX_BATCH)))
-            responses = await asyncio.gather(*(self._one(session, m) for m in message))
+            # auth inside a batch would guess many tokens in one round trip, under another
+            # token's session: each member that tries is refused
+            responses = await asyncio.gather(*(self._one(session, m, in_batch=True) for m in message))
             out = [r for r in responses if r is not None]
             return out or None
         return await self._one(session, message)
 
-    async def _one(self, session: Session, message: Any) -> dict[str, Any] | None:
+    async def _one(self, session: Session, message: Any, in_batch: bool = False) -> dict[str, Any] | None:
         if not isinstance(message, dict):
             return error_response(None, RpcError(INVALID_REQUEST, "a request must be a JSON object"))
         id_ = message.get("id")
@@ -139,7 +152,7 @@ class Dispatcher:
         if not (id_ is None or isinstance(id_, (str, int)) and not isinstance(id_, bool)):
             return error_response(None, RpcError(INVALID_REQUEST, "id must be a string, a number or null"))
         try:
-            result = await self._call(session, message)
+            result = await self._call(session, message, in_batch)
         except RpcError as exc:
             return None if is_notification else error_response(id_, exc)
         except ScanboxError as exc:
@@ -152,7 +165,7 @@ class Dispatcher:
                 INTERNAL_ERROR, "internal error; it has been logged", {"reason": Reason.INTERNAL.value}))
         return None if is_notification else {"jsonrpc": "2.0", "id": id_, "result": result}
 
-    async def _call(self, session: Session, message: dict[str, Any]) -> Any:
+    async def _call(self, session: Session, message: dict[str, Any], in_batch: bool = False) -> Any:
         if message.get("jsonrpc") != "2.0":
             raise RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"')
         name = message.get("method")
@@ -162,6 +175,10 @@ class Dispatcher:
         if method is None:
             raise RpcError(METHOD_NOT_FOUND, "unknown method %r" % _short(name),
                            {"methods": sorted(self.methods)})
+        if method.scope is None and (in_batch or not session.auth_method):
+            raise RpcError(INVALID_REQUEST, "%s cannot be called %s" % (name, "inside a batch" if in_batch else
+                           "on %s: send Authorization: Bearer <token> with each request" % session.transport),
+                           {"reason": Reason.BAD_REQUEST.value})
         if method.scope is not None and method.scope not in session.scopes:
             if not session.authenticated:
                 raise RpcError(APPLICATION_ERROR, "authenticate first: call auth with a token",

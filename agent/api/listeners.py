@@ -4,10 +4,11 @@ clients are connected, and whether they still serve (the watchdog asks)."""
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import TYPE_CHECKING, Callable
 
 from agent.api.stream import StreamServer
-from agent.config import Config, parse_hostport, parse_http_listen
+from agent.config import Config, parse_hostport, parse_http_listen, uses_tls
 from agent.model import Alarm, ComponentStatus
 
 if TYPE_CHECKING:
@@ -28,6 +29,22 @@ class Listeners:
         self.metrics = metrics  # [metrics] listen: not the HIS API, but a listener all the same
         self.waiting = waiting  # read_card callers waiting for a scan
         self.failed: list[Alarm] = []  # listeners that could not start
+        # SHA-256 of the certificate the TLS listeners present (what a HIS pins); None: no TLS
+        self.tls_fingerprint: str | None = None
+
+    def _tls_context(self, host: str) -> ssl.SSLContext | None:
+        """The ssl context for a listener on `host`, or None where it speaks plain (api.tls).
+        Raises TlsError: a listener that should speak TLS never falls back to plain."""
+        if not uses_tls(self.config.api, host):
+            return None
+        from agent import tls  # cryptography's x509: only on a box that serves TLS
+
+        api = self.config.api
+        certificate = tls.for_config(api.tls_cert, api.tls_key, self.config.state_dir())
+        context = certificate.server_context()
+        self.tls_fingerprint = certificate.fingerprint()
+        logger.info("api: TLS certificate %s, SHA-256 fingerprint %s", certificate.cert, self.tls_fingerprint)
+        return context
 
     async def start(self) -> None:
         """Listen on every configured transport; one that cannot is an alarm. Raises
@@ -41,14 +58,14 @@ class Listeners:
         if api.tcp:
             host, port = parse_hostport(api.tcp)
             try:
-                await self.stream.start_tcp(host, port)
-            except OSError as exc:
+                await self.stream.start_tcp(host, port, self._tls_context(host))
+            except (OSError, ValueError) as exc:  # TlsError is a ValueError
                 self._failed("tcp:%s" % api.tcp, exc)
         if self.http is not None and api.http:
             host, port = parse_http_listen(api.http)
             try:
-                await self.http.start(host, port)
-            except OSError as exc:
+                await self.http.start(host, port, self._tls_context(host))
+            except (OSError, ValueError) as exc:  # TlsError is a ValueError
                 self._failed("http:%s" % api.http, exc)
         if self.metrics is not None and self.config.metrics.listen:
             host, port = parse_http_listen(self.config.metrics.listen)
@@ -60,7 +77,7 @@ class Listeners:
             raise RuntimeError("the HIS API could not listen anywhere: %s"
                                % "; ".join(a.text for a in self.failed if a.code == "API_UNAVAILABLE"))
 
-    def _failed(self, where: str, exc: OSError, code: str = "API_UNAVAILABLE") -> None:
+    def _failed(self, where: str, exc: Exception, code: str = "API_UNAVAILABLE") -> None:
         logger.error("api: cannot listen on %s: %s", where, exc)
         self.failed.append(Alarm(code, where, str(exc)))
 
@@ -85,5 +102,7 @@ class Listeners:
                 or self.http_address is not None) and not self.serving():
             alarms.append(Alarm("API_UNAVAILABLE", "api", "a listener has stopped serving"))
         return ComponentStatus({"clients": self.stream.clients, "waiting_read_card": self.waiting(),
-                                "websockets": len(self.http.websockets) if self.http is not None else 0},
+                                "websockets": len(self.http.websockets) if self.http is not None else 0,
+                                # what a HIS pins (docs/api.md "TLS"); null while no listener speaks TLS
+                                "tls_fingerprint": self.tls_fingerprint},
                                alarms)

@@ -113,15 +113,23 @@ class OnetransParams(Params):
 
 
 class AuthGuard:
-    """Tokens compared in constant time; each failure from a peer doubles the wait before the
-    answer (up to MAX_DELAY_S), so guessing is slow; a success or a quiet hour forgives."""
+    """Tokens compared in constant time. Each failure from an address doubles the wait before
+    its answer (up to MAX_DELAY_S); LOCKOUT_FAILURES failures within LOCKOUT_WINDOW_S lock the
+    address out for LOCKOUT_S, during which even a right token is refused. A success forgives
+    nothing: an attacker holding one token cannot reset its count while guessing another."""
 
     MAX_DELAY_S = 8.0
-    FORGET_AFTER_S = 3600.0
+    LOCKOUT_FAILURES = 10
+    LOCKOUT_WINDOW_S = 600.0
+    LOCKOUT_S = 900.0
+    MAX_PEERS = 4096
 
     def __init__(self, clients: dict[str, ClientConfig]) -> None:
         self.clients = clients
-        self._failures: dict[str, tuple[int, float]] = {}
+        # per address: the times of its recent failures, and when its lockout ends
+        self._failures: dict[str, list[float]] = {}
+        self._locked_until: dict[str, float] = {}
+        self.lockouts = 0
 
     def check(self, token: str) -> tuple[str, frozenset[str]] | None:
         found = None
@@ -131,17 +139,44 @@ class AuthGuard:
                 found = (name, frozenset(client.scopes))
         return found
 
-    def penalty(self, peer: str) -> float:
-        count, last = self._failures.get(peer, (0, 0.0))
-        if count and time.monotonic() - last > self.FORGET_AFTER_S:
-            count = 0
-        self._failures[peer] = (count + 1, time.monotonic())
-        if len(self._failures) > 4096:  # bounded memory under a scan of many addresses
-            self._failures.pop(next(iter(self._failures)))
-        return min(0.25 * 2 ** count, self.MAX_DELAY_S)
+    def failures(self, peer: str) -> int:
+        """Failed logins from `peer` within the lockout window."""
+        now = time.monotonic()
+        return sum(1 for t in self._failures.get(peer, ()) if now - t < self.LOCKOUT_WINDOW_S)
 
-    def forgive(self, peer: str) -> None:
-        self._failures.pop(peer, None)
+    def locked(self, peer: str) -> float:
+        """Seconds left of `peer`'s lockout (0: not locked out)."""
+        until = self._locked_until.get(peer)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._locked_until[peer]
+            return 0.0
+        return left
+
+    def penalty(self, peer: str) -> float:
+        """Count a failure from `peer`; the delay its answer waits."""
+        now = time.monotonic()
+        recent = [t for t in self._failures.pop(peer, []) if now - t < self.LOCKOUT_WINDOW_S]
+        recent.append(now)
+        self._failures[peer] = recent
+        if len(recent) >= self.LOCKOUT_FAILURES and peer not in self._locked_until:
+            self._locked_until[peer] = now + self.LOCKOUT_S
+            self.lockouts += 1
+            logger.warning("api: %d failed logins from %s within %.0f s: locked out for %.0f s", len(recent), peer,
+                           self.LOCKOUT_WINDOW_S, self.LOCKOUT_S)
+        for table in (self._failures, self._locked_until):  # bounded memory under a scan of many addresses
+            while len(table) > self.MAX_PEERS:
+                table.pop(next(iter(table)))
+        return min(0.25 * 2 ** (len(recent) - 1), self.MAX_DELAY_S)
+
+    def refusal(self, peer: str) -> str | None:
+        """Why `peer` may not log in now, or None."""
+        left = self.locked(peer)
+        if left:
+            return "too many failed logins from %s: locked out for %.0f s more" % (peer, left)
+        return None
 
 
 class Api:
@@ -155,8 +190,8 @@ class Api:
         self.uploader = uploader
         self.status_provider = status
         self.guard = AuthGuard(clients)
-        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty,
-                                 self.guard.forgive)
+        # a signed request forgives nothing either (AuthGuard)
+        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty)
 
     def methods(self) -> list[Method]:
         return [
@@ -175,6 +210,9 @@ class Api:
         ]
 
     async def auth(self, session: Session, params: AuthParams) -> dict[str, Any]:
+        refusal = self.guard.refusal(session.peer)
+        if refusal is not None:
+            raise ScanboxError(Reason.UNAUTHORIZED, refusal)
         found = self.guard.check(params.token)
         if found is None:
             delay = self.guard.penalty(session.peer)
@@ -182,8 +220,7 @@ class Api:
                            session.peer, delay)
             await asyncio.sleep(delay)
             raise ScanboxError(Reason.UNAUTHORIZED, "unknown token")
-        self.guard.forgive(session.peer)
-        session.client, session.scopes = found
+        session.authenticate(*found)
         logger.info("api: client %s authenticated from %s:%s", found[0], session.transport, session.peer)
         return {"ok": True, "client": found[0], "scopes": sorted(found[1])}
 

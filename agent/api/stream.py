@@ -3,7 +3,9 @@
 One JSON object per line. A line over `api.max_message` gets an error and closes the connection
 (there is no telling where the next message starts); bad JSON or an unknown method gets an error
 and the connection stays usable. TCP clients must `auth` within `api.auth_timeout_s` unless
-their address is in `api.trusted`. Each connection has one writer task and a bounded queue: a
+their address is in `api.trusted`; at most `api.max_unauthenticated_per_address` connections
+from one address may be waiting to; the Unix socket and TCP each have `api.max_clients` of their
+own. TCP speaks TLS when `api.tls` says so (agent/tls.py). Each connection has one writer task and a bounded queue: a
 client that stops reading is dropped, not buffered without end.
 """
 
@@ -17,11 +19,13 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.api.jsonrpc import APPLICATION_ERROR, INVALID_REQUEST, Dispatcher, RpcError, Session, encode, error_response
+from agent.api.limits import UnauthenticatedLimit
 from agent.api.outbound import MAX_IN_FLIGHT, Outbound, answer
 from agent.config import ApiConfig
 
@@ -38,6 +42,11 @@ class StreamServer:
         self.trusted = [ipaddress.ip_network(t, strict=False) for t in config.trusted]
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[asyncio.Task[Any]] = set()
+        # each transport its own count against max_clients: TCP clients never starve the Unix
+        # socket, the admin's way in
+        self._per_transport: dict[str, int] = {"unix": 0, "tcp": 0}
+        self.unauthenticated = UnauthenticatedLimit(config.max_unauthenticated_per_address)
+        self.tls = False
         self.unix_path: Path | None = None
         self.tcp_address: tuple[str, int] | None = None
 
@@ -69,13 +78,15 @@ class StreamServer:
         self.unix_path = path
         logger.info("api: listening on unix:%s", path)
 
-    async def start_tcp(self, host: str, port: int) -> None:
+    async def start_tcp(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         server = await asyncio.start_server(
             lambda r, w: self._accept(r, w, "tcp"), host=host, port=port,
-            limit=self.config.max_message + 1, reuse_address=True)
+            limit=self.config.max_message + 1, reuse_address=True, ssl=ssl_context,
+            ssl_handshake_timeout=self.config.auth_timeout_s if ssl_context is not None else None)
         self._servers.append(server)
         self.tcp_address = server.sockets[0].getsockname()[:2]
-        logger.info("api: listening on tcp:%s:%d", *self.tcp_address)
+        self.tls = ssl_context is not None
+        logger.info("api: listening on %s:%s:%d", "tls" if self.tls else "tcp", *self.tcp_address)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -116,10 +127,24 @@ class StreamServer:
         in_flight: set[asyncio.Task[Any]] = set()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         opened = asyncio.get_running_loop().time()
+        self._per_transport[transport] += 1
+        release: Callable[[], None] | None = _nothing
+        if not session.authenticated:
+            release = self.unauthenticated.admit(peer)
+            if release is not None:
+                session.on_authenticated.append(release)
         try:
-            if len(self._connections) > self.config.max_clients:
-                logger.warning("api: refusing %s: %d clients connected", conn.label, len(self._connections) - 1)
+            if self._per_transport[transport] > self.config.max_clients:
+                logger.warning("api: refusing %s: %d %s clients connected", conn.label,
+                               self._per_transport[transport] - 1, transport)
                 await conn.close_with(error_response(None, RpcError(INVALID_REQUEST, "too many clients")))
+                return
+            if release is None:
+                logger.warning("api: refusing %s: %d unauthenticated connections from it", conn.label,
+                               self.config.max_unauthenticated_per_address)
+                await conn.close_with(error_response(None, RpcError(
+                    INVALID_REQUEST, "too many connections from %s that have not authenticated" % peer,
+                    {"reason": "BUSY"})))
                 return
             while not conn.closed:
                 timeout = self.config.idle_timeout_s
@@ -159,6 +184,9 @@ class StreamServer:
                     await asyncio.gather(*in_flight, return_exceptions=True)
                     break
         finally:
+            self._per_transport[transport] -= 1
+            if release is not None:
+                release()
             for task in in_flight:
                 task.cancel()  # a read_card whose caller left stops waiting
             await asyncio.gather(*in_flight, return_exceptions=True)
@@ -186,6 +214,10 @@ class _Connection(Outbound):
     async def close_with(self, message: dict[str, Any]) -> None:
         self.send(encode(message))
         self.closed = True
+
+
+def _nothing() -> None:
+    """What a connection that was never counted as unauthenticated gives back."""
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -13,7 +13,7 @@ HTTP_API = {"http": "127.0.0.1:0", "cors_origins": ["http://his.example:8080"]}
 
 def base_url(box: Any) -> str:
     host, port = box.daemon.http.address
-    return "http://%s:%d" % (host, port)
+    return "%s://%s:%d" % ("https" if box.daemon.http.tls else "http", host, port)
 
 
 async def post_rpc(session: aiohttp.ClientSession, box: Any, body: Any, token: str | None,
