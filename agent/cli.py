@@ -184,6 +184,11 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     logs.setup(config.device.log_level, fmt=config.device.log_format)
+    import logging
+
+    for risk in configuration.risks(config, configuration.find_secrets(args.secrets)):
+        logging.getLogger("agent.config").warning("config: %s (allowed by [security] allow = [\"%s\"])", risk,
+                                                  risk.allow)
     from agent.daemon import run
 
     return run(config)
@@ -207,6 +212,9 @@ def _config_check(args: argparse.Namespace) -> int:
     config = _load(args.file, args.secrets)
     if config is None:
         return 1
+    # what [security] allow lets through is said every time, not only once
+    for risk in configuration.risks(config, configuration.find_secrets(args.secrets)):
+        print("warning: %s (allowed by [security] allow = [\"%s\"])" % (risk, risk.allow), file=sys.stderr)
     if not args.quiet:
         print("%s: OK" % args.file)
         print(configuration.to_toml(configuration.dump(config)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import logging
 import os
 import re
 import stat
@@ -26,8 +25,6 @@ import drivers
 from agent.codes import member_of, qwb002, wondersgroup
 from drivers.display import Options as DisplayOptions
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
 DEFAULT_SECRETS = Path("/etc/scanbox/secrets.toml")
 CREDENTIAL_NAME = "secrets.toml"  # LoadCredential=secrets.toml:/etc/scanbox/secrets.toml
@@ -40,6 +37,32 @@ class _SecretStr(SecretStr):
 
 
 Secret = Annotated[_SecretStr, PlainSerializer(lambda s: MASK, return_type=str)]
+
+
+# a token or key someone could guess or read over a shoulder is refused (config check and start):
+# at least this long, and not one character repeated or a short run of a few
+MIN_SECRET_LENGTH = 16
+MIN_SECRET_DISTINCT = 8
+
+
+def _strong(value: _SecretStr) -> _SecretStr:
+    text = value.get_secret_value()
+    if len(text) < MIN_SECRET_LENGTH or len(set(text)) < MIN_SECRET_DISTINCT:
+        raise ValueError("too weak: at least %d characters with %d different ones (e.g. the output of "
+                         "`openssl rand -hex 16`)" % (MIN_SECRET_LENGTH, MIN_SECRET_DISTINCT))
+    return value
+
+
+def _not_empty(value: _SecretStr) -> _SecretStr:
+    if not value.get_secret_value():
+        raise ValueError("empty")
+    return value
+
+
+# tokens and keys scanbox's own clients use: scanbox sets their strength
+StrongSecret = Annotated[_SecretStr, AfterValidator(_strong), PlainSerializer(lambda s: MASK, return_type=str)]
+# passwords a platform issued: scanbox cannot choose them, but an empty one is a mistake
+PlatformSecret = Annotated[_SecretStr, AfterValidator(_not_empty), PlainSerializer(lambda s: MASK, return_type=str)]
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
@@ -240,32 +263,6 @@ class PlatformConfig(Section):
         if getattr(self, self.kind) is None:
             raise ValueError("kind %r needs a [platform.%s] section" % (self.kind, self.kind))
         return self
-
-
-# a token or key someone could guess or read over a shoulder is refused (config check and start):
-# at least this long, and not one character repeated or a short run of a few
-MIN_SECRET_LENGTH = 16
-MIN_SECRET_DISTINCT = 8
-
-
-def _strong(value: _SecretStr) -> _SecretStr:
-    text = value.get_secret_value()
-    if len(text) < MIN_SECRET_LENGTH or len(set(text)) < MIN_SECRET_DISTINCT:
-        raise ValueError("too weak: at least %d characters with %d different ones (e.g. the output of "
-                         "`openssl rand -hex 16`)" % (MIN_SECRET_LENGTH, MIN_SECRET_DISTINCT))
-    return value
-
-
-def _not_empty(value: _SecretStr) -> _SecretStr:
-    if not value.get_secret_value():
-        raise ValueError("empty")
-    return value
-
-
-# tokens and keys scanbox's own clients use: scanbox sets their strength
-StrongSecret = Annotated[_SecretStr, AfterValidator(_strong), PlainSerializer(lambda s: MASK, return_type=str)]
-# passwords a platform issued: scanbox cannot choose them, but an empty one is a mistake
-PlatformSecret = Annotated[_SecretStr, AfterValidator(_not_empty), PlainSerializer(lambda s: MASK, return_type=str)]
 
 
 class ClientConfig(Section):
@@ -594,7 +591,8 @@ def risks(config: Config, secrets_file: Path | None = None) -> list[Risk]:
             mode = secrets_file.stat().st_mode
         except OSError:
             mode = 0
-        if mode & stat.S_IRWXG:
+        # others (or a writing group) are refused outright: _check_secrets_mode
+        if mode & stat.S_IRGRP and not mode & (stat.S_IRWXO | stat.S_IWGRP):
             found.append(Risk("group_readable_secrets", str(secrets_file), "mode %04o: its group can read the "
                               "secrets (chmod 600)" % stat.S_IMODE(mode)))
     return found
@@ -627,7 +625,7 @@ def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Con
         raise ConfigError(exc.problems, str(config_path)) from None  # nothing to validate
     problems += [ConfigProblem(p, "is a secret: put it in the secrets file, not in %s" % config_path)
                  for p in _secret_paths(Config, raw)]
-    secrets_file = _find_secrets(secrets_path)
+    secrets_file = find_secrets(secrets_path)
     secrets: dict[str, Any] = {}
     if secrets_file is not None:
         try:
@@ -645,9 +643,7 @@ def load(config_path: Path | str, secrets_path: Path | str | None = None) -> Con
         problems += exc.problems
     else:
         for risk in risks(config, secrets_file):
-            if risk.allow in config.security.allow:
-                logger.warning("config: %s (allowed by [security] allow = [\"%s\"])", risk, risk.allow)
-            else:
+            if risk.allow not in config.security.allow:  # allowed ones: `config check`, `run` say them
                 problems.append(ConfigProblem(risk.path, "%s; if this site means it: [security] allow = [\"%s\"]"
                                               % (risk.message, risk.allow)))
     if problems:
@@ -771,7 +767,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([ConfigProblem(str(path), "not valid TOML: %s" % exc)], str(path)) from None
 
 
-def _find_secrets(explicit: Path | str | None) -> Path | None:
+def find_secrets(explicit: Path | str | None) -> Path | None:
     if explicit is not None:
         return Path(explicit)
     creds = os.environ.get("CREDENTIALS_DIRECTORY")

@@ -33,6 +33,7 @@ class Imported:
     encoding: str
     carried: list[str] = field(default_factory=list)  # "ini key -> scanbox key"
     not_carried: list[str] = field(default_factory=list)  # "ini key: why"
+    security_allow: list[str] = field(default_factory=list)  # [security] allow the DLL's setup needs
 
 
 def decode(raw: bytes) -> tuple[str, str]:
@@ -77,6 +78,11 @@ def convert(raw: bytes) -> Imported:
             platform["wsdl"] = url
             result.carried.append("[WEBSERVICE] url -> platform.wsdl = %s (fetched at start, cached for "
                                   "offline starts)" % url)
+        if base.lower().startswith("http://"):
+            # the DLL spoke in clear; scanbox refuses that unless the site says it means it
+            result.security_allow.append("plain_platform")
+            result.carried.append("[WEBSERVICE] url is http:// -> [security] allow = [\"plain_platform\"] "
+                                  "(identities cross the network in clear: use https:// if the platform has it)")
     for ini_key, key in (("orgcode", "org_code"), ("username", "user_name"), ("password", "pass_word")):
         name, value = web.pop(ini_key, (None, ""))
         if value:
@@ -102,6 +108,8 @@ def convert(raw: bytes) -> Imported:
         for key, value in parser[section].items():
             result.not_carried.append("[%s] %s=%s: %s" % (section, key, value.strip(), _why(upper, key, value)))
     result.config = {"platform": platform}
+    if result.security_allow:
+        result.config["security"] = {"allow": result.security_allow}
     return result
 
 

@@ -18,7 +18,7 @@ from agent.config import MASK, ConfigError, QrRules, dump, load, parse_hostport,
 from tests.conftest import SITE, config_dict
 
 PASSWORD = "Pw-9f3k2-rhc"
-TOKEN = "tok-7Hq2xZ-his"
+TOKEN = "tok-7Hq2xZ-his-4c9e"
 
 MAIN = """\
 [device]
@@ -134,9 +134,8 @@ def test_valid_config_and_secrets_file_load(main_file: Path, secrets_file: Path)
     assert counter.baud == 9600
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640])
-def test_secrets_file_private_to_owner_or_group_is_accepted(main_file: Path, tmp_path: Path, mode: int) -> None:
-    # 0640 root:scanbox is how the service user gets to read a file it must not write
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_secrets_file_private_to_its_owner_is_accepted(main_file: Path, tmp_path: Path, mode: int) -> None:
     secrets = write(tmp_path / "secrets.toml", SECRETS, mode)
     try:
         cfg = load(main_file, secrets)
@@ -197,7 +196,7 @@ baud = 1234
      "platform.rhc.user_nme", "user_name"),
     ({"platform": {"qr": {"max_lenght": 600}}}, "platform.qr.max_lenght", "max_length"),
     ({"api": {"unix_mod": "0600"}}, "api.unix_mod", "unix_mode"),
-    ({"api": {"clients": {"his": {"token": "t", "scope": ["read"]}}}}, "api.clients.his.scope", "scopes"),
+    ({"api": {"clients": {"his": {"token": TOKEN, "scope": ["read"]}}}}, "api.clients.his.scope", "scopes"),
     ({"scans": {"dedup_s": 1}}, "scans.dedup_s", "dedupe_s"),
 ])
 def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path, sections: dict[str, Any], path: str,
@@ -558,16 +557,16 @@ def test_to_toml_round_trips_a_config_and_split_secrets_separates_them(tmp_path:
     from agent.config import split_secrets, to_toml
     from tests.conftest import write_config
 
-    data = config_dict(None, tmp_path, api={"clients": {"his": {"token": "t0k", "scopes": ["read"]}}},
+    data = config_dict(None, tmp_path, api={"clients": {"his": {"token": "t0k-5b1e9f3a-his", "scopes": ["read"]}}},
                        sources={"counter": {"driver": "serial_scanner", "port": "/dev/ttyACM0",
                                             "terminator": ["\r", "\n"], "charset": "gbk"}})
     public, secrets = split_secrets(data)
     assert secrets == {"platform": {"rhc": {"user_pwd": "scanbox-secret"}},
-                       "api": {"clients": {"his": {"token": "t0k"}}}}
-    assert "user_pwd" not in to_toml(public) and "t0k" not in to_toml(public)
+                       "api": {"clients": {"his": {"token": "t0k-5b1e9f3a-his"}}}}
+    assert "user_pwd" not in to_toml(public) and "t0k-5b1e9f3a-his" not in to_toml(public)
     config_file, secrets_file = write_config(tmp_path, data)
     loaded = load(config_file, secrets_file)
     assert loaded.sources["counter"].terminator == ["\r", "\n"]
     assert loaded.site.hospital_name == "西宁市第一人民医院"
-    assert loaded.api.clients["his"].token.get_secret_value() == "t0k"
+    assert loaded.api.clients["his"].token.get_secret_value() == "t0k-5b1e9f3a-his"
     assert tomllib.loads(to_toml(dump(loaded)))["site"] == dump(loaded)["site"]

@@ -146,7 +146,7 @@ def test_a_bad_file_leaves_a_configured_box_as_it_was(boot, root, tmp_path):
     old = {p.name: p.read_bytes() for p in etc.iterdir()}
     source = boot / "scanbox.toml"
     source.write_text(source.parent.joinpath(provision.APPLIED_NAME).read_text(encoding="utf-8")
-                      + '\n[api.clients.his]\ntoken = "new"\n', encoding="utf-8")  # user_pwd forgotten
+                      + '\n[api.clients.his]\ntoken = "new-his-token-8e41"\n', encoding="utf-8")  # user_pwd forgotten
     outcome = provision.provision(source, root)
     assert not outcome.ok and [str(p) for p in outcome.problems] == ["platform.rhc.user_pwd: required"]
     assert {p.name: p.read_bytes() for p in etc.iterdir()} == old
