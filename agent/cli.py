@@ -157,6 +157,22 @@ def _parser() -> argparse.ArgumentParser:
                         "whether they are ID card readers")
     doctor.set_defaults(func=_doctor)
 
+    tls = sub.add_parser("tls", help="the box's TLS certificate (what a HIS pins)").add_subparsers(metavar="ACTION")
+    for action, text in (("init", "make the box's key and certificate unless there are some"),
+                         ("show", "the certificate's SHA-256 fingerprints")):
+        tls_cmd = tls.add_parser(action, help=text)
+        where = tls_cmd.add_mutually_exclusive_group()
+        where.add_argument("--config", type=Path, help="the state directory and api.tls_cert from this config "
+                           "(default %s)" % configuration.DEFAULT_CONFIG)
+        where.add_argument("--state-dir", type=Path, help="the state directory itself")
+        if action == "init":
+            tls_cmd.add_argument("--force", action="store_true", help="replace an existing key: every HIS "
+                                 "that pinned the old fingerprint must pin the new one")
+            tls_cmd.add_argument("--name", action="append", default=[], help="a name or address of the box "
+                                 "for the certificate (repeatable; default: host name, NAME.local, localhost, "
+                                 "127.0.0.1, 192.168.7.1)")
+        tls_cmd.set_defaults(func=_tls, action=action)
+
     api = sub.add_parser("api", help="call the HIS API (for checks and scripts)")
     target = api.add_mutually_exclusive_group()
     target.add_argument("--socket", type=Path, help="Unix socket (default /run/scanbox/api.sock)")
@@ -408,6 +424,30 @@ def _store_key(args: argparse.Namespace) -> int:
         return 1
     if made:
         print("made %s" % args.path)
+    return 0
+
+
+def _tls(args: argparse.Namespace) -> int:
+    from agent import tls
+
+    if args.state_dir is not None:
+        certificate = tls.default_paths(args.state_dir)
+    else:
+        config = _load(args.config or configuration.DEFAULT_CONFIG, None)
+        if config is None:
+            return 1
+        certificate = (tls.BoxCertificate(config.api.tls_cert, config.api.tls_key) if config.api.tls_cert
+                       and config.api.tls_key else tls.default_paths(config.state_dir()))
+    try:
+        if args.action == "init":
+            made = tls.make(certificate, (args.name + tls.box_names()) if args.name else None, force=args.force)
+            print("%s %s" % ("made" if made else "kept the existing", certificate.cert))
+        print("SHA-256 fingerprint: %s" % certificate.fingerprint())
+        print("SPKI SHA-256 (base64, for Chromium's --ignore-certificate-errors-spki-list): %s"
+              % certificate.spki_sha256())
+    except (OSError, tls.TlsError) as exc:
+        print("scanbox tls: %s" % exc, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -107,6 +107,7 @@ def provision(source: Path, root: Path = Path("/")) -> Outcome:
         return outcome
     outcome = Outcome(True, config=config)
     logger.info("provisioned %s from %s into %s", config.device.id or "this box", source, etc)
+    make_certificate(config, root)
     try:
         consume(source, data)
     except OSError as exc:
@@ -114,6 +115,24 @@ def provision(source: Path, root: Path = Path("/")) -> Outcome:
         outcome.note = "installed, but %s could not be wiped: %s" % (source, _oserror(exc))
         logger.error("%s; delete it from the card by hand", outcome.note)
     return outcome
+
+
+def make_certificate(config: configuration.Config, root: Path = Path("/")) -> None:
+    """The box's own TLS key and certificate (agent/tls.py) in its state directory, unless the
+    site supplies its own (api.tls_cert). The daemon makes them at its first start otherwise:
+    a failure here is logged, not fatal."""
+    if config.api.tls_cert is not None:
+        return
+    from agent import tls
+
+    target = tls.default_paths(root / config.state_dir().relative_to("/"))
+    try:
+        if tls.make(target):
+            # systemd's StateDirectory= gives the directory to the daemon's user at its start
+            logger.info("TLS certificate %s made; SHA-256 fingerprint %s", target.cert, target.fingerprint())
+    except OSError as exc:
+        logger.error("could not make the TLS certificate in %s: %s (the daemon makes it at start)",
+                     target.cert.parent, _oserror(exc))
 
 
 def read(source: Path) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def test_a_good_file_is_installed_and_wiped_from_the_boot_partition(boot, root, 
     assert "counter-7" in applied and not any(s in applied for s in SECRETS)
     assert configuration.split_secrets(tomllib.loads(applied)) == (tomllib.loads(applied), {})
     assert outcome.screen_lines() == ["counter-7", "西宁市第一人民医院"]
+    # the box's TLS identity is made with it: key for its owner only, in the state directory
+    key = root / "var" / "lib" / "scanbox" / "tls" / "box.key"
+    assert mode(key) == 0o600 and mode(key.parent) == 0o700 and key.with_name("box.crt").is_file()
 
 
 def test_names_that_need_quotes_in_toml_survive_the_install(boot, root, tmp_path):
