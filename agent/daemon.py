@@ -57,6 +57,15 @@ NETWORK_CHECK_S = 10.0
 ROUTE_FILES = ("/proc/self/net/route", "/proc/self/net/ipv6_route")
 
 
+FINGERPRINT_SCREEN_S = 30.0
+
+
+def fingerprint_lines(fingerprint: str) -> list[str]:
+    """The start of the TLS certificate's SHA-256 as the screen shows it: 32 hex digits."""
+    digits = fingerprint.replace(":", "")
+    return ["TLS SHA-256"] + [" ".join(digits[i:i + 4] for i in range(start, start + 16, 4)) for start in (0, 16)]
+
+
 def network_up(route_files: tuple[str, ...] = ROUTE_FILES) -> bool:
     """A default route on an interface other than loopback, IPv4 or IPv6."""
     for path in route_files:
@@ -219,6 +228,9 @@ class Daemon:
                 logger.exception("%s: failed to start", source.name)
                 self.hub.source_connected(source.name, False, "failed to start: %s" % exc)
         await self.listeners.start()
+        if self.ui is not None and self.tls_fingerprint is not None and not self.ui.showing_message():
+            # the technician compares this with what the HIS pinned (`scanbox tls show` has it whole)
+            self.ui.show_message(fingerprint_lines(self.tls_fingerprint), FINGERPRINT_SCREEN_S)
         self.hub.listen(self._on_event)
         if self.metrics is not None:
             self.metrics.attach()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import drivers
-from agent.config import Config, PlatformConfig
+from agent.config import Config, PlatformConfig, parse_hostport, parse_http_listen, uses_tls
 from agent.platforms.transport import Reply
 from drivers.base import Finding, FindingStatus, ProbeContext, Roots
 
@@ -95,6 +95,7 @@ class Doctor:
         findings += await self.platform(status)
         findings += self.clock()
         findings += self.daemon_alarms(status)
+        findings += self.tls()
         return findings
 
     def daemon_alarms(self, status: dict[str, Any] | None) -> list[Finding]:
@@ -103,6 +104,33 @@ class Doctor:
             return []
         return [Finding("daemon", "warn", str(a.get("source")), "%s: %s" % (a.get("code"), a.get("text")))
                 for a in status.get("alarms") or [] if isinstance(a, dict)]
+
+    # -- the API's TLS certificate ---------------------------------------------------------------
+
+    def tls(self) -> list[Finding]:
+        """The certificate the TLS listeners present, and the fingerprint a HIS pins."""
+        if self.config is None:
+            return []
+        from agent import tls
+
+        api = self.config.api
+        listeners = [value for value, parse in ((api.tcp, parse_hostport), (api.http, parse_http_listen))
+                     if value and uses_tls(api, parse(value)[0])]
+        if not listeners:
+            return [Finding("tls", "ok", "tls", "no listener speaks TLS (plain on loopback and the USB link only)")]
+        certificate = (tls.BoxCertificate(api.tls_cert, api.tls_key) if api.tls_cert and api.tls_key
+                       else tls.default_paths(self.config.state_dir()))
+        if not certificate.cert.exists() and api.tls_cert is None:
+            return [Finding("tls", "warn", str(certificate.cert), "no certificate yet: the daemon makes one at "
+                            "its first start", "scanbox tls init, then give the HIS the fingerprint it shows")]
+        try:
+            certificate.server_context()
+            fingerprint = certificate.fingerprint()
+        except tls.TlsError as exc:
+            return [Finding("tls", "fail", str(certificate.cert), str(exc),
+                            "chmod 600 the key, or scanbox tls init --force (every HIS then pins the new one)")]
+        return [Finding("tls", "ok", str(certificate.cert), "%s over TLS; SHA-256 fingerprint %s (what the HIS "
+                        "pins)" % (", ".join(listeners), fingerprint))]
 
     def sources(self) -> list[Finding]:
         """Each source driver's own probe (its module's `doctor`), given its configured sources:

@@ -331,6 +331,10 @@ class Ui:
         self.state.message_until = self.clock() + seconds
         self._wake.set()
 
+    def showing_message(self) -> bool:
+        """A message or the provisioning outcome is up (and should not be replaced)."""
+        return self.state.message is not None and self.clock() < self.state.message_until
+
     def show_provisioning(self, ok: bool, lines: list[str], seconds: float = 30.0) -> None:
         self.state.message = Screen("provisioning", title="provisioned" if ok else "provision_failed",
                                     lines=tuple(lines))

@@ -249,3 +249,18 @@ async def test_a_new_driver_brings_its_own_check(tmp_path: Path, roots: doctor.R
     config = make_config(None, tmp_path, sources={"door": {"driver": "nfc", "antenna": "left"}})
     found = by_subject(await findings_of(config, roots))
     assert found["nfc:door"].status == "ok" and found["nfc:door"].text == "antenna left"
+
+
+async def test_the_tls_fingerprint_a_his_pins(tmp_path: Path, roots: doctor.Roots) -> None:
+    from agent import tls
+
+    config = make_config(None, tmp_path, sources={}, api={"tcp": "0.0.0.0:7800"})  # TLS: not loopback
+    [finding] = [f for f in await findings_of(config, roots) if f.area == "tls"]
+    assert finding.status == "warn" and "scanbox tls init" in (finding.fix or "")
+    certificate = tls.default_paths(config.state_dir())
+    tls.make(certificate)
+    [finding] = [f for f in await findings_of(config, roots) if f.area == "tls"]
+    assert finding.status == "ok" and certificate.fingerprint() in finding.text
+    certificate.key.chmod(0o644)
+    [finding] = [f for f in await findings_of(config, roots) if f.area == "tls"]
+    assert finding.status == "fail" and "mode 0644" in finding.text

@@ -64,3 +64,12 @@ async def test_a_missing_display_is_an_alarm_and_scanning_goes_on(box):
     alarm = next(a for a in status["alarms"] if a["code"] == "DISPLAY_MISSING")
     assert "i2c-99" in alarm["text"] and alarm["source"] == "ssd1306 on i2c-99 at 0x3C"
     assert (await client.call("verify_qr", {"qr": box.resident().static_qr}))["verification"]["ok"]
+
+
+async def test_the_tls_fingerprint_is_on_the_screen_after_start(box):
+    await box.start(sources={}, display={"model": "dummy"}, api={"tls": "on"})
+    digits = box.daemon.tls_fingerprint.replace(":", "")
+    await until(lambda: box.daemon.ui.screen is not None and box.daemon.ui.screen.kind == "message"
+                and on_panel(box), timeout=10)
+    assert box.daemon.ui.screen.lines == ("TLS SHA-256", " ".join(digits[i:i + 4] for i in range(0, 16, 4)),
+                                          " ".join(digits[i:i + 4] for i in range(16, 32, 4)))
