@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ssl
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +46,29 @@ async def test_python_client_over_http_and_tcp(box):
     tcp = await asyncio.to_thread(client.TcpClient, host, port, ADMIN_TOKEN)
     assert (await asyncio.to_thread(tcp.call, "outbox.list", {}))["state"] == "pending"
     tcp.close()
+
+
+async def test_python_client_over_tls_with_the_fingerprint_pinned(box):
+    client = example("python_client")
+    await box.start(sources={}, api={"http": "127.0.0.1:0", "tls": "on"})
+    fingerprint = box.daemon.tls_fingerprint
+    base = "https://%s:%d" % box.daemon.http.address
+    host, port = box.daemon.stream.tcp_address
+    assert (await asyncio.to_thread(client.HttpClient(base, TOKEN, fingerprint).call, "status"))["api"][
+        "tls_fingerprint"] == fingerprint
+    tcp = await asyncio.to_thread(client.TcpClient, host, port, TOKEN, 10, fingerprint)
+    assert (await asyncio.to_thread(tcp.call, "status"))["device_id"] == "test-box"
+    tcp.close()
+    # another certificate (another box, or someone in between): refused before the token is sent
+    other = "00:" * 31 + "00"
+    with pytest.raises(ssl.SSLError, match="not the pinned one"):
+        await asyncio.to_thread(client.HttpClient(base, TOKEN, other).call, "status")
+    with pytest.raises(ssl.SSLError, match="not the pinned one"):
+        await asyncio.to_thread(client.TcpClient, host, port, TOKEN, 10, other)
+    # without a pin, the system's CAs do not know the box's own certificate
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(client.HttpClient(base, TOKEN).call, "status")
+    assert box.daemon.api.guard.failures("127.0.0.1") == 0  # no token was ever tried
 
 
 async def test_onetrans_client_reads_a_card_signed_and_encrypted(box):
