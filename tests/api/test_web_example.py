@@ -14,6 +14,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from agent import tls
 from tests.conftest import TOKEN
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
@@ -35,19 +36,31 @@ async def page_server():
     await runner.cleanup()
 
 
-@pytest.fixture
-def browser(tmp_path: Path):
+def _chromium(tmp_path: Path, *extra: str) -> webdriver.Chrome:
     for path in (CHROMIUM, CHROMEDRIVER):
         assert Path(path).exists(), "%s is missing: bootstrap.sh installs chromium and chromium-driver" % path
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--user-data-dir=%s" % (tmp_path / "chromium")):
+                 "--disable-dev-shm-usage", "--user-data-dir=%s" % (tmp_path / "chromium"), *extra):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    driver = _chromium(tmp_path)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def tls_box_certificate(tmp_path: Path) -> tls.BoxCertificate:
+    """The box's certificate made before the browser starts: the browser pins its key."""
+    certificate = tls.default_paths(tmp_path / "state")
+    tls.make(certificate)
+    return certificate
 
 
 def _text_is(element_id: str, text: str):
@@ -66,8 +79,35 @@ def _connect(browser, page_server: str, ws_url: str) -> None:
 
 async def test_the_html_example_reads_a_card_over_the_websocket_in_chromium(box, page_server, browser):
     await box.start(api={"http": "127.0.0.1:0", "cors_origins": [page_server]})
-    ws_url = "ws://%s:%d/ws" % box.daemon.http.address
+    await _read_a_card(box, page_server, browser, "ws://%s:%d/ws" % box.daemon.http.address)
 
+
+async def test_the_html_example_over_wss_with_the_box_key_pinned(box, page_server, tmp_path, tls_box_certificate):
+    """As docs/api.md says for a browser: Chromium trusts this one box's key
+    (--ignore-certificate-errors-spki-list), not any certificate."""
+    pinned = await asyncio.to_thread(_chromium, tmp_path, "--ignore-certificate-errors-spki-list="
+                                     + tls_box_certificate.spki_sha256())
+    try:
+        await box.start(api={"http": "127.0.0.1:0", "cors_origins": [page_server], "tls": "on"})
+        assert box.daemon.tls_fingerprint == tls_box_certificate.fingerprint()
+        await _read_a_card(box, page_server, pinned, "wss://%s:%d/ws" % box.daemon.http.address)
+    finally:
+        await asyncio.to_thread(pinned.quit)
+
+
+async def test_a_browser_without_the_pin_cannot_connect_over_wss(box, page_server, browser):
+    await box.start(sources={}, api={"http": "127.0.0.1:0", "cors_origins": [page_server], "tls": "on"})
+
+    def try_to_connect() -> str:
+        _connect(browser, page_server, "wss://%s:%d/ws" % box.daemon.http.address)
+        WebDriverWait(browser, 15).until(_text_is("state", "连接失败"))
+        return browser.find_element(By.ID, "state").text
+
+    assert "cannot connect" in await asyncio.to_thread(try_to_connect)
+    assert box.daemon.http.websockets == set()
+
+
+async def _read_a_card(box, page_server: str, browser, ws_url: str) -> None:
     def open_and_connect() -> None:
         _connect(browser, page_server, ws_url)
         WebDriverWait(browser, 15).until(_text_is("state", "connected as his"))
