@@ -1,6 +1,7 @@
 // Call a scanbox from a .NET HIS (C#, .NET 6 or later: HttpClient and System.Text.Json).
 //
-//   var box = new ScanboxClient("http://192.168.7.2:7801", "the-his-token");
+//   var box = new ScanboxClient("https://10.1.2.3:7801", "the-his-token",
+//                               "AB:CD:...:EF");  // the box's SHA-256 fingerprint, pinned
 //   JsonElement result = await box.CallAsync("read_card", new { timeout_s = 60 });
 //   string name = result.GetProperty("identity").GetProperty("name").GetString();
 //
@@ -8,11 +9,18 @@
 // throws ScanboxException with the box's stable Reason (TIMEOUT, QR_EXPIRED, UNAUTHORIZED, ...).
 // read_card waits for the patient: give HttpClient a timeout longer than timeout_s.
 //
+// Beyond loopback and the USB cable (http://192.168.7.1:7801) the box speaks TLS with a
+// certificate of its own. Pin its SHA-256 fingerprint (`scanbox tls show` on the box, `scanbox
+// doctor`, the box's screen at start): the callback below accepts that one certificate and no
+// other, whatever a CA says, and the token is only sent once it has. Without a fingerprint the
+// system's CAs decide (a site that gave the box a certificate from its own CA).
+//
 // Not compiled in scanbox's CI (no .NET there); it uses only the framework's own classes.
 
 using System;
 using System.Net.Http;
 using System.Net.Http.Headers;
+using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
 using System.Threading;
@@ -36,9 +44,17 @@ public sealed class ScanboxClient : IDisposable
     private readonly Uri _rpc;
     private int _nextId;
 
-    public ScanboxClient(string baseUrl, string token)
+    public ScanboxClient(string baseUrl, string token, string? fingerprint = null)
     {
-        _http = new HttpClient { Timeout = TimeSpan.FromSeconds(120) };
+        var handler = new HttpClientHandler();
+        if (fingerprint != null)
+        {
+            byte[] pinned = ParseFingerprint(fingerprint);
+            handler.ServerCertificateCustomValidationCallback = (request, certificate, chain, errors) =>
+                certificate != null && CryptographicOperations.FixedTimeEquals(
+                    SHA256.HashData(certificate.RawData), pinned);
+        }
+        _http = new HttpClient(handler) { Timeout = TimeSpan.FromSeconds(120) };
         _http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", token);
         _rpc = new Uri(new Uri(baseUrl.TrimEnd('/') + "/"), "rpc");
     }
@@ -73,16 +89,30 @@ public sealed class ScanboxClient : IDisposable
         return root.GetProperty("result").Clone();  // Clone: outlives the disposed document
     }
 
+    // "AB:CD:..." (as scanbox prints it), "abcd..." or "AB CD ...": 32 bytes
+    private static byte[] ParseFingerprint(string text)
+    {
+        string hex = text.Replace(":", "").Replace(" ", "");
+        byte[] bytes = Convert.FromHexString(hex);
+        if (bytes.Length != 32)
+        {
+            throw new ArgumentException("a SHA-256 fingerprint is 32 bytes, got " + bytes.Length, nameof(text));
+        }
+        return bytes;
+    }
+
     public void Dispose() => _http.Dispose();
 }
 
 public static class Program
 {
     // dotnet run -- http://127.0.0.1:7801 TOKEN
+    // dotnet run -- https://10.1.2.3:7801 TOKEN AB:CD:...:EF
     public static async Task<int> Main(string[] args)
     {
         using var box = new ScanboxClient(args.Length > 0 ? args[0] : "http://127.0.0.1:7801",
-                                          args.Length > 1 ? args[1] : "");
+                                          args.Length > 1 ? args[1] : "",
+                                          args.Length > 2 ? args[2] : null);
         try
         {
             JsonElement status = await box.CallAsync("status");
@@ -105,6 +135,11 @@ public static class Program
         catch (ScanboxException e)
         {
             Console.Error.WriteLine("error {0} ({1}): {2}", e.Code, e.Reason, e.Message);
+            return 1;
+        }
+        catch (HttpRequestException e)  // a certificate that is not the pinned one ends up here
+        {
+            Console.Error.WriteLine("cannot talk to the box: {0}", e.Message);
             return 1;
         }
     }
