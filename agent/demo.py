@@ -36,7 +36,7 @@ DEMO_SITE = {
 
 # the demo's HTTP/WebSocket token (HTTP has no trusted networks: a browser on the same machine is
 # any web page's reach). A real box's tokens are long random strings in its secrets file.
-DEMO_TOKEN = "demo-token"
+DEMO_TOKEN = "demo-token-2f8a61c4"  # as long and mixed as config check demands of any token
 
 
 def demo_config(sim: SimServer, state_dir: Path, tcp: str | None, stdin: bool,

@@ -54,6 +54,8 @@ async def run(clients: int, requests: int, websockets: int, children: list[subpr
     data = config_dict(None, tmp, device={"id": "bench", "log_level": "warning"}, sources={}, api={
         "tcp": "127.0.0.1:%d" % tcp_port, "http": "127.0.0.1:%d" % http_port,
         "max_clients": max(256, websockets + clients + 8), "rate_per_s": 1e5, "rate_burst": 100000,
+        # every bench client is on 127.0.0.1 and connects before it authenticates
+        "max_unauthenticated_per_address": max(8, websockets + clients + 8),
         "clients": {"bench": {"token": TOKEN, "scopes": ["read"]}}})
     data["platform"]["endpoint"] = "http://127.0.0.1:%d/healthCard/services/elecHealthCardWebSevice" % sim_port
     write_config(tmp, data)
