@@ -108,6 +108,9 @@ def provision(source: Path, root: Path = Path("/")) -> Outcome:
     outcome = Outcome(True, config=config)
     logger.info("provisioned %s from %s into %s", config.device.id or "this box", source, etc)
     make_certificate(config, root)
+    from agent import confine
+
+    confine.install(config, root)
     try:
         consume(source, data)
     except OSError as exc:

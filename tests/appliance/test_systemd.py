@@ -151,7 +151,8 @@ def test_the_device_groups_are_the_ones_udev_gives_the_devices():
     rules = (ROOT / "systemd" / "70-scanbox.rules").read_text(encoding="utf-8")
     given = set(re.findall(r'GROUP="([a-z0-9_-]+)"', rules))
     assert given <= groups | {one(u, "Service.Group")}, given - groups
-    assert {"dialout", "input", "i2c", "spi", "video"} <= groups
+    assert {"dialout", "scanbox-scanner", "i2c", "spi", "video"} <= groups
+    assert "input" not in groups  # every keyboard on the box
     assert one(u, "Service.DevicePolicy") == "closed"
     allowed = {v.split()[0] for v in u["Service.DeviceAllow"]}
     for major in ("char-ttyACM", "char-ttyUSB", "char-input", "char-i2c", "char-spi", "char-video4linux"):

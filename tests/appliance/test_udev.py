@@ -71,12 +71,13 @@ def test_the_parser_catches_what_udev_rejects(tmp_path):
 def test_every_device_class_gets_a_group_and_usb_devices_a_socket_name():
     rules = [dict(((k, a), v) for k, a, _, v in tokens) for tokens in parse(ROOT / "systemd" / "70-scanbox.rules")]
     groups = {r[("SUBSYSTEM", None)]: r[("GROUP", None)] for r in rules if ("GROUP", None) in r}
-    assert groups == {"tty": "dialout", "input": "input", "i2c-dev": "i2c", "spidev": "spi", "gpio": "gpio",
+    assert groups == {"tty": "dialout", "input": "scanbox-scanner", "i2c-dev": "i2c", "spidev": "spi", "gpio": "gpio",
                       "bcm2835-gpiomem": "gpio", "video4linux": "video", "media": "video", "dma_heap": "video"}
     links = [r[("SYMLINK", None)] for r in rules if ("SYMLINK", None) in r]
     assert all(link.startswith("scanbox/") for link in links)
     for kind in ("serial", "scanner", "idcard", "hid", "camera"):
         named = [link for link in links if link.startswith("scanbox/%s-" % kind)]
         assert named and all("%b" in link for link in named), kind  # by USB socket
-    bridges = {(r[("ATTRS", "idVendor")], r[("ATTRS", "idProduct")]) for r in rules if ("ATTRS", "idVendor") in r}
+    bridges = {(r[("ATTRS", "idVendor")], r[("ATTRS", "idProduct")]) for r in rules
+               if ("ATTRS", "idVendor") in r and r[("SUBSYSTEM", None)] == "tty"}
     assert {v for v, _ in bridges} == {"1a86", "067b", "10c4", "0403"}  # CH340, PL2303, CP210x, FTDI

@@ -6,9 +6,11 @@ for group in dialout input i2c spi gpio video; do
 	getent group "${group}" > /dev/null || groupadd --system "${group}"
 done
 getent group scanbox > /dev/null || groupadd --system scanbox
+# HID scanners' own group (70-scanbox.rules): the daemon is not in `input`, which reads every keyboard
+getent group scanbox-scanner > /dev/null || groupadd --system scanbox-scanner
 id scanbox > /dev/null 2>&1 || useradd --system --gid scanbox --home-dir /var/lib/scanbox --no-create-home \
 	--shell /usr/sbin/nologin --comment "scanbox daemon" scanbox
-usermod --append --groups dialout,input,i2c,spi,gpio,video scanbox
+usermod --append --groups dialout,scanbox-scanner,i2c,spi,gpio,video scanbox
 
 # picamera2 and libcamera are Raspberry Pi OS packages: the venv sees the system's site-packages
 python3 -m venv --system-site-packages /opt/scanbox/venv
