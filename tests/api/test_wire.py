@@ -8,6 +8,8 @@ import json
 import re
 import ssl
 import stat
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -221,3 +223,16 @@ async def test_a_technician_key_others_can_read_is_refused_not_served_plain(box,
     status = await (await box.unix()).call("status")
     [alarm] = [a for a in status["alarms"] if a["code"] == "API_UNAVAILABLE"]
     assert "mode 0644" in alarm["text"] and "site.key" in alarm["text"]
+
+
+async def test_scanbox_api_speaks_tls_to_the_pinned_box_only(box):
+    await box.start(sources={}, api={"tls": "on"})
+    tcp = "%s:%d" % box.daemon.stream.tcp_address
+    command = [sys.executable, "-m", "agent", "api", "--tcp", tcp, "--token", TOKEN]
+    good = await asyncio.to_thread(subprocess.run, command + ["--fingerprint", box.daemon.tls_fingerprint, "status"],
+                                   capture_output=True, text=True, timeout=30)
+    assert good.returncode == 0 and json.loads(good.stdout)["result"]["device_id"] == "test-box"
+    wrong = await asyncio.to_thread(subprocess.run, command + ["--fingerprint", "00" * 32, "status"],
+                                    capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 1 and "not the pinned one" in wrong.stderr
+    assert box.daemon.api.guard.failures("127.0.0.1") == 0
