@@ -449,18 +449,18 @@ class _Connection(web.RequestHandler):
         self.served = False
         self.release: Callable[[], None] = lambda: None
         self.reaper: asyncio.TimerHandle | None = None
-        self._transport: asyncio.BaseTransport | None = None
+        self._admitted_transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peername = transport.get_extra_info("peername")
         self.peer = peername[0] if peername else "unknown"
         super().connection_made(transport)
-        self._transport = transport
+        self._admitted_transport = transport
         if not self.owner._admit(self, transport):
             transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.owner._forget(self._transport)
+        self.owner._forget(self._admitted_transport)
         super().connection_lost(exc)
 
 
