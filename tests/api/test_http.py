@@ -265,8 +265,8 @@ async def _closed_by_the_box(reader: asyncio.StreamReader, timeout: float = 5) -
 async def _status_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
     """One keep-alive POST /rpc status on a raw connection; the HTTP status code."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "status"}).encode()
-    writer.write(b"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (TOKEN.encode(), len(body), body))
+    writer.write(b"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (TOKEN.encode(), len(body), body))
     head = (await reader.readuntil(b"\r\n\r\n")).decode()
     length = int(re.search(r"(?im)^content-length: *(\d+)", head).group(1))
     await reader.readexactly(length)
