@@ -42,6 +42,9 @@ class MetricsServer:
     async def metrics(self, request: web.Request) -> web.Response:
         if self.require_token:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            refusal = self.guard.refusal(request.remote or "unknown")  # an address locked out (AuthGuard)
+            if refusal is not None:
+                return web.Response(status=401, text=refusal + "\n", headers={"WWW-Authenticate": "Bearer"})
             found = self.guard.check(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
             if found is None or not found[1] & METRICS_SCOPES:
                 peer = request.remote or "unknown"
@@ -51,7 +54,6 @@ class MetricsServer:
                     await asyncio.sleep(delay)
                 return web.Response(status=401, text="send Authorization: Bearer <a token with the metrics scope>\n",
                                     headers={"WWW-Authenticate": "Bearer"})
-            self.guard.forgive(request.remote or "unknown")
         return web.Response(body=await self.render(), headers={"Content-Type": METRICS_TYPE})
 
     async def close(self) -> None:
