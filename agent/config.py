@@ -456,19 +456,10 @@ class ClockConfig(Section):
     sync_wait: Duration = 20.0
 
 
-# what [security] allow may name: each a setting config check refuses unless the site says it
-# means it (docs/technician.md "Security overrides")
-ALLOWABLE = {
-    "plain_listener": "TCP or HTTP without TLS on an address beyond loopback and the USB cable link",
-    "wide_trusted": "an api.trusted network wider than one /24 (IPv4) or /64 (IPv6)",
-    "open_unix_socket": "an api.unix_mode that lets other users open the socket",
-    "plain_platform": "an http:// platform endpoint beyond loopback",
-    "no_tls_verify": "platform.tls_verify = false",
-    "group_readable_secrets": "a secrets file its group can read",
-}
-
-
 class SecurityConfig(Section):
+    """Settings that weaken the box, each refused unless named here (`risks` below says what each
+    lets through; docs/technician.md "Security settings")."""
+
     allow: list[Literal["plain_listener", "wide_trusted", "open_unix_socket", "plain_platform", "no_tls_verify",
                         "group_readable_secrets"]] = []
 
