@@ -505,9 +505,10 @@ def _api(args: argparse.Namespace) -> int:
         host, port = configuration.parse_hostport(args.tcp)
         sock = socket.create_connection((host, port), timeout=10)
         if args.fingerprint:
-            sock = _pinned_tls(sock, args.fingerprint)
-            if sock is None:
+            pinned = _pinned_tls(sock, args.fingerprint)
+            if pinned is None:
                 return 1
+            sock = pinned
         if token:
             requests.append({"jsonrpc": "2.0", "id": "auth", "method": "auth", "params": {"token": token}})
     else:

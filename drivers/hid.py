@@ -638,8 +638,9 @@ def doctor(sources: Mapping[str, Options], ctx: ProbeContext) -> list[Finding]:
             readable = os.access(node.path, os.R_OK | os.W_OK)
             out.append(Finding("input", "ok" if readable else "fail", node.path,
                                "%s: scanner for source %s" % (label, ", ".join(owners)),
-                               None if readable else "the service user cannot open it: add it to group "
-                               "'input' (the udev rule in systemd/ does this)"))
+                               None if readable else "the service user cannot open it: udev gives scanners "
+                               "the group 'scanbox-scanner' (70-scanbox.rules for the scanner makers, and "
+                               "71-scanbox-hid.rules for this source once provisioned; name it vendor:product)"))
         else:
             out.append(Finding("input", "info", node.path, "%s: not a configured scanner" % label))
     keyboards = [p for node in nodes for p in node.by_id if p.endswith("-event-kbd")]

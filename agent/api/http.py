@@ -32,7 +32,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -170,7 +170,7 @@ class HttpServer:
         if not conn.served and not transport.is_closing():
             logger.info("api: closed an HTTP connection that sent no whole request in %.0f s",
                         self.config.auth_timeout_s)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()  # a stream transport (asyncio's server made it)
 
     @property
     def open_connections(self) -> int:
@@ -457,7 +457,7 @@ class _Connection(web.RequestHandler):
         super().connection_made(transport)
         self._admitted_transport = transport
         if not self.owner._admit(self, transport):
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()  # a stream transport (asyncio's server made it)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.owner._forget(self._admitted_transport)
