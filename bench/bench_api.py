@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_e2e import rss_kib  # noqa: E402
-from common import free_port, percentile, start_simulator, stop  # noqa: E402
+from common import free_port, percentile, start_daemon, start_simulator, stop  # noqa: E402
 
 from agent.simulator.rhc import default_residents  # noqa: E402
 from tests.conftest import config_dict, write_config  # noqa: E402
@@ -59,15 +57,8 @@ async def run(clients: int, requests: int, websockets: int, children: list[subpr
         "clients": {"bench": {"token": TOKEN, "scopes": ["read"]}}})
     data["platform"]["endpoint"] = "http://127.0.0.1:%d/healthCard/services/elecHealthCardWebSevice" % sim_port
     write_config(tmp, data)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp / "notify.sock"))
-    daemon = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(tmp / "scanbox.toml"),
-                               "--secrets", str(tmp / "secrets.toml")],
-                              env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock")})
+    daemon = start_daemon(tmp)
     children.append(daemon)
-    notify.settimeout(30)
-    while b"READY=1" not in notify.recv(4096):
-        pass
 
     codes = itertools.cycle([r.static_qr for r in default_residents() if r.status == "1"])
     params = {"status": lambda: {}, "verify_qr": lambda: {"qr": next(codes)}}

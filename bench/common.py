@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -26,6 +27,25 @@ def start_simulator(port: int) -> subprocess.Popen:
     assert sim.stdout is not None
     sim.stdout.readline()  # printed once it listens
     return sim
+
+
+def start_daemon(tmp: Path, timeout_s: float = 30) -> subprocess.Popen:
+    """`scanbox run` on the config and secrets written in `tmp`, once it has sent READY=1."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    notify.settimeout(timeout_s)
+    daemon = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(tmp / "scanbox.toml"),
+                               "--secrets", str(tmp / "secrets.toml")],
+                              env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock")})
+    try:
+        while b"READY=1" not in notify.recv(4096):
+            continue  # WATCHDOG=1, STATUS=...: wait for READY
+    except BaseException:
+        stop(daemon)
+        raise
+    finally:
+        notify.close()
+    return daemon
 
 
 def stop(proc: subprocess.Popen) -> None:
