@@ -28,7 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_e2e import rss_kib  # noqa: E402
-from common import free_port, percentile, start_daemon, start_simulator, stop  # noqa: E402
+from common import compile_like_an_install, free_port, percentile, start_daemon, start_simulator, stop  # noqa: E402
 
 from agent.simulator.rhc import default_residents  # noqa: E402
 from tests.conftest import config_dict, write_config  # noqa: E402
@@ -37,6 +37,7 @@ TOKEN = "bench-token-0123456789"
 
 
 async def main(clients: int, requests: int, websockets: int) -> None:
+    compile_like_an_install()
     children: list[subprocess.Popen] = []
     try:
         await run(clients, requests, websockets, children)

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_floor  # noqa: E402
-from common import free_port, percentile, start_simulator, stop  # noqa: E402
+from common import compile_like_an_install, free_port, percentile, start_simulator, stop  # noqa: E402
 
 from agent.config import validate  # noqa: E402
 from agent.platforms.rhc import RhcPlatform  # noqa: E402
@@ -157,6 +157,7 @@ def service_ms(sim_url: str) -> list[float]:
 
 
 async def main(scans: int, batch: int, starts: int) -> None:
+    compile_like_an_install()
     children: list[subprocess.Popen] = []
     contenders: list[Contender] = []
     try:

@@ -83,7 +83,10 @@ def write_config(path: Path, *, template: str, endpoint: str, tty_path: str, api
 
 
 def command(config: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "daemon", str(config)]
+    # imported, not run as a script: its bytecode is used as scanbox's is (compile_like_an_install)
+    here = str(Path(__file__).resolve().parent)
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import bench_floor; bench_floor.main()" % here,
+            "daemon", str(config)]
 
 
 # --- the floor's work -------------------------------------------------------------------------
@@ -257,7 +260,11 @@ async def floor_drain(path: str, endpoint: str, template: str, in_flight: int) -
     return done
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) != 3 or sys.argv[1] != "daemon":
         sys.exit(__doc__)
     asyncio.run(Floor(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))).run())
+
+
+if __name__ == "__main__":
+    main()

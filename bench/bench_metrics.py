@@ -27,7 +27,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_e2e import rss_kib  # noqa: E402
-from common import free_port, percentile, start_daemon, start_simulator, stop  # noqa: E402
+from common import compile_like_an_install, free_port, percentile, start_daemon, start_simulator, stop  # noqa: E402
 
 from agent.simulator.rhc import default_residents  # noqa: E402
 from tests.conftest import PtyScanner, config_dict, write_config  # noqa: E402
@@ -47,6 +47,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def main(scrapes: int, verifications: int) -> None:
+    compile_like_an_install()
     children: list[subprocess.Popen] = []
     try:
         await run(scrapes, verifications, children)

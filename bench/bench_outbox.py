@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_floor  # noqa: E402
-from common import free_port, start_simulator, stop  # noqa: E402
+from common import compile_like_an_install, free_port, start_simulator, stop  # noqa: E402
 
 
 from agent.config import validate  # noqa: E402
@@ -202,6 +202,7 @@ async def platform_back(tmp: Path, n: int, outage_s: float) -> tuple[float, floa
 
 
 async def main(n: int, runs: int) -> None:
+    compile_like_an_install()
     tmp = Path(tempfile.mkdtemp(prefix="scanbox-bench-outbox-"))
     sequential, concurrent = await enqueue_rates(tmp)
     print("outbox benchmark (%s)" % tmp)

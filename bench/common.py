@@ -14,6 +14,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def compile_like_an_install() -> None:
+    """Byte-compile scanbox and the benchmarks, as `pip install` does on a box: a daemon started
+    under PYTHONDONTWRITEBYTECODE (as this machine's shells have it) would otherwise compile
+    every one of its modules from source at each start, which no box does."""
+    import compileall
+
+    for tree in (ROOT / "agent", ROOT / "drivers", ROOT / "bench"):
+        if not compileall.compile_dir(str(tree), quiet=1):
+            raise RuntimeError("byte-compiling %s failed" % tree)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
