@@ -1,40 +1,44 @@
 """A platform's SOAP service from its WSDL, loaded once and on demand: the WSDL comes from config
 (URL or file, see `wsdl`), is cached for offline starts, and a failed load is not retried on
-every scan. zeep builds each request from the site's WSDL (its namespace, its element names,
-through `Client.create_message`; an operation whose parameters are all strings is built by zeep
-once, and each request is that envelope with its strings filled in by lxml: zeep's 0.8 ms per
-request was a fifth of a scan's CPU); the box's one HTTP client (`transport.HttpClient`) posts it;
-the reply is read with lxml (`parse_envelope`), so an element order or an extra element the WSDL
-did not foresee cannot lose an answer. The rhc and wondersgroup adapters both use this.
+every scan. zeep reads the site's WSDL (its namespace, its element names) in a process of its own
+(`soapcompile`), once per WSDL: each operation whose parameters are all strings comes back as
+the envelope zeep's `Client.create_message` builds, with a placeholder in each string, and each
+request is that envelope with its strings filled in by lxml (zeep's 0.8 ms per request was a fifth
+of a scan's CPU, and zeep itself 9 MiB of the daemon's memory). Any other request (a structured
+parameter, one left out) is zeep's, loaded in the daemon on its first such call. The box's one
+HTTP client (`transport.HttpClient`) posts it; the reply is read with lxml (`parse_envelope`), so
+an element order or an extra element the WSDL did not foresee cannot lose an answer. The rhc and
+wondersgroup adapters both use this.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 from lxml import etree
 
 from agent.model import Reason, ScanboxError
-from agent.platforms import wsdl
+from agent.platforms import soapcompile, wsdl
 from agent.platforms.base import PlatformUnavailable
 from agent.platforms.transport import HttpClient, NotSoap, check_xml, preview
-
-if TYPE_CHECKING:
-    import zeep
-
-# zeep (with requests and urllib3, which its transports import) is loaded with the first WSDL,
-# in the thread that parses it: not at start-up, and not on the event loop
 
 logger = logging.getLogger(__name__)
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 # after a failed WSDL load, wait this long before trying again on demand
 RETRY_S = 30.0
+# reading a WSDL with zeep in its own process: a Pi takes a second or two, a huge WSDL longer
+COMPILE_TIMEOUT_S = 120.0
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
                           remove_blank_text=True)
 
@@ -43,8 +47,8 @@ class WsdlUnusable(Exception):
     """zeep could not read the WSDL (its exception's text)."""
 
 
-# what a WSDL that cannot be had or used raises on its way through zeep; anything else (zeep's
-# ValueError for a schema's unreadable minOccurs) is logged with its traceback, and waits all the same
+# what a WSDL that cannot be had or used raises on its way through zeep; anything else is logged
+# with its traceback, and waits all the same
 LOAD_ERRORS = (wsdl.WsdlError, WsdlUnusable, etree.XMLSyntaxError, OSError, LookupError)
 
 
@@ -58,16 +62,24 @@ class Template:
     soapaction: str
 
 
-@dataclass(frozen=True)
+@dataclass
+class Operation:
+    soapaction: str
+    inputs: list[str]  # its request's element names, in the WSDL's order
+    template: Template | None  # None: zeep builds each request (not all single strings)
+
+
+@dataclass
 class Bound:
     """The loaded WSDL's port that offers the operations, and where to send them."""
 
-    client: zeep.Client
-    proxy: Any  # zeep's ServiceProxy for the port (what create_message builds against)
-    binding: Any
+    path: str  # the WSDL (local) it was read from
+    service: str
+    port: str
     address: str
-    # per operation: its template, or None when zeep must build each request (not all strings)
-    templates: dict[str, Template | None] = field(default_factory=dict)
+    operations: dict[str, Operation]
+    # zeep's client and ServiceProxy for the port, loaded on the first request that needs zeep
+    zeep: tuple[Any, Any] | None = field(default=None, repr=False)
 
 
 class SoapService:
@@ -77,7 +89,7 @@ class SoapService:
                  endpoint: str | None, timeout_s: float, needed: Iterable[str]) -> None:
         self.label = label
         self.source = source
-        self.cache_dir = cache_dir
+        self.cache_dir = Path(cache_dir)
         self.http = http
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -85,8 +97,10 @@ class SoapService:
         self.note: str | None = None
         self._bound: Bound | None = None
         self._lock = asyncio.Lock()
+        self._zeep_lock = asyncio.Lock()
         self._failed_at: float | None = None
         self._error = ""
+        self.compiled_from_cache: bool | None = None  # how the last load got its WSDL read (tests, logs)
 
     @property
     def loaded(self) -> bool:
@@ -115,44 +129,73 @@ class SoapService:
 
     async def _load(self) -> Bound:
         path, note = await wsdl.resolve(self.source, self.cache_dir, self.http, self.timeout_s * 2)
-        # parsing a WSDL is blocking CPU work: off the event loop. The cached copy's imports are
-        # local files, so zeep's own (blocking) transport never goes to the network
-        client = await asyncio.to_thread(_client, str(path))
-        for service in client.wsdl.services.values():
-            for port in service.ports.values():
-                if not all(_has_operation(port.binding, op) for op in self.needed):
-                    continue
-                address = self.endpoint or port.binding_options.get("address", "")
-                self.note = note
-                logger.info("platform %s: WSDL %s (%s), service at %s", self.label, self.source.describe(), note,
-                            address)
-                return Bound(client, client.bind(service.name, port.name), port.binding, address)
-        raise LookupError("the WSDL has no port with the operations %s" % ", ".join(self.needed))
+        compiled = await self._compiled(path)
+        operations = {}
+        for name, op in compiled["operations"].items():
+            template = None
+            if op["template"] is not None:
+                template = Template(etree.fromstring(op["template"], _PARSER),
+                                    {k: tuple(v) for k, v in op["slots"].items()}, op["soapaction"])
+            operations[name] = Operation(op["soapaction"], list(op["inputs"]), template)
+        address = self.endpoint or compiled["address"]
+        self.note = note
+        logger.info("platform %s: WSDL %s (%s), service at %s", self.label, self.source.describe(), note, address)
+        return Bound(str(path), compiled["service"], compiled["port"], address, operations)
+
+    async def _compiled(self, path: Path) -> dict[str, Any]:
+        """The WSDL at `path` as `soapcompile` reads it: from the copy kept under its digest,
+        else from a child process (and then kept)."""
+        digest = hashlib.sha256(json.dumps([soapcompile.VERSION, self.needed]).encode())
+        for name, content in await asyncio.to_thread(wsdl.documents, path):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+        kept = self.cache_dir / ("compiled-%s.json" % digest.hexdigest()[:32])
+        try:
+            compiled: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+            if compiled.get("version") == soapcompile.VERSION:
+                self.compiled_from_cache = True
+                return compiled
+        except (OSError, ValueError):
+            pass
+        started = time.monotonic()
+        compiled = await _compile_in_child(str(path), list(self.needed))
+        self.compiled_from_cache = False
+        logger.info("platform %s: WSDL read by zeep (zeep %s) in %.1f s", self.label, compiled.get("zeep"),
+                    time.monotonic() - started)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for old in self.cache_dir.glob("compiled-*.json"):
+                old.unlink(missing_ok=True)
+            temporary = kept.with_suffix(".tmp")
+            temporary.write_text(json.dumps(compiled), encoding="utf-8")
+            os.replace(temporary, kept)
+        except OSError as exc:  # read again at the next start; nothing is lost
+            logger.warning("platform %s: the read WSDL cannot be kept in %s: %s", self.label, self.cache_dir, exc)
+        return compiled
 
     async def input_names(self, operation: str) -> list[str]:
         """The element names of an operation's request, in the WSDL's order."""
+        return (await self._operation(operation)).inputs
+
+    async def _operation(self, operation: str) -> Operation:
         bound = await self.bound()
-        return [name for name, _ in bound.binding.get(operation).input.body.type.elements]
+        try:
+            return bound.operations[operation]
+        except KeyError:
+            raise PlatformUnavailable("platform WSDL has no operation %s" % operation) from None
 
     async def send(self, operation: str, params: dict[str, Any]) -> etree._Element:
         """Call `operation`; the reply's `<operationResponse>` element. Raises PlatformUnavailable
         for anything but a SOAP answer (transport errors, faults, error pages, timeouts)."""
         bound = await self.bound()
-        import zeep.exceptions  # loaded with the WSDL
-
+        op = await self._operation(operation)
         try:
-            envelope, soapaction = self._from_template(bound, operation, params)
-            if envelope is None:
-                envelope = bound.client.create_message(bound.proxy, operation, **params)
-        except (zeep.exceptions.ValidationError, ValueError, TypeError) as exc:
-            # zeep (or lxml) refusing to build the request from these parameters: a site WSDL
-            # that does not match the spec, or text XML cannot carry. Sending it again cannot
-            # help (an outbox record goes dead)
+            envelope = from_template(op.template, params)
+        except ValueError as exc:  # text XML cannot carry, as zeep's
             raise ScanboxError(Reason.BAD_REQUEST, "%s cannot be built from the platform's WSDL: %s"
                                % (operation, exc)) from None
-        except zeep.exceptions.Error as exc:
-            raise PlatformUnavailable("%s: %s" % (operation, exc)) from None
-        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % soapaction}
+        if envelope is None:
+            envelope = await self._zeeps(bound, operation, params)
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % op.soapaction}
         reply = await self.http.post(bound.address, etree.tostring(envelope, encoding="utf-8", xml_declaration=True),
                                      headers, self.timeout_s)
         try:
@@ -161,74 +204,76 @@ class SoapService:
             raise PlatformUnavailable(str(exc)) from None
         return parse_envelope(reply.content, reply.content_type, operation, reply.status)
 
+    async def zeep_port(self) -> tuple[Any, Any]:
+        """zeep's client and ServiceProxy for the bound port, loaded in the daemon (in a thread:
+        parsing a WSDL is blocking CPU work) the first time a request needs them."""
+        bound = await self.bound()
+        async with self._zeep_lock:
+            if bound.zeep is None:
+                def load() -> tuple[Any, Any]:
+                    client = soapcompile.client(bound.path)
+                    return client, client.bind(bound.service, bound.port)
+                try:
+                    bound.zeep = await asyncio.to_thread(load)
+                except soapcompile.Unusable as exc:
+                    raise PlatformUnavailable("platform WSDL not usable: %s" % exc) from None
+                logger.info("platform %s: zeep loaded for requests that are not all strings", self.label)
+            return bound.zeep
 
-    def _from_template(self, bound: Bound, operation: str,
-                       params: dict[str, Any]) -> tuple[etree._Element | None, str]:
-        """The request from the operation's template when every parameter is a string given here
-        (else (None, soapaction): zeep builds it)."""
-        if operation not in bound.templates:
-            bound.templates[operation] = _template(bound, operation)
-        template = bound.templates[operation]
-        if template is None:
-            return None, bound.binding.get(operation).soapaction or ""
-        if params.keys() != template.slots.keys() or not all(type(v) is str for v in params.values()):
-            return None, template.soapaction
-        envelope = copy.deepcopy(template.envelope)
-        for name, path in template.slots.items():
-            element = envelope
-            for i in path:
-                element = element[i]
-            element.text = params[name]  # ValueError for text XML cannot carry, as zeep's
-        return envelope, template.soapaction
+    async def _zeeps(self, bound: Bound, operation: str, params: dict[str, Any]) -> etree._Element:
+        client, proxy = await self.zeep_port()
+        import zeep.exceptions  # loaded with zeep_port
 
-
-def _client(path: str) -> zeep.Client:
-    import zeep
-    import zeep.exceptions
-
-    try:
-        return zeep.Client(path, settings=zeep.Settings(strict=False, xml_huge_tree=False))
-    except zeep.exceptions.Error as exc:
-        raise WsdlUnusable(str(exc)) from None
-
-
-PLACEHOLDER = "scanbox-template-%d-b7e1"
+        try:
+            return client.create_message(proxy, operation, **params)
+        except (zeep.exceptions.ValidationError, ValueError, TypeError) as exc:
+            # zeep (or lxml) refusing to build the request from these parameters: a site WSDL
+            # that does not match the spec, or text XML cannot carry. Sending it again cannot
+            # help (an outbox record goes dead)
+            raise ScanboxError(Reason.BAD_REQUEST, "%s cannot be built from the platform's WSDL: %s"
+                               % (operation, exc)) from None
+        except zeep.exceptions.Error as exc:
+            raise PlatformUnavailable("%s: %s" % (operation, exc)) from None
 
 
-def _template(bound: Bound, operation: str) -> Template | None:
-    """zeep's request for `operation` with a placeholder in each parameter, when they are all
-    single strings and each placeholder lands in exactly one element's text; else None."""
-    import zeep.xsd
-
-    op = bound.binding.get(operation)
-    elements = op.input.body.type.elements if op.input.body is not None else []
-    if not elements or any(not isinstance(e.type, zeep.xsd.String) or e.max_occurs != 1 for _, e in elements):
+def from_template(template: Template | None, params: dict[str, Any]) -> etree._Element | None:
+    """The request from the operation's template when every parameter is a string given here
+    (else None: zeep builds it). ValueError for text XML cannot carry."""
+    if template is None:
         return None
-    placeholders = {PLACEHOLDER % i: name for i, (name, _) in enumerate(elements)}
-    envelope = bound.client.create_message(bound.proxy, operation, **{n: p for p, n in placeholders.items()})
-    slots: dict[str, tuple[int, ...]] = {}
-    for element in envelope.iter():
-        if element.text in placeholders:
-            if placeholders[element.text] in slots or len(element):
-                return None
-            path = []
-            node = element
-            while node.getparent() is not None:
-                path.append(node.getparent().index(node))
-                node = node.getparent()
-            slots[placeholders[element.text]] = tuple(reversed(path))
-    if slots.keys() != set(placeholders.values()) or any(
-            PLACEHOLDER.split("%")[0] in (a or "") for e in envelope.iter() for a in (e.tail, *e.attrib.values())):
+    if params.keys() != template.slots.keys() or not all(type(v) is str for v in params.values()):
         return None
-    return Template(envelope, slots, op.soapaction or "")
+    envelope = copy.deepcopy(template.envelope)
+    for name, path in template.slots.items():
+        element = envelope
+        for i in path:
+            element = element[i]
+        element.text = params[name]
+    return envelope
 
 
-def _has_operation(binding: Any, operation: str) -> bool:
+async def _compile_in_child(path: str, needed: list[str]) -> dict[str, Any]:
+    """`soapcompile` in a child process (the daemon's own interpreter); raises WsdlUnusable or
+    LookupError as reading the WSDL in the daemon would."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.platforms.soapcompile", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        binding.get(operation)
-    except ValueError:  # zeep: "Operation %r not found"
-        return False
-    return True
+        async with asyncio.timeout(COMPILE_TIMEOUT_S):
+            out, err = await child.communicate(json.dumps({"wsdl": path, "needed": needed}).encode())
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        raise WsdlUnusable("zeep did not read the WSDL within %.0f s" % COMPILE_TIMEOUT_S) from None
+    try:
+        result: dict[str, Any] = json.loads(out)
+    except ValueError:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        raise WsdlUnusable("reading the WSDL failed (exit %s): %s"
+                           % (child.returncode, preview(lines[-1]) if lines else "no output")) from None
+    if "error" in result:
+        raise (LookupError if result.get("kind") == "lookup" else WsdlUnusable)(result["error"])
+    return result
 
 
 def parse_envelope(content: bytes, content_type: str, operation: str, status: int = 200) -> etree._Element:

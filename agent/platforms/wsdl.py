@@ -149,3 +149,31 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, PlatformUnavailable):
         return exc.message
     return str(exc) or type(exc).__name__
+
+
+def documents(path: Path) -> list[tuple[str, bytes]]:
+    """The WSDL at `path` and the local documents it imports (relative names, as the cached copy
+    has them), each with its content: what a WSDL read by zeep depends on."""
+    out: list[tuple[str, bytes]] = []
+    seen: set[Path] = set()
+    queue = [Path(path).resolve()]
+    while queue and len(out) < MAX_DOCUMENTS:
+        current = queue.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            content = current.read_bytes()
+        except OSError:
+            continue  # zeep says so when it reads it
+        out.append((current.name, content))
+        try:
+            root = etree.fromstring(content, _PARSER)
+        except etree.XMLSyntaxError:
+            continue
+        for tag, attr in _IMPORTS:
+            for element in root.iter(tag):
+                location = element.get(attr) or ""
+                if location and not urlparse(location).scheme:
+                    queue.append((current.parent / location).resolve())
+    return out

@@ -9,7 +9,7 @@ from lxml import etree
 
 from agent.model import ScanboxError
 from agent.platforms import wsdl
-from agent.platforms.soapservice import SoapService
+from agent.platforms.soapservice import SoapService, from_template
 from agent.platforms.transport import HttpClient
 from agent.simulator.soap import WsdlStyle, render_wsdl
 
@@ -31,16 +31,15 @@ async def loaded(tmp_path, path, needed) -> SoapService:
     return service
 
 
-def zeeps(service: SoapService, operation: str, params: dict) -> bytes:
-    bound = service._bound
-    assert bound is not None
-    return etree.tostring(bound.client.create_message(bound.proxy, operation, **params), encoding="utf-8",
+async def zeeps(service: SoapService, operation: str, params: dict) -> bytes:
+    client, proxy = await service.zeep_port()
+    return etree.tostring(client.create_message(proxy, operation, **params), encoding="utf-8",
                           xml_declaration=True)
 
 
-def templates(service: SoapService, operation: str, params: dict) -> bytes | None:
-    assert service._bound is not None
-    envelope, _ = service._from_template(service._bound, operation, params)
+async def templates(service: SoapService, operation: str, params: dict) -> bytes | None:
+    bound = await service.bound()
+    envelope = from_template(bound.operations[operation].template, params)
     return None if envelope is None else etree.tostring(envelope, encoding="utf-8", xml_declaration=True)
 
 
@@ -52,24 +51,25 @@ async def test_rhc_requests_from_the_template_are_zeeps(tmp_path, style):
     for action in TEXTS:
         for message in TEXTS[:2]:
             params = {style.action_part: action, style.message_part: message}
-            built = templates(service, "RHCMessageServer", params)
+            built = await templates(service, "RHCMessageServer", params)
             assert built is not None
-            assert built == zeeps(service, "RHCMessageServer", params)
+            assert built == await zeeps(service, "RHCMessageServer", params)
             assert etree.fromstring(built).findtext(".//%s" % style.action_part) == action
     # each request is its own copy: the template itself keeps its placeholders
-    assert "scanbox-template-" in etree.tostring(service._bound.templates["RHCMessageServer"].envelope).decode()
+    template = (await service.bound()).operations["RHCMessageServer"].template
+    assert template is not None and "scanbox-template-" in etree.tostring(template.envelope).decode()
 
 
 async def test_wondersgroup_string_operations_from_the_template_others_from_zeep(tmp_path):
     service = await loaded(tmp_path, wsdl.SHIPPED / "wondersgroup.wsdl", ["getAuthKey"])
     params = {"orgCode": "Q&1", "userName": "<u>", "passWord": "p'w\""}
-    assert templates(service, "getAuthKey", params) == zeeps(service, "getAuthKey", params)
+    assert await templates(service, "getAuthKey", params) == await zeeps(service, "getAuthKey", params)
     # a parameter left out (zeep omits it) or not a string: zeep builds the request
-    assert templates(service, "getAuthKey", {"orgCode": "Q1", "userName": "u"}) is None
-    assert templates(service, "getAuthKey", {"orgCode": "Q1", "userName": "u", "passWord": 5}) is None
+    assert await templates(service, "getAuthKey", {"orgCode": "Q1", "userName": "u"}) is None
+    assert await templates(service, "getAuthKey", {"orgCode": "Q1", "userName": "u", "passWord": 5}) is None
     # an operation with a structured parameter never has a template
-    assert templates(service, "syncCardInfo", {"orgCode": "Q1", "authKey": "k", "cardInfo": None}) is None
-    assert service._bound.templates["syncCardInfo"] is None
+    assert await templates(service, "syncCardInfo", {"orgCode": "Q1", "authKey": "k", "cardInfo": None}) is None
+    assert service._bound.operations["syncCardInfo"].template is None
 
 
 async def test_text_xml_cannot_carry_is_a_bad_request(tmp_path):
