@@ -21,14 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from PIL import Image, ImageDraw, ImageFont
-
 from agent.events import (Event, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged,
                           Verified)
 from agent.model import Alarm, ComponentStatus, IdentitySource, Reason, Result, ScanKind
 from agent.privacy import mask_name
 
 if TYPE_CHECKING:
+    from PIL import Image, ImageDraw, ImageFont
+
     from drivers.display import Display
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class Fonts:
     """A 12 px and a 16 px font; CJK when the font is there, Pillow's own (Latin) otherwise."""
 
     def __init__(self, path: Path | None = None) -> None:
+        from PIL import ImageFont  # Pillow only on a box with a display (4 MiB, 40 ms of its start)
+
         candidates = [path] if path else list(CJK_FONTS)
         self.path = next((p for p in candidates if p and p.is_file()), None)
         self.small: ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -127,6 +129,8 @@ def reason_text(reason: Reason | None, fonts: Fonts) -> str:
 def render(screen: Screen, size: tuple[int, int], fonts: Fonts) -> Image.Image:
     """A screen as a 1-bit image of `size` (128x64 or 128x32)."""
     width, height = size
+    from PIL import Image, ImageDraw
+
     image = Image.new("1", size, 0)
     draw = ImageDraw.Draw(image)
     draw.fontmode = "1"  # no anti-aliasing: the panel has no grey
@@ -267,6 +271,8 @@ def samples(fonts: Fonts) -> dict[str, Screen]:
 
 def preview(screen: Screen, size: tuple[int, int], fonts: Fonts, scale: int = 4) -> Image.Image:
     """A screen as people look at it: scaled up, white on black like the panel."""
+    from PIL import Image
+
     image = render(screen, size, fonts).convert("L")
     return image.resize((size[0] * scale, size[1] * scale), Image.Resampling.NEAREST)
 

@@ -33,7 +33,8 @@ MAX_BATCH = 32
 class Params(BaseModel):
     """Base of every method's parameters: unknown parameters are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # each method's schema is built on its first call, not at the daemon's start
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class NoParams(Params):

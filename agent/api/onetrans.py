@@ -43,10 +43,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
-from cryptography.hazmat.primitives import hashes, padding
-from cryptography.hazmat.primitives import hmac as crypto_hmac
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from agent.codes import qwb002
 from agent.config import OnetransConfig
 from agent.model import Reason, Result, ScanboxError, ScanKind, now_local
@@ -54,15 +50,21 @@ from agent.model import Reason, Result, ScanboxError, ScanKind, now_local
 logger = logging.getLogger(__name__)
 
 # --- the crypto (OpenSSL through `cryptography`) ------------------------------------------------
+# imported on the first OneTrans request: a box whose HIS speaks JSON-RPC never loads it
 
 
 def sm3(data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+
     digest = hashes.Hash(hashes.SM3())
     digest.update(data)
     return digest.finalize()
 
 
 def hmac_sm3(key: bytes, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hmac as crypto_hmac
+
     mac = crypto_hmac.HMAC(key, hashes.SM3())
     mac.update(data)
     return mac.finalize()
@@ -100,6 +102,9 @@ def sign(message: dict[str, Any], app_key: str) -> dict[str, Any]:
 
 
 def encrypt_data(data: Any, app_key: str, iv: bytes | None = None) -> str:
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     iv = iv if iv is not None else secrets.token_bytes(16)
     padder = padding.PKCS7(128).padder()
     plain = padder.update(canonical(data)) + padder.finalize()
@@ -112,6 +117,9 @@ class DecryptError(ValueError):
 
 
 def decrypt_data(text: str, app_key: str) -> Any:
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
