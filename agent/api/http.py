@@ -306,18 +306,18 @@ class HttpServer:
     async def onetrans(self, request: web.Request) -> web.Response:
         """The bare pInData as the body (UTF-8, or GBK as the DLL spoke); pOutData back in the
         request's charset. The app's signature is the authentication (no bearer token)."""
-        peer = "http:%s" % _peer(request)
+        peer = _peer(request)
         charset = (request.charset or "").lower() or None
         try:
             body: bytes | None = await self._body(request)
         except web.HTTPRequestEntityTooLarge:
             # every body gets a pOutData, this one too
             out = self.api.onetrans.refused("pInData is longer than %d bytes (api.max_message)"
-                                            % self.config.max_message, peer)
+                                            % self.config.max_message, "http", peer)
             body = None
         except _BodyTimeout:
             out = self.api.onetrans.refused("pInData did not arrive within %g s (api.auth_timeout_s)"
-                                            % self.config.auth_timeout_s, peer)
+                                            % self.config.auth_timeout_s, "http", peer)
             body = None
         if body is not None:
             if charset is None:
@@ -329,9 +329,9 @@ class HttpServer:
             try:
                 text = body.decode(charset)
             except (UnicodeDecodeError, LookupError):
-                out = self.api.onetrans.refused("the body is not %s text" % charset[:20], peer)
+                out = self.api.onetrans.refused("the body is not %s text" % charset[:20], "http", peer)
             else:
-                out = await self.api.onetrans.handle(text, peer)
+                out = await self.api.onetrans.handle(text, "http", peer)
                 conn = self._open.get(request.transport) if request.transport is not None else None
                 if conn is not None and "sign" in out:
                     conn.release()  # a signed answer: a good signature, a known app's connection

@@ -190,8 +190,9 @@ class Api:
         self.uploader = uploader
         self.status_provider = status
         self.guard = AuthGuard(clients)
-        # a signed request forgives nothing either (AuthGuard)
-        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard.penalty)
+        # one guard for tokens and OneTrans signatures on every transport; a signed request
+        # forgives nothing either
+        self.onetrans = OneTrans(onetrans or OnetransConfig(), self._read_for_onetrans, self.guard)
 
     def methods(self) -> list[Method]:
         return [
@@ -287,4 +288,4 @@ class Api:
         return await self.hub.read_card(kinds, timeout_s, step, True)
 
     async def onetrans_call(self, session: Session, params: OnetransParams) -> dict[str, Any]:
-        return await self.onetrans.handle(params.pInData, "%s:%s" % (session.transport, session.peer))
+        return await self.onetrans.handle(params.pInData, session.transport, session.peer)

@@ -24,6 +24,9 @@ The spec says requests and responses are signed (`signtype`, "SM3") and may be e
 - responses carry the request's `msgid` and are signed (and encrypted when the request was) the
   same way with the same app's keys; a request whose app or signature is wrong gets an unsigned
   answer (there is no key to trust), the same for both.
+- a failed signature counts against the sender's address in the same guard as a wrong token on
+  TCP, HTTP and the WebSocket (agent.api.methods.AuthGuard): an address locked out there is
+  refused here (100011) before any signature is checked, and its failures here lock it out there.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from agent.codes import qwb002
 from agent.config import OnetransConfig
@@ -149,6 +152,7 @@ UNKNOWN_TRANS_TYPE = "100007"
 STALE = "100008"  # timestamp outside the window (or the box's clock is not set)
 REPLAYED = "100009"  # this app's msgid was already used within the window
 KEY_SENT = "100010"  # app_key/appKey on the wire
+LOCKED_OUT = "100011"  # the address failed too often (signatures here, tokens elsewhere): AuthGuard
 # (100004, "unknown app_id", was retired: an unknown app answers 100003 like a bad signature)
 
 BAD_SIGNATURE_TEXT = "签名验证失败: unknown app_id, or sign missing or wrong (HMAC-SM3, docs/api.md)"
@@ -231,15 +235,23 @@ class Refused(Exception):
 TransHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+class LoginGuard(Protocol):
+    """What OneTrans needs of the API's per-address guard (agent.api.methods.AuthGuard)."""
+
+    def refusal(self, peer: str) -> str | None: ...
+
+    def penalty(self, peer: str) -> float: ...
+
+
 class OneTrans:
     def __init__(self, config: OnetransConfig,
                  read_card: Callable[[list[ScanKind], float, str | None], Awaitable[Result]],
-                 penalty: Callable[[str], float] | None = None,
-                 forgive: Callable[[str], None] | None = None) -> None:
+                 guard: LoginGuard | None = None) -> None:
         self.config = config
         self.read_card = read_card
-        self.penalty = penalty
-        self.forgive = forgive
+        # one count per address for every transport: a wrong signature here is a wrong token
+        # there, and an address locked out anywhere is locked out here
+        self.guard = guard
         self._busy = False
         self._serial = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self.trans_types: dict[str, TransHandler] = {"hos.user.get": self.user_get}
@@ -248,8 +260,10 @@ class OneTrans:
         # a timestamp window means nothing on a clock that is wrong or not yet synchronised
         self.clock_problem: Callable[[], str | None] | None = None
 
-    async def handle(self, p_in: Any, peer: str = "local") -> dict[str, Any]:
-        """pInData (object, or the JSON text of one) -> pOutData. Never raises for bad input."""
+    async def handle(self, p_in: Any, transport: str = "unix", address: str = "local") -> dict[str, Any]:
+        """pInData (object, or the JSON text of one) from `address` over `transport` -> pOutData.
+        Never raises for bad input."""
+        peer = "%s:%s" % (transport, address)
         received = now_local()
         app_key: str | None = None
         encrypt = False
@@ -262,6 +276,9 @@ class OneTrans:
             if message.get("signtype") != "SM3":
                 raise Refused(UNSUPPORTED_ALGORITHM, "signtype %r is not supported: SM3 (HMAC-SM3, see the API "
                               "document)" % _short(message.get("signtype")))
+            refusal = self.guard.refusal(address) if self.guard is not None else None
+            if refusal is not None:
+                raise Refused(LOCKED_OUT, refusal)
             app_id = message.get("app_id")
             app = self.config.apps.get(app_id) if isinstance(app_id, str) else None
             # an unknown app costs the same HMAC as a known one, and answers the same
@@ -273,11 +290,9 @@ class OneTrans:
                 raise Refused(BAD_ENVELOPE, "pInData holds a number JSON cannot carry (NaN, Infinity)") from None
             if app is None or not isinstance(given, str) or not hmac.compare_digest(
                     given.lower().encode("ascii", "replace"), expected.encode("ascii")):
-                await self._slow(peer)
+                await self._slow(address)
                 raise Refused(BAD_SIGNATURE, BAD_SIGNATURE_TEXT)
             app_key = key  # from here on the answer is signed
-            if self.forgive is not None:
-                self.forgive(peer)
             enc_type = message.get("enc_type")
             if enc_type not in ("SM4", "NONE"):
                 raise Refused(UNSUPPORTED_ALGORITHM, "enc_type %r is not supported: SM4 or NONE" % _short(enc_type))
@@ -312,9 +327,9 @@ class OneTrans:
             code, err_msg, out_data = exc.code, exc.message, {}
         return self._reply(code, err_msg, out_data, received, msgid, app_key, encrypt, peer)
 
-    def refused(self, message: str, peer: str = "local") -> dict[str, Any]:
+    def refused(self, message: str, transport: str = "unix", address: str = "local") -> dict[str, Any]:
         """The pOutData for a body that is not even text (bad charset, too long): 100001, unsigned."""
-        return self._reply(BAD_ENVELOPE, message, {}, now_local(), None, None, False, peer)
+        return self._reply(BAD_ENVELOPE, message, {}, now_local(), None, None, False, "%s:%s" % (transport, address))
 
     def _reply(self, code: str, err_msg: str, out_data: dict[str, Any], received: dt.datetime, msgid: str | None,
                app_key: str | None, encrypt: bool, peer: str) -> dict[str, Any]:
@@ -397,9 +412,9 @@ class OneTrans:
         # steps: twice the window from now
         self._seen(app_id)[msgid] = time.monotonic() + 2 * self.config.window_s
 
-    async def _slow(self, peer: str) -> None:
-        if self.penalty is not None:
-            await asyncio.sleep(self.penalty(peer))
+    async def _slow(self, address: str) -> None:
+        if self.guard is not None:
+            await asyncio.sleep(self.guard.penalty(address))
 
     @staticmethod
     def _parse(p_in: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from agent.api import onetrans
 from agent.api.onetrans import canonical, decrypt_data, encrypt_data, msgid_ok, sign, signature, sm3
-from tests.api.webclient import HTTP_API, base_url
-from tests.conftest import TOKEN
+from tests.api.webclient import HTTP_API, base_url, post_rpc
+from tests.conftest import TOKEN, RpcClient
 
 APP_ID = "HIS0000000000001"
 APP_KEY = "app-key-5f1c9d2e7a"
@@ -265,10 +265,10 @@ async def test_envelope_errors_have_their_own_codes(box):
     ]
     box.daemon.api.guard.MAX_DELAY_S = 0.25  # the doubling wait is not what this test is about
     for message, code, signed in cases:
-        failures = box.daemon.api.guard.failures("tcp:127.0.0.1")
+        failures = box.daemon.api.guard.failures("127.0.0.1")
         answer = await call(client, message)
         if code == "100003":  # a wrong app or signature counts against the address
-            assert box.daemon.api.guard.failures("tcp:127.0.0.1") == failures + 1
+            assert box.daemon.api.guard.failures("127.0.0.1") == failures + 1
         assert answer["code"] == code, (message, answer)
         assert answer["data"] == {} or answer["enc_type"] == "SM4"
         assert ("sign" in answer) is signed, answer
@@ -299,6 +299,59 @@ async def test_a_request_carrying_the_app_key_is_refused_and_the_leak_logged(box
         assert "app_key must not be sent" in answer["err_msg"] and "HIS's PC" in answer["err_msg"]
     leaked = [r.getMessage() for r in caplog.records if "no longer secret" in r.getMessage()]
     assert len(leaked) == 2 and all(APP_ID in m and APP_KEY not in m for m in leaked)
+
+
+ATTACKER = ("127.0.0.2", 0)  # loopback is all of 127/8; the HIS is 127.0.0.1
+
+
+async def _post_onetrans(http: aiohttp.ClientSession, box, message: dict) -> dict:
+    async with http.post(base_url(box) + "/onetrans", data=json.dumps(message, ensure_ascii=False).encode()) as r:
+        assert r.status == 200
+        return json.loads(await r.read())
+
+
+async def test_guessing_signatures_over_onetrans_locks_the_address_out_of_onetrans_and_the_http_api(box):
+    await box.start(sources={}, api=dict(ONETRANS, **HTTP_API))
+    guard = box.daemon.api.guard
+    guard.MAX_DELAY_S = 0.01  # the lockout is the subject here, not the doubling wait
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=ATTACKER)) as attacker, \
+            aiohttp.ClientSession() as his:
+        for i in range(guard.LOCKOUT_FAILURES):
+            guess = sign(request(SPEC_RECHARGE), "guessed-key-%02d" % i)
+            assert (await _post_onetrans(attacker, box, guess))["code"] == "100003"
+        assert guard.failures("127.0.0.2") == guard.LOCKOUT_FAILURES
+        # now even the right key is refused from that address, before any signature is checked
+        answer = await _post_onetrans(attacker, box, request(SPEC_RECHARGE))
+        assert answer["code"] == "100011" and "locked out" in answer["err_msg"] and "sign" not in answer, answer
+        # ... and the HTTP API is closed to it too, whatever the token
+        status, body = await post_rpc(attacker, box, {"jsonrpc": "2.0", "id": 1, "method": "status"}, TOKEN)
+        assert status == 401 and "locked out" in body["error"]["message"], body
+        # another address is not locked out of either
+        assert opened(await _post_onetrans(his, box, request(SPEC_RECHARGE)))["code"] == "100007"
+        status, body = await post_rpc(his, box, {"jsonrpc": "2.0", "id": 1, "method": "status"}, TOKEN)
+        assert status == 200 and body["result"]["device_id"] == "test-box"
+
+
+async def test_wrong_tokens_on_the_http_api_lock_the_address_out_of_onetrans(box):
+    await box.start(sources={}, api=dict(ONETRANS, **HTTP_API))
+    guard = box.daemon.api.guard
+    guard.MAX_DELAY_S = 0.01
+    # a TCP session from the address, logged in before the guessing (JSON-RPC's `onetrans`)
+    session = await RpcClient.tcp(*box.daemon.stream.tcp_address, local_addr=ATTACKER)
+    try:
+        assert (await session.call("auth", {"token": TOKEN}))["ok"]
+        status_call = {"jsonrpc": "2.0", "id": 1, "method": "status"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=ATTACKER)) as attacker:
+            for i in range(guard.LOCKOUT_FAILURES):
+                assert (await post_rpc(attacker, box, status_call, "guess-%02d" % i))[0] == 401
+            answer = await _post_onetrans(attacker, box, request(SPEC_RECHARGE))
+            assert answer["code"] == "100011" and "locked out" in answer["err_msg"], answer
+        answer = await call(session, request(SPEC_RECHARGE))
+        assert answer["code"] == "100011" and "sign" not in answer, answer
+    finally:
+        await session.close()
+    his = await box.tcp(TOKEN)  # 127.0.0.1 is not locked out
+    assert opened(await call(his, request(SPEC_RECHARGE)))["code"] == "100007"
 
 
 async def test_a_replayed_or_stale_request_is_refused_and_the_answer_signs_the_msgid(box):
