@@ -8,12 +8,13 @@ HIS hears about its scan, keeps its msgGuid (the platform's idempotency key) thr
 and restart, and is deleted `outbox.retention` after the platform has it.
 
 Personal data at rest (DESIGN.md "Personal data"): a record's payload (the QR code, names, ID
-numbers) and a cached identity are sealed (agent/sealing.py) with the row's msgGuid or code hash
-as associated data, under a key kept outside the database; a record the platform has keeps no
-payload at all; dead records go `outbox.dead_retention` after they died. secure_delete zeroes
-what is deleted, and the WAL is truncated after deletions, so a deleted row is not left readable
-in the -wal file either. A corrupt database's readable rows are carried over to a new one and the
-corrupt file is deleted.
+numbers) and a cached identity are sealed (agent/sealing.py) with the row's msgGuid or code index
+as associated data, under a key kept outside the database; the cache is indexed by a keyed hash
+of the code (Keyring.qr_index), so a copied database cannot be searched for a known code; a
+record the platform has keeps no payload at all; dead records go `outbox.dead_retention` after
+they died. secure_delete zeroes what is deleted, and the WAL is truncated after deletions, so a
+deleted row is not left readable in the -wal file either. A corrupt database's readable rows are
+carried over to a new one and the corrupt file is deleted.
 
 A full disk, an unwritable directory or a corrupt file never stops the box: the store reports
 the problem (an alarm), the caller carries on without it, and the next write tries again.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,8 +46,9 @@ from drivers.base import Backoff
 
 logger = logging.getLogger(__name__)
 
-# 1: payloads and identities in clear JSON; 2: sealed, no payload once sent, clock_ok
-SCHEMA_VERSION = 2
+# 1: payloads and identities in clear JSON; 2: sealed, no payload once sent, clock_ok;
+# 3: the identity cache indexed by a keyed hash of the code (older entries are deleted)
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -67,7 +68,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at, id);
 CREATE TABLE IF NOT EXISTS identity_cache (
-    qr_hash TEXT PRIMARY KEY,           -- sha256 of the code: the code itself is a credential
+    qr_hash TEXT PRIMARY KEY,           -- HMAC-SHA256 of the code (Keyring.qr_index): the code is a credential
     identity BLOB NOT NULL,             -- JSON, sealed; personal data, expires
     verified_at REAL NOT NULL,
     expires_at REAL NOT NULL
@@ -127,10 +128,6 @@ class Row:
         if with_values:
             out["values"] = self.values
         return out
-
-
-def qr_hash(qr: str) -> str:
-    return hashlib.sha256(qr.encode("utf-8")).hexdigest()
 
 
 STATS_REUSE_S = 1.0
@@ -348,20 +345,23 @@ class Store:
 
     async def cache_put(self, qr: str, identity: dict[str, Any], ttl_s: float) -> None:
         now = self.clock()
-        key = qr_hash(qr)
-        await self._submit(lambda conn: conn.execute(
-            "INSERT INTO identity_cache (qr_hash, identity, verified_at, expires_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (qr_hash) DO UPDATE SET identity = excluded.identity,"
-            " verified_at = excluded.verified_at, expires_at = excluded.expires_at",
-            (key, self._seal_identity(key, identity), now, now + ttl_s)))
+
+        def put(conn: sqlite3.Connection) -> None:
+            key = self._keys().qr_index(qr)  # the key is loaded with the database, in this thread
+            conn.execute(
+                "INSERT INTO identity_cache (qr_hash, identity, verified_at, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (qr_hash) DO UPDATE SET identity = excluded.identity,"
+                " verified_at = excluded.verified_at, expires_at = excluded.expires_at",
+                (key, self._seal_identity(key, identity), now, now + ttl_s))
+        await self._submit(put)
 
     async def cache_get(self, qr: str) -> tuple[dict[str, Any], float] | None:
         """The identity verified for this code and when, if it has not expired and was not
         verified "after now" (a clock that was ahead then, or is behind now, proves nothing)."""
         now = self.clock()
-        key = qr_hash(qr)
 
         def lookup(conn: sqlite3.Connection) -> tuple[dict[str, Any], float] | None:
+            key = self._keys().qr_index(qr)
             r = conn.execute("SELECT identity, verified_at FROM identity_cache"
                              " WHERE qr_hash = ? AND expires_at > ? AND verified_at <= ?", (key, now, now)).fetchone()
             if r is None:
@@ -374,8 +374,8 @@ class Store:
         return await self._submit(lookup, write=False)
 
     async def cache_forget(self, qr: str) -> None:
-        await self._submit(lambda conn: conn.execute("DELETE FROM identity_cache WHERE qr_hash = ?", (qr_hash(qr),)),
-                           deletes=True)
+        await self._submit(lambda conn: conn.execute("DELETE FROM identity_cache WHERE qr_hash = ?",
+                                                     (self._keys().qr_index(qr),)), deletes=True)
 
     async def housekeeping(self, retention_s: float, dead_retention_s: float | None = None) -> tuple[int, int, int]:
         """Delete sent records older than `retention_s`, dead ones older than `dead_retention_s`
@@ -622,31 +622,31 @@ class Store:
                     continue
                 conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (sealed, r["id"]))
                 resealed += 1
-            for r in conn.execute("SELECT qr_hash, identity FROM identity_cache").fetchall():
-                ad = b"cache:" + r["qr_hash"].encode()
-                identity = r["identity"]
-                if isinstance(identity, str):
-                    sealed = keys.seal(identity.encode(), ad)
-                elif keys.sealed_under_old(identity):
-                    try:
-                        sealed = keys.seal(keys.open(identity, ad), ad)
-                    except sealing.SealError:
-                        continue
-                else:
-                    continue
-                conn.execute("UPDATE identity_cache SET identity = ? WHERE qr_hash = ?", (sealed, r["qr_hash"]))
-                resealed += 1
+            # the cache's index is a keyed hash of the code under the current key, and the code
+            # itself is not kept: an entry indexed otherwise (a plain sha256 before version 3, or
+            # under a key replaced since) can be neither found nor re-indexed, and its plain
+            # index is what a copied card could test a code against. A cache: deleted.
+            if version < 3:
+                dropped = conn.execute("DELETE FROM identity_cache").rowcount
+            else:
+                dropped = 0
+                for r in conn.execute("SELECT qr_hash, identity FROM identity_cache").fetchall():
+                    identity = r["identity"]
+                    if isinstance(identity, str) or keys.sealed_under_old(identity):
+                        conn.execute("DELETE FROM identity_cache WHERE qr_hash = ?", (r["qr_hash"],))
+                        dropped += 1
             conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if version < SCHEMA_VERSION or resealed:
+        if version < SCHEMA_VERSION or resealed or dropped:
             # the clear text of version 1 lies in free pages and in the WAL: rewrite the file
             conn.execute("VACUUM")
             _truncate_wal(conn)
-            logger.info("outbox: database at version %d (was %d); %d payloads and identities sealed",
-                        SCHEMA_VERSION, version, resealed)
+            logger.info("outbox: database at version %d (was %d); %d payloads sealed, %d cached identities "
+                        "deleted (indexed without the current key: the next online verification caches "
+                        "them again)", SCHEMA_VERSION, version, resealed, dropped)
         if keys.old_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 keys.old_path.unlink()
@@ -685,6 +685,9 @@ class Store:
                         rescued[table] += 1
                         if table == "outbox" and r["state"] == "pending":
                             pending += 1
+                # the rows are as the old schema version left them: _migrate takes them from there
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA user_version = %d" % int(old.execute("PRAGMA user_version").fetchone()[0]))
                 conn.execute("COMMIT")
             finally:
                 old.close()

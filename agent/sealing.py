@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ NONCE_BYTES = 12
 VERSION = 1
 # version byte, key id, nonce, then ciphertext and tag
 HEADER_BYTES = 1 + 4 + NONCE_BYTES
+# HKDF's label for the key of the identity cache's index (Keyring.qr_index): a key of its own,
+# so the index reveals nothing about the sealing key and the sealing key never keys a MAC
+QR_INDEX_LABEL = b"scanbox identity cache qr index v1"
 
 
 class SealError(Exception):
@@ -105,6 +109,7 @@ class Keyring:
     def __post_init__(self) -> None:
         self.key_id = key_id(self.key)
         self._ciphers_made: dict[bytes, Any] | None = None
+        self._qr_index_key_made: bytes | None = None
 
     @property
     def _ciphers(self) -> dict[bytes, Any]:
@@ -114,6 +119,18 @@ class Keyring:
 
             self._ciphers_made = {key_id(k): ChaCha20Poly1305(k) for k in [*self.old, self.key]}
         return self._ciphers_made
+
+    def qr_index(self, qr: str) -> str:
+        """The identity cache's key for a code: HMAC-SHA256 under a key derived from the store
+        key. A plain hash of the code would let whoever holds the card test a code they know
+        (a patient's static code is printed, photographed, shown) against the cache."""
+        if self._qr_index_key_made is None:
+            # as the ciphers: `cryptography` when first needed, not at the daemon's start
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+            self._qr_index_key_made = HKDF(hashes.SHA256(), 32, salt=None, info=QR_INDEX_LABEL).derive(self.key)
+        return hmac.new(self._qr_index_key_made, qr.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def seal(self, plaintext: bytes, associated: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

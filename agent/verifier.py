@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
 from datetime import datetime
@@ -24,7 +25,7 @@ from typing import Any, Callable, Coroutine
 from agent.clock import Clock
 from agent.model import (IDENTITY_FIELDS, Identity, IdentitySource, Reason, Result, Scan, ScanboxError,
                          ScanKind, UsageRecord, Verification)
-from agent.outbox import Store, StoreUnavailable, Uploader, qr_hash
+from agent.outbox import Store, StoreUnavailable, Uploader
 from agent.platforms.base import Platform, PlatformError, PlatformUnavailable, VerifyRequest
 from agent.privacy import mask_qr
 from agent.qr import VERIFIABLE, Classifier, QrKind
@@ -39,6 +40,13 @@ CACHE_NOTES = 4096
 # the forms whose identity may be cached: a static code, and a ciphertext (static or dynamic;
 # the platform's answer tells, and only a static one is put in the cache)
 CACHEABLE = frozenset({QrKind.STATIC, QrKind.CIPHERTEXT})
+
+
+def _note_key(qr: str) -> str:
+    """A code's place in the notes above: a digest, so this process does not hold thousands of
+    codes (credentials) longer than their scans. In memory only, never stored or logged: the
+    store indexes its cache by a keyed hash (Keyring.qr_index)."""
+    return hashlib.sha256(qr.encode("utf-8")).hexdigest()
 
 
 class Verifier:
@@ -225,7 +233,7 @@ class Verifier:
     def _cache_stale(self, qr: str, identity: Identity) -> bool:
         """Whether the cache entry for this code is missing, different or a quarter-TTL old; notes
         the write about to happen."""
-        key = qr_hash(qr)
+        key = _note_key(qr)
         now = self.monotonic()
         noted = self._cache_notes.get(key)
         if noted is not None and noted[0] == identity and now - noted[1] < self.cache_ttl_s / 4:
@@ -242,12 +250,12 @@ class Verifier:
         try:
             await self.store.cache_put(qr, {k: getattr(identity, k) for k in IDENTITY_FIELDS}, self.cache_ttl_s)
         except StoreUnavailable as exc:
-            self._cache_notes.pop(qr_hash(qr), None)  # not written after all: the next scan tries again
+            self._cache_notes.pop(_note_key(qr), None)  # not written after all: the next scan tries again
             logger.warning("identity cache: not updated: %s", exc)
 
     async def _forget(self, qr: str) -> None:
         """The platform refused this code (cancelled, unknown): never answer it from the cache."""
-        self._cache_notes.pop(qr_hash(qr), None)
+        self._cache_notes.pop(_note_key(qr), None)
         if self.store is None:
             return
         try:

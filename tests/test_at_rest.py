@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import os
 import sqlite3
 import uuid
@@ -176,7 +178,6 @@ PRAGMA user_version = 1;
 async def test_a_version_1_database_is_sealed_in_place_and_keeps_working(tmp_path, credentials):
     state = tmp_path / "state"
     state.mkdir()
-    import hashlib
     import json
 
     with sqlite3.connect(state / "outbox.db") as conn:
@@ -194,12 +195,72 @@ async def test_a_version_1_database_is_sealed_in_place_and_keeps_working(tmp_pat
     await store.open()
     pending, sent, dead = await store.get(1), await store.get(2), await store.get(3)
     assert pending.values["name"] == NAME and dead.values["id_card"] == ID_NUMBER and sent.values is None
-    assert (await store.cache_get(QR))[0]["name"] == NAME
+    # its cache was indexed by a plain sha256 of the code: deleted, not kept searchable
+    assert await store.cache_get(QR) is None
     assert clear_text_in(on_disk(state)) == []
+    assert hashlib.sha256(QR.encode()).hexdigest().encode() not in on_disk(state)
     await store.enqueue(use(9))  # and it takes new records
     await store.close()
     with sqlite3.connect(state / "outbox.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _unkeyed_digests(text: str) -> set[str]:
+    data = text.encode()
+    return {hashlib.new(name, data).hexdigest() for name in ("md5", "sha1", "sha256", "sha512", "sha3_256")}
+
+
+async def test_the_identity_cache_cannot_be_searched_for_a_known_code(tmp_path, credentials):
+    """Whoever holds the card and knows a patient's static code (printed, photographed) must not
+    be able to find out from the database whether, and when, that patient was here."""
+    state = tmp_path / "state"
+    store = Store(state / "outbox.db")
+    await store.open()
+    await store.cache_put(QR, {"name": NAME}, ttl_s=3600)
+    await store.close()
+    with sqlite3.connect(state / "outbox.db") as conn:
+        index = [r[0] for r in conn.execute("SELECT qr_hash FROM identity_cache")]
+    assert len(index) == 1
+    assert not _unkeyed_digests(QR) & set(index)  # on main: the sha256 of the code
+    assert not any(d.encode() in on_disk(state) for d in _unkeyed_digests(QR))
+    # keyed by a key derived from the store key with a label of its own, not the store key itself
+    key = sealing.read_key(credentials / sealing.KEY_NAME)
+    assert index == [sealing.Keyring(key, "test").qr_index(QR)]
+    assert index[0] != hmac.new(key, QR.encode(), hashlib.sha256).hexdigest()
+    assert index[0] != sealing.Keyring(os.urandom(32), "another box").qr_index(QR)
+    # and the store finds it again
+    store = Store(state / "outbox.db")
+    await store.open()
+    assert (await store.cache_get(QR))[0]["name"] == NAME
+    await store.cache_forget(QR)
+    assert await store.cache_get(QR) is None
+    await store.close()
+
+
+async def test_cache_entries_indexed_by_a_plain_hash_are_deleted_at_the_upgrade(tmp_path, credentials):
+    """A version 2 database (sealed identities, indexed by sha256 of the code): the index cannot
+    be re-keyed without the code, so those entries go (a cache: the next online verification
+    fills it again); the outbox is untouched."""
+    state = tmp_path / "state"
+    store = Store(state / "outbox.db")
+    await store.open()
+    record_id = await store.enqueue(use())
+    await store.close()
+    plain = hashlib.sha256(QR.encode()).hexdigest()
+    keys = sealing.Keyring(sealing.read_key(credentials / sealing.KEY_NAME), "test")
+    with sqlite3.connect(state / "outbox.db") as conn:
+        conn.execute("INSERT INTO identity_cache VALUES (?, ?, 1.8e9, 1.9e9)",
+                     (plain, keys.seal(b'{"name": "%s"}' % NAME.encode(), b"cache:" + plain.encode())))
+        conn.execute("PRAGMA user_version = 2")
+    store = Store(state / "outbox.db", clock=Clock())
+    await store.open()
+    assert await store.cache_get(QR) is None
+    assert (await store.get(record_id)).values["name"] == NAME
+    await store.close()
+    assert plain.encode() not in on_disk(state)
+    with sqlite3.connect(state / "outbox.db") as conn:
+        assert conn.execute("SELECT count(*) FROM identity_cache").fetchone()[0] == 0
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 async def test_a_key_made_beside_the_data_is_replaced_by_the_credential(tmp_path, monkeypatch):
@@ -213,6 +274,7 @@ async def test_a_key_made_beside_the_data_is_replaced_by_the_credential(tmp_path
     store = Store(state / "outbox.db")
     await store.open()
     record_id = await store.enqueue(use())
+    await store.cache_put(QR, {"name": NAME}, ttl_s=3600)
     assert store.keyring.beside_data and (state / "store.key").exists()
     await store.close()
     creds = tmp_path / "credentials"
@@ -223,6 +285,8 @@ async def test_a_key_made_beside_the_data_is_replaced_by_the_credential(tmp_path
     await store.open()
     assert not store.keyring.beside_data and not (state / "store.key").exists()
     assert (await store.get(record_id)).values["name"] == NAME
+    # its index was keyed by the old key: it cannot be found, so it is not kept
+    assert (await store.stats())["cached_identities"] == 0
     await store.close()
 
 
