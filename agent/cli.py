@@ -206,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     for risk in configuration.risks(config, configuration.find_secrets(args.secrets)):
         logging.getLogger("agent.config").warning("config: %s (allowed by [security] allow = [\"%s\"])", risk,
                                                   risk.allow)
+    for notice in configuration.notices(config):
+        logging.getLogger("agent.config").warning("config: %s", notice)
     from agent.daemon import run
 
     return run(config)
@@ -232,6 +234,8 @@ def _config_check(args: argparse.Namespace) -> int:
     # what [security] allow lets through is said every time, not only once
     for risk in configuration.risks(config, configuration.find_secrets(args.secrets)):
         print("warning: %s (allowed by [security] allow = [\"%s\"])" % (risk, risk.allow), file=sys.stderr)
+    for notice in configuration.notices(config):
+        print("warning: %s" % notice, file=sys.stderr)
     if not args.quiet:
         print("%s: OK" % args.file)
         print(configuration.to_toml(configuration.dump(config)))

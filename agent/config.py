@@ -410,6 +410,10 @@ class MetricsConfig(Section):
     for a scraper on a management network."""
 
     listen: str | None = None  # "HOST:PORT"; "PORT" or ":PORT" alone listens on loopback
+    # TLS on `listen`, as api.tls: "auto" on every address but loopback and the USB cable link,
+    # "on" everywhere, "off" nowhere (beyond loopback and the USB link only with [security]
+    # allow = ["plain_listener"]); the box's certificate (api.tls_cert/api.tls_key, else its own)
+    tls: Literal["auto", "on", "off"] = "auto"
     # false: anyone who reaches `listen` may scrape (a management network behind a firewall);
     # the API listener's /metrics always wants a token
     require_token: bool = True
@@ -534,9 +538,35 @@ def is_local_address(host: str) -> bool:
     return address.is_loopback or address in USB_LINK
 
 
-def uses_tls(api: ApiConfig, host: str) -> bool:
-    """Whether a TCP or HTTP listener on `host` speaks TLS (api.tls)."""
-    return api.tls == "on" or (api.tls == "auto" and not is_local_address(host))
+def uses_tls(section: ApiConfig | MetricsConfig, host: str) -> bool:
+    """Whether a listener on `host` speaks TLS: the API's TCP and HTTP (api.tls), the metrics
+    port (metrics.tls)."""
+    return section.tls == "on" or (section.tls == "auto" and not is_local_address(host))
+
+
+def listeners(config: Config) -> list[tuple[str, str, bool]]:
+    """(key, "HOST:PORT" as configured, speaks TLS) of every network listener."""
+    found = []
+    for key, value, section, parse in (("api.tcp", config.api.tcp, config.api, parse_hostport),
+                                       ("api.http", config.api.http, config.api, parse_http_listen),
+                                       ("metrics.listen", config.metrics.listen, config.metrics, parse_http_listen)):
+        if value:
+            found.append((key, value, uses_tls(section, parse(value)[0])))
+    return found
+
+
+def notices(config: Config) -> list[str]:
+    """Settings that mean something else than they did in an earlier release: read as before,
+    and said at every start and by `config check` until the site says it knows."""
+    said = []
+    metrics = config.metrics
+    if metrics.listen and "tls" not in metrics.model_fields_set and uses_tls(metrics, parse_http_listen(
+            metrics.listen)[0]):
+        said.append("metrics.listen = \"%s\" speaks TLS now (https, the box's certificate): a Prometheus that "
+                    "scrapes it over http:// gets nothing; give its scrape job scheme: https and a tls_config "
+                    "that trusts the box's certificate (docs/fleet.md), then set [metrics] tls = \"auto\" to say "
+                    "so (this warning goes)" % metrics.listen)
+    return said
 
 
 @dataclass(frozen=True)
@@ -555,12 +585,13 @@ def risks(config: Config, secrets_file: Path | None = None) -> list[Risk]:
     """Every dangerous setting in `config` (allowed ones included: see `config.security.allow`)."""
     found: list[Risk] = []
     api = config.api
-    for key, value in (("api.tcp", api.tcp), ("api.http", api.http)):
-        if value:
-            host = (parse_hostport if key == "api.tcp" else parse_http_listen)(value)[0]
-            if not uses_tls(api, host) and not is_local_address(host):
-                found.append(Risk("plain_listener", key, "%s without TLS (api.tls = \"off\"): tokens and "
-                                  "identities would cross the network in clear" % value))
+    for key, value, tls in listeners(config):
+        host = (parse_hostport if key == "api.tcp" else parse_http_listen)(value)[0]
+        if not tls and not is_local_address(host):
+            what = ("the metrics token and the box's state" if key == "metrics.listen"
+                    else "tokens and identities")
+            found.append(Risk("plain_listener", key, "%s without TLS (%s.tls = \"off\"): %s would cross the "
+                              "network in clear" % (value, key.split(".")[0], what)))
     for item in api.trusted:
         net = ipaddress.ip_network(item, strict=False)
         if net.prefixlen < (24 if net.version == 4 else 64):

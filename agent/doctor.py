@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import drivers
-from agent.config import Config, PlatformConfig, parse_hostport, parse_http_listen, uses_tls
+from agent import config as configuration
+from agent.config import Config, PlatformConfig
 from agent.platforms.transport import Reply
 from drivers.base import Finding, FindingStatus, ProbeContext, Roots
 
@@ -114,8 +115,7 @@ class Doctor:
         from agent import tls
 
         api = self.config.api
-        listeners = [value for value, parse in ((api.tcp, parse_hostport), (api.http, parse_http_listen))
-                     if value and uses_tls(api, parse(value)[0])]
+        listeners = [value for _, value, secure in configuration.listeners(self.config) if secure]
         if not listeners:
             return [Finding("tls", "ok", "tls", "no listener speaks TLS (plain on loopback and the USB link only)")]
         certificate = (tls.BoxCertificate(api.tls_cert, api.tls_key) if api.tls_cert and api.tls_key

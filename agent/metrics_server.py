@@ -1,10 +1,13 @@
 """`[metrics] listen`: GET /metrics on a port of its own, for a Prometheus server on a management
-network that should not reach the HIS API. Nothing else is served there."""
+network that should not reach the HIS API. Nothing else is served there. TLS as on the API's
+listeners (`metrics.tls`, the box's certificate): the bearer token and the box's state do not
+cross a clinic network in clear."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -21,14 +24,15 @@ class MetricsServer:
         self.guard = guard
         self.require_token = require_token
         self.address: tuple[str, int] | None = None
+        self.tls = False
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         app = web.Application(client_max_size=4096)
         app.router.add_get("/metrics", self.metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError:
@@ -36,7 +40,8 @@ class MetricsServer:
             self._runner = None
             raise
         self.address = tuple(self._runner.addresses[0][:2])
-        logger.info("metrics: listening on http://%s:%d/metrics%s", *self.address,
+        self.tls = ssl_context is not None
+        logger.info("metrics: listening on %s://%s:%d/metrics%s", "https" if self.tls else "http", *self.address,
                     "" if self.require_token else " (no token asked)")
 
     async def metrics(self, request: web.Request) -> web.Response:

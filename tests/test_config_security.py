@@ -34,6 +34,8 @@ RISKS = [
     ({"platform": {"tls_verify": False}}, "platform.tls_verify", "no_tls_verify"),
     ({"api": {"tcp": "0.0.0.0:7800", "tls": "off"}}, "api.tcp", "plain_listener"),
     ({"api": {"http": "192.168.1.20:7801", "tls": "off"}}, "api.http", "plain_listener"),
+    # the metrics port: the bearer token of the region's Prometheus in clear
+    ({"metrics": {"listen": "0.0.0.0:9851", "tls": "off"}}, "metrics.listen", "plain_listener"),
 ]
 
 
@@ -49,6 +51,8 @@ def test_a_dangerous_setting_is_refused_unless_the_site_allows_it(tmp_path, sect
     {"api": {"tcp": "0.0.0.0:7800"}},  # TLS: api.tls = "auto"
     {"api": {"tcp": "192.168.7.1:7800", "http": "127.0.0.1:7801", "tls": "off"}},  # USB link, loopback
     {"platform": {"endpoint": "http://127.0.0.1:8780/healthCard/services/x"}},  # a simulator on the box
+    {"metrics": {"listen": "0.0.0.0:9851"}},  # TLS: metrics.tls = "auto"
+    {"metrics": {"listen": "192.168.7.1:9851", "tls": "off"}},  # the USB link
 ])
 def test_safe_settings_pass(tmp_path, sections):
     assert _problems(tmp_path, **sections) == {}
@@ -91,3 +95,26 @@ def test_config_check_refuses_then_warns_about_what_is_allowed(tmp_path):
     proc = subprocess.run(scanbox + [str(config), "--secrets", str(secrets), "--quiet"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and proc.stderr.startswith("warning: platform.tls_verify"), proc.stderr
+
+
+def test_every_network_listener_speaks_tls_beyond_loopback_and_the_usb_link(tmp_path):
+    from agent.config import listeners
+
+    config = validate(config_dict(None, tmp_path, api={"tcp": "0.0.0.0:7800", "http": "127.0.0.1:7801"},
+                                  metrics={"listen": "10.20.3.41:9851"}))
+    assert listeners(config) == [("api.tcp", "0.0.0.0:7800", True), ("api.http", "127.0.0.1:7801", False),
+                                 ("metrics.listen", "10.20.3.41:9851", True)]
+
+
+def test_an_old_metrics_port_config_still_loads_and_is_told_it_speaks_tls_now(tmp_path):
+    """A config written when the metrics port was plain HTTP: read as before (now https on
+    that address), and said at start and by `config check` until the site writes tls = "auto"."""
+    scanbox = [sys.executable, "-m", "agent", "config", "check", "--quiet"]
+    config, secrets = write_config(tmp_path, config_dict(None, tmp_path, metrics={"listen": "0.0.0.0:9851"}))
+    proc = subprocess.run(scanbox + [str(config), "--secrets", str(secrets)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics.listen = \"0.0.0.0:9851\" speaks TLS now" in proc.stderr and "docs/fleet.md" in proc.stderr
+    config, secrets = write_config(tmp_path, config_dict(None, tmp_path, metrics={"listen": "0.0.0.0:9851",
+                                                                                  "tls": "auto"}))
+    proc = subprocess.run(scanbox + [str(config), "--secrets", str(secrets)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

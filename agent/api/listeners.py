@@ -8,7 +8,7 @@ import ssl
 from typing import TYPE_CHECKING, Callable
 
 from agent.api.stream import StreamServer
-from agent.config import Config, parse_hostport, parse_http_listen, uses_tls
+from agent.config import ApiConfig, Config, MetricsConfig, parse_hostport, parse_http_listen, uses_tls
 from agent.model import Alarm, ComponentStatus
 
 if TYPE_CHECKING:
@@ -32,10 +32,11 @@ class Listeners:
         # SHA-256 of the certificate the TLS listeners present (what a HIS pins); None: no TLS
         self.tls_fingerprint: str | None = None
 
-    def _tls_context(self, host: str) -> ssl.SSLContext | None:
-        """The ssl context for a listener on `host`, or None where it speaks plain (api.tls).
-        Raises TlsError: a listener that should speak TLS never falls back to plain."""
-        if not uses_tls(self.config.api, host):
+    def _tls_context(self, host: str, section: ApiConfig | MetricsConfig | None = None) -> ssl.SSLContext | None:
+        """The ssl context for a listener on `host`, or None where it speaks plain (api.tls, or
+        metrics.tls for the metrics port). Raises TlsError: a listener that should speak TLS never
+        falls back to plain."""
+        if not uses_tls(section or self.config.api, host):
             return None
         from agent import tls  # cryptography's x509: only on a box that serves TLS
 
@@ -70,8 +71,8 @@ class Listeners:
         if self.metrics is not None and self.config.metrics.listen:
             host, port = parse_http_listen(self.config.metrics.listen)
             try:
-                await self.metrics.start(host, port)
-            except OSError as exc:
+                await self.metrics.start(host, port, self._tls_context(host, self.config.metrics))
+            except (OSError, ValueError) as exc:  # TlsError is a ValueError
                 self._failed("metrics:%s" % self.config.metrics.listen, exc, "METRICS_UNAVAILABLE")
         if self.stream.unix_path is None and self.stream.tcp_address is None and self.http_address is None:
             raise RuntimeError("the HIS API could not listen anywhere: %s"

@@ -51,6 +51,9 @@ def test_the_scrape_config_example_is_valid(tmp_path):
     for name in ("prometheus.yml", "scanbox-rules.yml"):
         shutil.copy(PROMETHEUS / name, tmp_path / name)
     (tmp_path / "scanbox-metrics.token").write_text("a-metrics-token\n")
+    from agent import tls
+
+    tls.make(tls.BoxCertificate(tmp_path / "scanbox-boxes.pem", tmp_path / "box.key"))  # a box's certificate
     assert "SUCCESS" in _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
 
 

@@ -85,6 +85,29 @@ async def test_a_port_of_its_own_for_a_management_network(box, http):
         assert response.status in (404, 405)  # nothing but /metrics there
 
 
+async def test_the_own_port_speaks_tls_with_the_box_certificate(box, http):
+    """As the HIS API's listeners do: the token and the box's state never cross a network in clear."""
+    await box.start(api=api_with_metrics(), metrics={"listen": "127.0.0.1:0", "tls": "on"})
+    server = box.daemon.metrics_server
+    fingerprint = box.daemon.tls_fingerprint
+    assert server.tls and fingerprint  # the box's certificate, the one `status` and doctor show
+    address = "%s:%d" % server.address
+    pinned = aiohttp.Fingerprint(bytes.fromhex(fingerprint.replace(":", "")))
+    async with http.get("https://%s/metrics" % address, ssl=pinned,
+                        headers={"Authorization": "Bearer %s" % METRICS_TOKEN}) as response:
+        assert response.status == 200 and "scanbox_build_info{" in await response.text()
+    with pytest.raises(aiohttp.ServerFingerprintMismatch):
+        await http.get("https://%s/metrics" % address, ssl=aiohttp.Fingerprint(bytes(32)))
+    with pytest.raises(aiohttp.ClientError):  # in clear, nothing is answered (no token is read)
+        await scrape(http, "http://%s/metrics" % address)
+
+
+async def test_auto_tls_on_the_own_port_is_plain_on_loopback_only(box, http):
+    await box.start(api=api_with_metrics(), metrics={"listen": "127.0.0.1:0"})
+    assert not box.daemon.metrics_server.tls and box.daemon.tls_fingerprint is None
+    assert (await scrape(http, "http://%s:%d/metrics" % box.daemon.metrics_server.address))[0] == 200
+
+
 async def test_without_require_token_the_own_port_is_open(box, http):
     await box.start(api=api_with_metrics(), metrics={"listen": "127.0.0.1:0", "require_token": False})
     status, _ = await scrape(http, "http://%s:%d/metrics" % box.daemon.metrics_server.address, None)

@@ -1,6 +1,7 @@
-"""Debian's real Prometheus scrapes a running box: after a few scans, an offline period (the
-platform simulator stopped, then back) and an unplugged scanner, its HTTP API answers with the
-values, and the alert rules of contrib/prometheus evaluate on them.
+"""Debian's real Prometheus, with contrib's scrape job (over TLS), scrapes a running box: after a
+few scans, an offline period (the platform simulator stopped, then back) and an unplugged
+scanner, its metrics port answers with the values, and the alert rules of contrib/prometheus
+evaluate on them.
 
 No sleeping for a guessed time: each step waits until the box has been scraped twice since the
 state changed (so a whole scrape that saw the change is in Prometheus' store), then queries."""
@@ -16,10 +17,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
+from agent import tls
 from tests.fleet.common import METRICS_TOKEN, api_with_metrics
 
 RULES = Path(__file__).resolve().parents[2] / "contrib" / "prometheus" / "scanbox-rules.yml"
+SCRAPE_CONFIG = RULES.with_name("prometheus.yml")
 
 
 def free_port() -> int:
@@ -29,28 +33,26 @@ def free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, directory: Path, target: tuple[str, int]) -> None:
+    """Debian's Prometheus with contrib/prometheus.yml's `scanbox` job as a region copies it
+    (https, the box's certificate trusted, the token from a file), aimed at one box."""
+
+    def __init__(self, directory: Path, target: tuple[str, int], box_certificate: Path) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise AssertionError("prometheus is missing: bootstrap.sh installs Debian's prometheus package")
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
-        (directory / "token").write_text(METRICS_TOKEN + "\n")
         shutil.copy(RULES, directory / "rules.yml")
-        (directory / "prometheus.yml").write_text(f"""
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-rule_files: [rules.yml]
-scrape_configs:
-  - job_name: scanbox
-    authorization:
-      credentials_file: token
-    static_configs:
-      - targets: ["{target[0]}:{target[1]}"]
-        labels: {{site: "clinic-4"}}
-""")
+        jobs = yaml.safe_load(SCRAPE_CONFIG.read_text(encoding="utf-8"))["scrape_configs"]
+        job = next(j for j in jobs if j["job_name"] == "scanbox")
+        (directory / job["authorization"]["credentials_file"]).write_text(METRICS_TOKEN + "\n")
+        shutil.copy(box_certificate, directory / job["tls_config"]["ca_file"])
+        del job["file_sd_configs"]
+        job.update(scrape_timeout="1s",
+                   static_configs=[{"targets": ["%s:%d" % target], "labels": {"site": "clinic-4"}}])
+        (directory / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yml"], "scrape_configs": [job]}))
         self.log = open(directory / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
             [binary, "--config.file=%s" % (directory / "prometheus.yml"),
@@ -125,10 +127,14 @@ async def scraped_twice(box, timeout: float = 30) -> None:
 
 @pytest.mark.timeout(240)
 async def test_a_real_prometheus_sees_scans_an_offline_period_and_an_unplugged_scanner(box, http, tmp_path):
-    await box.start(api=api_with_metrics(), metrics={"listen": "127.0.0.1:0", "labels": {"district": "chengdong"}},
+    # TLS as on a clinic LAN ("auto" is plain on loopback only because loopback is not a network)
+    await box.start(api=api_with_metrics(), metrics={"listen": "127.0.0.1:0", "tls": "on",
+                                                     "labels": {"district": "chengdong"}},
                     platform={"timeout_s": 1, "verify_deadline_s": 2},
                     outbox={"backoff_initial": 0.2, "backoff_max": 0.5})
-    prometheus = Prometheus(tmp_path, box.daemon.metrics_server.address)
+    assert box.daemon.metrics_server.tls
+    prometheus = Prometheus(tmp_path, box.daemon.metrics_server.address,
+                            tls.default_paths(box.daemon.config.state_dir()).cert)
     try:
         await prometheus.ready(http)
         await scraped_twice(box)
