@@ -29,6 +29,7 @@ import ctypes.util
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -41,32 +42,57 @@ logger = logging.getLogger(__name__)
 RELEASE_FLOOR = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
 TIMESYNC_DIR = Path("/run/systemd/timesync")
 POLL_S = 0.25
-# struct timex (linux/timex.h): `modes` (unsigned int), then 4 longs, then `status` (int)
-_STA_UNSYNC = 0x0040
-_TIME_ERROR = 5
+STA_UNSYNC = 0x0040
+TIME_ERROR = 5
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Timex(ctypes.Structure):
+    """struct timex (adjtimex(2)); C longs, so the same layout on aarch64, x86-64 and armhf."""
+
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_reserved", ctypes.c_int * 11)]
+
+
+@dataclass(frozen=True)
+class KernelClock:
+    """The kernel's NTP state, as adjtimex(2) reports it (and `timedatectl`, node_exporter)."""
+
+    synchronised: bool
+    maxerror_s: float  # the kernel's bound on the clock's error
 
 
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
     # once: find_library runs `ldconfig -p` in a subprocess, and the state is read for every scan
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def kernel_synchronised() -> bool | None:
-    """The kernel's NTP state (adjtimex with modes 0 only reads); None when it cannot be read
-    (the unit's ProtectClock= filters adjtimex)."""
+def read_kernel() -> KernelClock | None:
+    """adjtimex(2) asking no change (modes 0 only reads); None when it cannot be read (the
+    unit's ProtectClock= filters adjtimex, even reading; no libc: another platform)."""
+    timex = _Timex()
     try:
-        libc = _libc()
-        buf = ctypes.create_string_buffer(512)  # larger than any struct timex
-        state = libc.adjtimex(buf)
+        state = _libc().adjtimex(ctypes.byref(timex))
     except (OSError, AttributeError):
         return None
     if state < 0:
         return None
-    offset = ctypes.sizeof(ctypes.c_uint)
-    offset += -offset % ctypes.sizeof(ctypes.c_long) + 4 * ctypes.sizeof(ctypes.c_long)
-    status = int.from_bytes(buf.raw[offset:offset + 4], "little", signed=True)
-    return state != _TIME_ERROR and not status & _STA_UNSYNC
+    return KernelClock(state != TIME_ERROR and not timex.status & STA_UNSYNC, timex.maxerror / 1e6)
+
+
+def kernel_synchronised() -> bool | None:
+    """The kernel's NTP state; None when it cannot be read."""
+    kernel = read_kernel()
+    return None if kernel is None else kernel.synchronised
 
 
 class Clock:
@@ -74,7 +100,7 @@ class Clock:
     the tests turn (a box started in 1970 on a state from 2026)."""
 
     def __init__(self, *, time_source: Callable[[], float] = time.time, timesync_dir: Path = TIMESYNC_DIR,
-                 kernel: Callable[[], bool | None] = kernel_synchronised, sync_wait_s: float = 20.0,
+                 kernel: Callable[[], KernelClock | None] = read_kernel, sync_wait_s: float = 20.0,
                  floor: float = RELEASE_FLOOR) -> None:
         self.time_source = time_source
         self.timesync_dir = timesync_dir
@@ -101,16 +127,28 @@ class Clock:
             self.floor_source = source
 
     def synchronised(self) -> bool | None:
+        """True, False, or None when the box cannot tell (the module's docstring): the one
+        answer `status`, the CLOCK_UNSYNCHRONISED alarm, `doctor` and the metrics give."""
+        return self.synchronised_by()[0]
+
+    def synchronised_by(self) -> tuple[bool | None, str | None]:
+        """(synchronised?, who says so: "timesyncd" or "adjtimex"; None when nobody can)."""
         try:
             if (self.timesync_dir / "synchronized").exists():
-                return True
+                return True, "timesyncd"
             if self.timesync_dir.is_dir():
-                return False
+                return False, "timesyncd"
         except OSError:
             pass
         if not self._kernel_said_yes:
-            self._kernel_said_yes = self.kernel() is True
-        return True if self._kernel_said_yes else None
+            kernel = self.kernel()
+            self._kernel_said_yes = kernel is not None and kernel.synchronised
+        return (True, "adjtimex") if self._kernel_said_yes else (None, None)
+
+    def maxerror_s(self) -> float | None:
+        """The kernel's bound on the clock's error, where adjtimex can be read."""
+        kernel = self.kernel()
+        return None if kernel is None else kernel.maxerror_s
 
     def sane(self) -> bool:
         sane = self.synchronised() is True or self.now() >= self.floor
@@ -148,7 +186,8 @@ class Clock:
             self.waiting -= 1
 
     def status(self) -> dict[str, Any]:
-        return {"now": _iso(self.now()), "synchronised": self.synchronised(), "sane": self.sane(),
+        synchronised, by = self.synchronised_by()
+        return {"now": _iso(self.now()), "synchronised": synchronised, "synchronised_by": by, "sane": self.sane(),
                 "floor": _iso(self.floor), "floor_source": self.floor_source}
 
     def alarms(self) -> list[Alarm]:

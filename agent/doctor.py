@@ -15,12 +15,8 @@ probes that talk to hardware (I2C, pcscd, the clock) are injectable.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import glob
 import json
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,15 +24,12 @@ from typing import Any, Callable
 
 import drivers
 from agent import config as configuration
+from agent.clock import Clock
 from agent.config import Config, PlatformConfig
 from agent.platforms.transport import Reply
 from drivers.base import Finding, FindingStatus, ProbeContext, Roots
 
 Status = FindingStatus
-
-# a clock before this cannot be right: scanbox did not exist yet
-EARLIEST_PLAUSIBLE = 1735689600  # 2025-01-01T00:00:00Z
-
 
 def i2c_answers(bus: int, address: int) -> bool:
     """Whether anything acknowledges `address` on /dev/i2c-`bus` (a quick write, as i2cdetect)."""
@@ -50,28 +43,6 @@ def i2c_answers(bus: int, address: int) -> bool:
     return True
 
 
-def clock_synchronised() -> tuple[bool | None, str]:
-    """(synchronised?, how we know). timedatectl where systemd runs, else the kernel's adjtimex
-    state (TIME_ERROR: not synchronised)."""
-    if shutil.which("timedatectl"):
-        try:
-            out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
-                                 capture_output=True, text=True, timeout=5)
-            value = out.stdout.strip()
-            if out.returncode == 0 and value in ("yes", "no"):
-                return value == "yes", "timedatectl"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: only read
-        state = libc.adjtimex(timex)
-        if state >= 0:
-            return state != 5, "adjtimex"  # 5 = TIME_ERROR
-    return None, "no way to ask"
-
-
 @dataclass
 class Doctor:
     config: Config | None
@@ -82,8 +53,8 @@ class Doctor:
     probe_unconfigured: bool = True
     i2c_probe: Callable[[int, int], bool] = i2c_answers
     pcsc_list: Callable[[], list[str]] | None = None  # None: ask pcscd
-    clock_state: Callable[[], tuple[bool | None, str]] = clock_synchronised
-    now: Callable[[], float] = time.time
+    # the clock as the daemon judges it (agent/clock.py), for when no daemon runs to say
+    wall_clock: Clock = field(default_factory=Clock)
 
     async def run(self) -> list[Finding]:
         findings: list[Finding] = []
@@ -94,7 +65,7 @@ class Doctor:
         findings += self.displays()
         status = await self._daemon_status()
         findings += await self.platform(status)
-        findings += self.clock()
+        findings += self.clock(status)
         findings += self.daemon_alarms(status)
         findings += self.tls()
         return findings
@@ -248,21 +219,32 @@ class Doctor:
 
     # -- clock ---------------------------------------------------------------------------------
 
-    def clock(self) -> list[Finding]:
-        now = self.now()
-        shown = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
-        if now < EARLIEST_PLAUSIBLE:
-            return [Finding("clock", "fail", "clock", "the clock says %s: wrong" % shown,
+    def clock(self, status: dict[str, Any] | None = None) -> list[Finding]:
+        """The running daemon's verdict on its clock (`status.clock`: its floor includes the
+        newest time in its outbox), else the same judgement made here (agent.clock.Clock)."""
+        clock = self.wall_clock
+        daemon = status.get("clock") if status is not None else None
+        if isinstance(daemon, dict) and "sane" in daemon:
+            synced, by, sane = daemon.get("synchronised"), daemon.get("synchronised_by"), daemon.get("sane")
+            shown, whose = str(daemon.get("now")), "the running daemon's clock"
+            floor = "%s (%s)" % (daemon.get("floor"), daemon.get("floor_source"))
+        else:
+            synced, by = clock.synchronised_by()
+            sane = clock.sane()
+            shown, whose = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(clock.now())), "the clock"
+            floor = "%s (%s)" % (time.strftime("%Y-%m-%d", time.localtime(clock.floor)), clock.floor_source)
+        set_ntp = ("TLS and platform signatures need the right time: `timedatectl set-ntp true`, and let the box "
+                   "reach an NTP server (or the hospital's)")
+        if not sane:
+            return [Finding("clock", "fail", "clock", "%s says %s, before %s: wrong and not synchronised"
+                            % (whose, shown, floor),
                             "the box has no battery-backed clock: it needs NTP (check network access to "
                             "an NTP server; `timedatectl set-ntp true`)")]
-        synced, how = self.clock_state()
         if synced is None:
             return [Finding("clock", "warn", "clock", "%s; cannot tell whether NTP keeps it right" % shown)]
         if not synced:
-            return [Finding("clock", "warn", "clock", "%s, not synchronised (%s)" % (shown, how),
-                            "TLS and platform signatures need the right time: `timedatectl set-ntp true`, "
-                            "and let the box reach an NTP server (or the hospital's)")]
-        return [Finding("clock", "ok", "clock", "%s, synchronised (%s)" % (shown, how))]
+            return [Finding("clock", "warn", "clock", "%s, not synchronised (%s)" % (shown, by), set_ntp)]
+        return [Finding("clock", "ok", "clock", "%s, synchronised (%s)" % (shown, by))]
 
 
 SOAP_KINDS = ("rhc", "wondersgroup")

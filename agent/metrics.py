@@ -4,7 +4,7 @@ Two kinds of values:
 - events, counted as they happen: scans (hub events), verifications and their latency, every
   business call to the platform and its round trip (Platform.observers);
 - state, read at scrape time from the daemon's own status (`Daemon.status()`: sources, platform,
-  outbox, display, alarms), the uploader's counters and the kernel's clock. This adapter is the
+  outbox, display, alarms), the uploader's counters and the daemon's clock (agent/clock.py). This adapter is the
   one place that knows where each value lives, so the scrape follows the status `status` shows.
 
 No label carries personal data or a payload: labels are source names from the config, scan
@@ -15,17 +15,12 @@ pattern: anything else is "other"), alarm codes and where they are.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import errno
 import hashlib
 import json
 import logging
-import os
 import platform as pyplatform
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
@@ -54,11 +49,6 @@ ROUND_TRIP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 # a platform's code goes into a label only when it looks like one of the tables' codes
 _CODE = re.compile(r"^[0-9A-Za-z_.-]{1,24}$")
 _OPERATION = re.compile(r"^[0-9A-Za-z_.]{1,48}$")
-
-# systemd-timesyncd touches this once the clock is synchronised (since v239); the unit's
-# ProtectClock= forbids adjtimex(2), even reading
-TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
-
 
 def config_hash(config: Any) -> str:
     """Which configuration a box runs, comparable across a fleet: the effective config (secrets
@@ -269,75 +259,16 @@ class StateCollector(Collector):
         yield count
 
     def _clock(self) -> Iterator[Metric]:
-        clock = clock_state()
-        synced = GaugeMetricFamily("scanbox_clock_synchronized", "1 when the kernel clock is synchronised (NTP); "
-                                   "absent when the box cannot tell.", labels=["method"])
+        # the daemon's Clock: the answer `status`, the CLOCK_UNSYNCHRONISED alarm and doctor give
+        clock = self.daemon.clock
+        synchronised, by = clock.synchronised_by()
+        synced = GaugeMetricFamily("scanbox_clock_synchronized", "1 when the clock is synchronised (NTP), as the "
+                                   "box's status says; absent when the box cannot tell.", labels=["method"])
         error = GaugeMetricFamily("scanbox_clock_maxerror_seconds", "The kernel's bound on the clock's error.")
-        if clock is not None:
-            synced.add_metric([clock.method], 1 if clock.synchronized else 0)
-            if clock.maxerror_s is not None:
-                error.add_metric([], clock.maxerror_s)
+        if synchronised is not None and by is not None:
+            synced.add_metric([by], 1 if synchronised else 0)
+        maxerror = clock.maxerror_s()
+        if maxerror is not None:
+            error.add_metric([], maxerror)
         yield synced
         yield error
-
-
-# --- the clock ------------------------------------------------------------------------------
-
-class _Timeval(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
-
-
-class _Timex(ctypes.Structure):
-    """struct timex (adjtimex(2)); C longs, so the same layout on aarch64, x86-64 and armhf."""
-
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
-                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
-                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
-                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
-                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_reserved", ctypes.c_int * 11)]
-
-
-STA_UNSYNC = 0x0040
-TIME_ERROR = 5
-
-
-class ClockState:
-    def __init__(self, method: str, synchronized: bool, maxerror_s: float | None) -> None:
-        self.method = method
-        self.synchronized = synchronized
-        self.maxerror_s = maxerror_s
-
-
-_libc: Any = None
-
-
-def adjtimex() -> tuple[int, _Timex]:
-    """adjtimex(2) asking no change: (clock state, struct timex). Raises OSError."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    timex = _Timex()
-    state = _libc.adjtimex(ctypes.byref(timex))
-    if state < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return state, timex
-
-
-def clock_state(read: Callable[[], tuple[int, _Timex]] = adjtimex,
-                timesync_flag: Path = TIMESYNC_FLAG) -> ClockState | None:
-    """The kernel's view (adjtimex, as `timedatectl` and node_exporter read it), else
-    systemd-timesyncd's flag file, else None (the box cannot tell)."""
-    try:
-        state, timex = read()
-        synced = not (timex.status & STA_UNSYNC) and state != TIME_ERROR
-        return ClockState("adjtimex", synced, timex.maxerror / 1e6)
-    except (OSError, AttributeError) as exc:
-        # EPERM: seccomp (the unit's ProtectClock=); no libc: another platform
-        if getattr(exc, "errno", None) not in (errno.EPERM, errno.ENOSYS):
-            logger.debug("adjtimex unavailable: %s", exc)
-    if timesync_flag.parent.is_dir():  # timesyncd runs (it made its directory)
-        return ClockState("timesyncd", timesync_flag.exists(), None)
-    return None

@@ -11,6 +11,7 @@ import ssl
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -202,3 +203,46 @@ async def test_a_scan_read_at_1970_is_filed_under_the_time_ntp_gives(box, tmp_pa
     (entry,) = box.sim.sim.journal
     filed = dt.datetime.strptime(entry.values["time"], "%Y-%m-%d %H:%M:%S")
     assert abs(filed.timestamp() - time.time()) < 60, entry.values["time"]  # not 1970-01-04
+
+
+async def test_status_doctor_and_the_metrics_give_the_clock_one_answer(box, tmp_path):
+    """One definition of "synchronised" and "sane" (agent/clock.py): while timesyncd runs and has
+    not synchronised the clock, and once it has, the daemon's status (and its alarm), `doctor` and
+    the metrics say the same, whatever the kernel's NTP state on the machine says."""
+    import aiohttp
+
+    from agent.doctor import Doctor
+    from tests.fleet.common import api_with_metrics, samples, scrape, value
+
+    clock, _ = a_clock(tmp_path, time.time(), timesyncd=True)
+    await box.start(clock=clock, sources={}, api=api_with_metrics())
+    url = "http://%s:%d/metrics" % box.daemon.http.address
+
+    async def answers() -> tuple[Any, ...]:
+        status = await (await box.unix()).call("status")
+        alarmed = any(a["code"] == "CLOCK_UNSYNCHRONISED" for a in status["alarms"])
+        found = [f for f in await Doctor(box.daemon.config, socket_path=box.daemon.stream.unix_path,
+                                         probe_unconfigured=False).run() if f.area == "clock"]
+        async with aiohttp.ClientSession() as http:
+            _, text = await scrape(http, url)
+        metric = value(samples(text), "scanbox_clock_synchronized")
+        method = {dict(labels).get("method") for (name, labels) in samples(text)
+                  if name == "scanbox_clock_synchronized"}
+        return status["clock"]["synchronised"], alarmed, found[0].status, found[0].text, metric, method
+
+    synced, alarmed, doctor_says, doctor_text, metric, method = await answers()
+    assert (synced, alarmed, doctor_says, metric, method) == (False, True, "warn", 0, {"timesyncd"})
+    assert "not synchronised (timesyncd)" in doctor_text
+    (tmp_path / "timesync" / "synchronized").touch()
+    synced, alarmed, doctor_says, doctor_text, metric, method = await answers()
+    assert (synced, alarmed, doctor_says, metric, method) == (True, False, "ok", 1, {"timesyncd"})
+    assert "synchronised (timesyncd)" in doctor_text
+
+
+async def test_doctor_without_a_daemon_judges_the_clock_as_the_daemon_does(tmp_path):
+    """A clock after 2024 but before the release floor the daemon uses is wrong to both."""
+    from agent.doctor import Doctor
+
+    clock, _ = a_clock(tmp_path, clocks.RELEASE_FLOOR - 86400)
+    found = [f for f in await Doctor(None, wall_clock=clock, probe_unconfigured=False).run() if f.area == "clock"]
+    assert clock.problem() is not None and found[0].status == "fail" and "wrong" in found[0].text

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from agent import cli, doctor
+from agent.clock import RELEASE_FLOOR, Clock
 from agent.config import Config
 from drivers import pcsc
 from tests.conftest import config_dict, make_config, write_config
@@ -31,8 +32,19 @@ def roots(tmp_path: Path) -> doctor.Roots:
     return doctor.Roots(dev, sys)
 
 
+def a_clock(directory: Path, synchronised: bool | None = True, now: float | None = None) -> Clock:
+    """The daemon's Clock with systemd-timesyncd's directory in `directory` (absent: None)."""
+    timesync = directory / "timesync"
+    if synchronised is not None:
+        timesync.mkdir(exist_ok=True)
+        if synchronised:
+            (timesync / "synchronized").touch()
+    return Clock(time_source=time.time if now is None else (lambda: now), timesync_dir=timesync,
+                 kernel=lambda: None)
+
+
 async def findings_of(config: Config | None, roots: doctor.Roots, **kw: Any) -> list[doctor.Finding]:
-    kw.setdefault("clock_state", lambda: (True, "test"))
+    kw.setdefault("wall_clock", a_clock(roots.dev.parent))
     kw.setdefault("i2c_probe", lambda bus, address: True)
     kw.setdefault("pcsc_list", lambda: [])  # the real pcscd: tests/cards/test_doctor_pcsc.py
     kw.setdefault("probe_timeout_s", 0.3)
@@ -83,7 +95,7 @@ async def test_what_to_fix(tmp_path: Path, roots: doctor.Roots) -> None:
             "cam": {"driver": "camera", "device": "picamera2"},
         }, display={"model": "ssd1306", "i2c_port": 1, "i2c_address": "0x3D"})
         found = by_subject(await findings_of(config, roots, i2c_probe=lambda bus, address: False,
-                                             clock_state=lambda: (False, "test")))
+                                             wall_clock=a_clock(tmp_path, synchronised=False)))
     finally:
         silent.close()
     hid = found["hid:counter"]
@@ -118,7 +130,7 @@ async def test_an_unconfigured_reader_is_found(tmp_path: Path, roots: doctor.Roo
 async def test_a_missing_i2c_bus_and_a_clock_in_the_past(tmp_path: Path, roots: doctor.Roots) -> None:
     os.unlink(roots.dev / "i2c-1")
     config = make_config(None, tmp_path, display={"model": "sh1106", "i2c_port": 1})
-    found = by_subject(await findings_of(config, roots, now=lambda: 946684800.0))  # 2000-01-01
+    found = by_subject(await findings_of(config, roots, wall_clock=a_clock(tmp_path, None, 946684800.0)))  # 2000
     assert found["display"].status == "fail" and "dtparam=i2c_arm=on" in found["display"].fix
     assert found["clock"].status == "fail" and "NTP" in found["clock"].fix
 
@@ -144,7 +156,7 @@ def test_the_command(tmp_path: Path, roots: doctor.Roots, capsys: pytest.Capture
                           doctor.Finding("input", "ok", "/dev/input/event3", "scanner")])
     assert text.splitlines() == ["clock:", "  WARN clock: not synchronised", "         fix: set-ntp",
                                  "input:", "  ok   /dev/input/event3: scanner", "1 problem"]
-    assert time.time() > doctor.EARLIEST_PLAUSIBLE
+    assert time.time() > RELEASE_FLOOR
 
 
 async def test_a_configured_card_reader_without_pcscd(tmp_path: Path, roots: doctor.Roots) -> None:

@@ -13,7 +13,7 @@ async def test_doctor_names_each_pcsc_reader_and_what_no_reader_matches(tmp_path
     config = make_config(None, tmp_path, sources={"cards": {
         "driver": "pcsc", "reader": "^%s$" % CARD_READER, "psam_reader": "ACR1281 .* SAM"}})
     found = doctor.Doctor(config, doctor.Roots(tmp_path / "dev", tmp_path / "sys"), probe_unconfigured=False,
-                          i2c_probe=lambda bus, address: True, clock_state=lambda: (True, "test")).sources()
+                          i2c_probe=lambda bus, address: True).sources()
     subjects = {f.subject: f for f in found}
     assert subjects["pcsc:cards"].status == "ok" and CARD_READER in subjects["pcsc:cards"].text
     psam = subjects["PSAM of pcsc:cards"]

@@ -153,39 +153,20 @@ def test_metrics_config_is_checked(tmp_path):
     assert "box_id: scanbox_build_info sets these itself" in text and "9bad" in text
 
 
-def test_the_clock_from_the_kernel_or_else_from_timesyncd(tmp_path):
-    from agent.metrics import STA_UNSYNC, adjtimex, clock_state
+def test_the_clock_from_timesyncd_or_else_from_the_kernel(tmp_path):
+    from agent.clock import STA_UNSYNC, Clock, KernelClock, read_kernel
 
-    state, timex = adjtimex()  # the real syscall: readable here (no seccomp)
-    real = clock_state()
-    assert real is not None and real.method == "adjtimex"
-    assert real.synchronized == (not timex.status & STA_UNSYNC and state != 5)
-    assert real.maxerror_s == timex.maxerror / 1e6
-
-    def refused():  # as under the unit's ProtectClock=
-        raise PermissionError(1, "Operation not permitted")
-
-    flag = tmp_path / "timesync" / "synchronized"
-    assert clock_state(refused, flag) is None  # no timesyncd either: the box cannot tell
-    flag.parent.mkdir()
-    assert clock_state(refused, flag).synchronized is False
-    flag.touch()
-    fallback = clock_state(refused, flag)
-    assert fallback.method == "timesyncd" and fallback.synchronized and fallback.maxerror_s is None
-
-
-def test_a_box_without_http_loads_no_prometheus_client(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import make_config
-
-    config = make_config(None, tmp_path)
-    script = ("import sys; from agent.config import validate; from agent.daemon import Daemon; import json; "
-              "d = Daemon(validate(json.loads(sys.argv[1]))); "
-              "print(d.metrics is None, 'prometheus_client' in sys.modules)")
-    data = json.dumps(config.model_dump(mode="json", exclude={"sources"}) | {"sources": {}})
-    data = data.replace('"********"', '"scanbox-secret"')  # the dump masks the platform password
-    out = subprocess.run([sys.executable, "-c", script, data], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["True", "False"], out.stderr
+    real = read_kernel()  # the real syscall: readable here (no seccomp)
+    assert real is not None and real.maxerror_s >= 0
+    assert isinstance(real.synchronised, bool) and STA_UNSYNC == 0x40
+    timesync = tmp_path / "timesync"
+    # as under the unit's ProtectClock=: adjtimex refused, and no timesyncd either
+    assert Clock(timesync_dir=timesync, kernel=lambda: None).synchronised_by() == (None, None)
+    # the kernel's "no" is no answer (a container, a box without an NTP client); its "yes" is
+    assert Clock(timesync_dir=timesync, kernel=lambda: KernelClock(False, 16.0)).synchronised_by() == (None, None)
+    assert Clock(timesync_dir=timesync, kernel=lambda: KernelClock(True, 0.1)).synchronised_by() == (True, "adjtimex")
+    timesync.mkdir()  # timesyncd runs, and is asked first
+    assert Clock(timesync_dir=timesync, kernel=lambda: KernelClock(True, 0.1)).synchronised_by() == (False, "timesyncd")
+    (timesync / "synchronized").touch()
+    clock = Clock(timesync_dir=timesync, kernel=lambda: None)
+    assert clock.synchronised_by() == (True, "timesyncd") and clock.maxerror_s() is None
