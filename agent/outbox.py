@@ -222,7 +222,8 @@ class Store:
         if self.keyring is not None and self.keyring.beside_data:
             alarms.append(Alarm("STORE_KEY_BESIDE_DATA", "outbox", "the key that seals personal data is %s, beside "
                                 "the data (no store.key credential): restart the service as shipped, which makes "
-                                "/etc/scanbox/store.key" % self.keyring.source))
+                                "/etc/scanbox/store.key; if this stays, `journalctl -u scanbox` says why it could "
+                                "not" % self.keyring.source))
         if stats and stats["dead"]:
             alarms.append(Alarm("OUTBOX_DEAD", "outbox", "%d records the platform refused; see `scanbox outbox "
                                 "list --state dead`" % stats["dead"]))

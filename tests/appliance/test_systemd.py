@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import re
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -159,54 +162,164 @@ def test_the_device_groups_are_the_ones_udev_gives_the_devices():
         assert major in allowed
 
 
-def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
-    """ExecStart= as written, in the environment systemd gives it: STATE_DIRECTORY,
-    RUNTIME_DIRECTORY, CREDENTIALS_DIRECTORY (the secrets only there), no paths in the config."""
-    from agent.config import split_secrets, to_toml
-    from tests.appliance.test_watchdog import Systemd
-    from tests.conftest import config_dict
+class UnitRun:
+    """scanbox.service's commands as written, in the environment systemd gives them:
+    STATE_DIRECTORY, RUNTIME_DIRECTORY, CREDENTIALS_DIRECTORY (the secrets only there), no paths
+    in the config; the scanbox of this checkout in place of the image's."""
 
-    u = unit("scanbox.service")
-    data = config_dict(None, tmp_path)
-    del data["device"]["state_dir"], data["api"]["unix"], data["api"]["unix_group"]
-    public, secrets = split_secrets(data)
-    config = tmp_path / "etc" / "scanbox" / "scanbox.toml"
-    config.parent.mkdir(parents=True)
-    config.write_text(to_toml(public), encoding="utf-8")
-    creds = tmp_path / "credentials"
-    creds.mkdir()
-    (creds / configuration.CREDENTIAL_NAME).write_text(to_toml(secrets), encoding="utf-8")
-    (creds / configuration.CREDENTIAL_NAME).chmod(0o400)
+    def __init__(self, tmp_path: Path) -> None:
+        from agent.config import split_secrets, to_toml
+        from tests.conftest import config_dict
+
+        self.unit = unit("scanbox.service")
+        data = config_dict(None, tmp_path)
+        del data["device"]["state_dir"], data["api"]["unix"], data["api"]["unix_group"]
+        public, secrets = split_secrets(data)
+        self.config = tmp_path / "etc" / "scanbox" / "scanbox.toml"
+        self.config.parent.mkdir(parents=True)
+        self.config.write_text(to_toml(public), encoding="utf-8")
+        self.creds = tmp_path / "credentials"
+        self.creds.mkdir()
+        (self.creds / configuration.CREDENTIAL_NAME).write_text(to_toml(secrets), encoding="utf-8")
+        (self.creds / configuration.CREDENTIAL_NAME).chmod(0o400)
+        self.state = tmp_path / "var" / "lib" / one(self.unit, "Service.StateDirectory")
+        self.runtime = tmp_path / "run" / one(self.unit, "Service.RuntimeDirectory")
+        self.state.mkdir(parents=True)
+        self.runtime.mkdir(parents=True)
+        self.notify = tmp_path / "notify.sock"
+        self.scanbox = str(Path(sys.executable).parent / "scanbox")
+
+    def exec_start_pre(self, key_path: Path) -> tuple[str, subprocess.CompletedProcess[str]]:
+        """ExecStartPre= (its prefix, and the command run with the key made at `key_path`)."""
+        line = one(self.unit, "Service.ExecStartPre")
+        command = line.lstrip("-+@:!")
+        argv = shlex.split(command)
+        assert argv[-1] == str(sealing.ETC_KEY)
+        run = subprocess.run([self.scanbox] + argv[1:-1] + [str(key_path)], capture_output=True, text=True)
+        return line[:len(line) - len(command)], run
+
+    def load_credential(self, made: Path) -> None:
+        """LoadCredential=store.key:/etc/scanbox/store.key, or SetCredential='s value when the
+        file is missing (systemd's fallback)."""
+        key_name, key_source = [(n, s) for n, s in credentials(self.unit).items()
+                                if n != configuration.CREDENTIAL_NAME][0]
+        assert key_name == sealing.KEY_NAME and Path(key_source) == sealing.ETC_KEY
+        target = self.creds / key_name
+        target.unlink(missing_ok=True)
+        if made.is_file():
+            target.write_bytes(made.read_bytes())
+        else:
+            fallback = dict(line.partition(":")[::2] for line in self.unit["Service.SetCredential"])
+            target.write_text(fallback[key_name])
+        target.chmod(0o400)
+
+    def run(self, while_running: Callable[[], None] = lambda: None) -> str:
+        """ExecStart= until READY=1, then `while_running`, then SIGTERM; its log."""
+        from tests.appliance.test_watchdog import Systemd
+
+        systemd = Systemd(self.notify)
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(NOTIFY_SOCKET=str(systemd.path), STATE_DIRECTORY=str(self.state),
+                   RUNTIME_DIRECTORY=str(self.runtime), CREDENTIALS_DIRECTORY=str(self.creds))
+        argv = shlex.split(one(self.unit, "Service.ExecStart"))
+        argv = [self.scanbox] + [str(self.config) if a == str(configuration.DEFAULT_CONFIG) else a for a in argv[1:]]
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            systemd.wait_for("READY=1", 30)
+            while_running()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            systemd.sock.close()
+            self.notify.unlink(missing_ok=True)
+        assert proc.stderr is not None
+        return proc.stderr.read()
+
+    def status(self) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.runtime / "api.sock"))
+            sock.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "status"}\n')
+            answer = sock.makefile("rb").readline()
+        return json.loads(answer)["result"]
+
+
+def test_the_daemon_runs_as_the_unit_starts_it(tmp_path):
+    run = UnitRun(tmp_path)
     # the store key, as ExecStartPre= makes it (as root) and LoadCredential= hands it over
-    key_name, key_source = [(n, s) for n, s in credentials(u).items() if n != configuration.CREDENTIAL_NAME][0]
-    assert key_name == sealing.KEY_NAME and Path(key_source) == sealing.ETC_KEY
-    pre = shlex.split(one(u, "Service.ExecStartPre").lstrip("+"))
-    assert one(u, "Service.ExecStartPre").startswith("+") and pre[-1] == key_source
-    key_argv = [str(Path(sys.executable).parent / "scanbox")] + pre[1:-1] + [str(tmp_path / "etc" / "store.key")]
-    assert subprocess.run(key_argv, capture_output=True, text=True, check=True).stdout.startswith("made")
-    (creds / key_name).write_bytes((tmp_path / "etc" / "store.key").read_bytes())
-    state = tmp_path / "var" / "lib" / one(u, "Service.StateDirectory")
-    runtime = tmp_path / "run" / one(u, "Service.RuntimeDirectory")
-    state.mkdir(parents=True)
-    runtime.mkdir(parents=True)
-    systemd = Systemd(tmp_path / "notify.sock")
-    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
-    env.update(NOTIFY_SOCKET=str(systemd.path), STATE_DIRECTORY=str(state), RUNTIME_DIRECTORY=str(runtime),
-               CREDENTIALS_DIRECTORY=str(creds))
-    argv = shlex.split(one(u, "Service.ExecStart"))
-    argv = [str(Path(sys.executable).parent / "scanbox")] + [str(config) if a == str(configuration.DEFAULT_CONFIG)
-                                                            else a for a in argv[1:]]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        systemd.wait_for("READY=1", 30)
-        assert (runtime / "api.sock").is_socket()
-        assert (state / "outbox.db").is_file()
-        assert not (state / "store.key").exists()  # the key stays outside the state
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        systemd.sock.close()
-    log = proc.stderr.read()
-    assert "ready as test-box" in log and "api: listening on unix:%s" % (runtime / "api.sock") in log
+    prefix, made = run.exec_start_pre(tmp_path / "etc" / "store.key")
+    assert "+" in prefix and made.returncode == 0 and made.stdout.startswith("made")
+    run.load_credential(tmp_path / "etc" / "store.key")
+
+    def running() -> None:
+        assert (run.runtime / "api.sock").is_socket()
+        assert (run.state / "outbox.db").is_file()
+        assert not (run.state / "store.key").exists()  # the key stays outside the state
+        assert "STORE_KEY_BESIDE_DATA" not in {a["code"] for a in run.status()["alarms"]}
+    log = run.run(running)
+    assert "ready as test-box" in log and "api: listening on unix:%s" % (run.runtime / "api.sock") in log
+
+
+def test_a_store_key_that_cannot_be_made_falls_back_to_the_set_credential_and_an_alarm(tmp_path, monkeypatch):
+    """/etc/scanbox/store.key missing and impossible to make (a read-only or full /etc): the
+    unit still starts (ExecStartPre='s failure is ignored: "-"), systemd hands over
+    SetCredential='s "none", and the daemon keeps a key beside the data, with an alarm. Once the
+    key can be made, the next start seals everything under it and deletes the one beside the data."""
+    import asyncio
+    import uuid
+
+    from agent.model import UsageRecord
+    from agent.outbox import Store
+
+    run = UnitRun(tmp_path)
+    unmakeable = tmp_path / "etc-read-only"
+    unmakeable.write_text("a file where the key's directory should be\n")  # makes mkdir fail, root or not
+    prefix, made = run.exec_start_pre(unmakeable / "store.key")
+    assert made.returncode != 0 and str(unmakeable) in made.stderr  # the journal says why
+    # systemd: a failing ExecStartPre= without "-" fails the start (Restart= tries 10 times, then
+    # the box stays down), and SetCredential= would never be used
+    assert "-" in prefix and "+" in prefix
+    run.load_credential(unmakeable / "store.key")
+    assert (run.creds / sealing.KEY_NAME).read_bytes() == sealing.NO_KEY
+
+    def running_on_the_fallback() -> None:
+        alarms = {a["code"]: a["text"] for a in run.status()["alarms"]}
+        assert "STORE_KEY_BESIDE_DATA" in alarms and "journalctl -u scanbox" in alarms["STORE_KEY_BESIDE_DATA"]
+    log = run.run(running_on_the_fallback)
+    assert "ready as test-box" in log and "beside the data it protects" in log
+    key = run.state / sealing.KEY_NAME
+    assert key.is_file() and key.stat().st_mode & 0o777 == 0o600
+
+    # a use recorded meanwhile, sealed under the key beside the data
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(run.creds))
+    record = UsageRecord(uuid.uuid4().hex, "RHC_E0009", {"name": "张晓明"}, "scan-1")
+
+    async def record_a_use() -> int:
+        store = Store(run.state / "outbox.db")
+        await store.open()
+        try:
+            return await store.enqueue(record)
+        finally:
+            await store.close()
+    record_id = asyncio.run(record_a_use())
+
+    # /etc writable again: the next start makes the key, and the data moves under it
+    prefix, made = run.exec_start_pre(tmp_path / "etc" / "store.key")
+    assert made.returncode == 0
+    run.load_credential(tmp_path / "etc" / "store.key")
+
+    def running_on_the_credential() -> None:
+        assert "STORE_KEY_BESIDE_DATA" not in {a["code"] for a in run.status()["alarms"]}
+    run.run(running_on_the_credential)
+    assert not key.exists()
+
+    async def read_it() -> dict[str, Any] | None:
+        store = Store(run.state / "outbox.db")
+        await store.open()
+        try:
+            return (await store.get(record_id)).values
+        finally:
+            await store.close()
+    assert asyncio.run(read_it()) == {"name": "张晓明"}
