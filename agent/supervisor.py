@@ -50,7 +50,7 @@ class Child:
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "critical": self.critical, "failures": self.failures,
-                "last_error": self.last_error}
+                "in_a_row": self.in_a_row, "last_error": self.last_error}
 
 
 class Supervisor:

@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from agent.events import (Event, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged,
-                          Verified)
+from agent.events import (ComponentsChanged, Event, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead,
+                          SourceChanged, Verified)
 from agent.model import Alarm, ComponentStatus, IdentitySource, Reason, Result, ScanKind
 from agent.privacy import mask_name
 
@@ -42,6 +42,9 @@ SHARP_INDEX = 2
 PROGRESS_STEPS = 16
 PROGRESS_FRAME_S = 0.125
 VERIFY_TIMEOUT_S = 15.0  # a verifying screen with no result goes back to ready after this
+# a supervised part that has failed this many times in a row (and waits to be restarted), or was
+# given up, is on the screen (COMPONENT_FAILED): one failure that a restart heals is only an alarm
+KEEPS_FAILING = 2
 
 # (Chinese, English fallback)
 TEXT = {
@@ -55,6 +58,7 @@ TEXT = {
     "verified": ("验证成功", "Verified"),
     "failed": ("验证失败", "Not verified"),
     "scanner_missing": ("扫码器未连接", "Scanner not connected"),
+    "fault": ("故障 %s", "Fault: %s"),
     "call_staff": ("请联系工作人员", "Please ask the staff"),
     "provisioned": ("配置成功", "Configured"),
     "provision_failed": ("配置失败", "Not configured"),
@@ -83,7 +87,7 @@ REASON_EN = {
 class Screen:
     """Everything one picture shows. Texts are keys of TEXT or already-masked strings."""
 
-    kind: str  # ready, offline, verifying, success, failure, read, device_missing, provisioning, message
+    kind: str  # ready, offline, verifying, success, failure, read, device_missing, fault, provisioning, message
     clock: str = ""
     network: bool | None = None  # a default route: the box is on a network
     online: bool | None = None  # the platform answers
@@ -150,7 +154,7 @@ def render(screen: Screen, size: tuple[int, int], fonts: Fonts) -> Image.Image:
         for line in _wrap(screen.lines, fonts.small, width - 4, 2 if tall else 1):
             _centered(draw, line, fonts.small, width, y)
             y += 14
-    else:  # ready, offline, device_missing, message
+    else:  # ready, offline, device_missing, fault, message
         lines = screen.lines
         if not tall and kind in ("ready", "offline"):
             lines = (_status_line(screen, fonts),) + lines[:1]
@@ -260,6 +264,7 @@ def samples(fonts: Fonts) -> dict[str, Screen]:
             fonts.text("show_card"), fonts.text("offline_mode"))),
         "device-missing": replace(base, kind="device_missing", lines=(
             fonts.text("scanner_missing"), fonts.text("call_staff"))),
+        "fault": replace(base, kind="fault", lines=(fonts.text("fault", "uploader"), fonts.text("call_staff"))),
         "provisioning": replace(base, kind="provisioning", network=None, online=None, title="provisioned", lines=(
             "clinic-counter-1",)),
         "provisioning-failed": replace(base, kind="provisioning", network=None, online=None,
@@ -282,6 +287,7 @@ def preview(screen: Screen, size: tuple[int, int], fonts: Fonts, scale: int = 4)
 @dataclass
 class _State:
     sources: dict[str, bool] = field(default_factory=dict)
+    faults: tuple[str, ...] = ()  # supervised parts that keep failing (KEEPS_FAILING)
     network: bool | None = None
     online: bool | None = None
     pending: int = 0
@@ -330,6 +336,9 @@ class Ui:
                 s.network = up
             case OutboxChanged() if event.available:
                 s.pending = event.pending
+            case ComponentsChanged(components=components):
+                s.faults = tuple(sorted(name for name, c in components.items() if c.get("state") == "failed" or (
+                    c.get("state") == "restarting" and int(c.get("in_a_row") or 0) >= KEEPS_FAILING)))
         self._wake.set()
 
     def show_message(self, lines: list[str], seconds: float) -> None:
@@ -385,6 +394,9 @@ class Ui:
             step = int((now - s.verifying_since) / PROGRESS_FRAME_S)
             return (headed(Screen("verifying", progress=step)),
                     s.verifying_since + (step + 1) * PROGRESS_FRAME_S)
+        if s.faults:
+            return headed(Screen("fault", lines=(self.fonts.text("fault", " ".join(s.faults)),
+                                                 self.fonts.text("call_staff")))), next_minute
         if any(not connected for connected in s.sources.values()):
             return headed(Screen("device_missing", lines=(self.fonts.text("scanner_missing"),
                                                           self.fonts.text("call_staff")))), next_minute

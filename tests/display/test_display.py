@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from agent.events import NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged, Verified
+from agent.events import (ComponentsChanged, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead, SourceChanged,
+                          Verified)
 from agent.model import Identity, IdentitySource, Reason, Result, Scan, Verification
 from agent.platforms.base import PlatformHealth
 from agent.ui import PROGRESS_FRAME_S, Fonts, Screen, Ui, _fit, _wrap, render, samples
@@ -280,6 +281,38 @@ def test_offline_with_the_pending_count_and_answers_from_the_cache(fonts):
     ui.on_event(verification(True, source="cache"))
     ui.refresh()
     assert ui.screen.kind == "success" and ui.screen.lines[-1] == "离线核验"
+
+
+def components(**states: tuple[str, int]) -> ComponentsChanged:
+    """status.components as the supervisor publishes it: name=(state, failures in a row)."""
+    return ComponentsChanged({name: {"state": state, "critical": name == "outbox-db", "failures": in_a_row,
+                                     "in_a_row": in_a_row, "last_error": "Fault: bug"}
+                              for name, (state, in_a_row) in states.items()})
+
+
+def test_a_part_that_keeps_failing_is_on_the_screen(fonts):
+    """COMPONENT_FAILED: one failure a restart heals is an alarm in `status` only; a part that
+    fails again and again (or was given up) is on the screen, as a missing scanner is."""
+    ui, frames, clock = make_ui(fonts)
+    ui.on_event(components(uploader=("restarting", 1), ui=("running", 0)))
+    ui.refresh()
+    assert ui.screen.kind == "ready"
+    ui.on_event(components(uploader=("restarting", 2), ui=("running", 0)))
+    ui.refresh()
+    assert ui.screen.kind == "fault" and ui.screen.lines == ("故障 uploader", "请联系工作人员")
+    # a scan's answer still comes first, then the fault again
+    ui.on_event(verification(True))
+    ui.refresh()
+    assert ui.screen.kind == "success"
+    clock.now += 5.01
+    ui.refresh()
+    assert ui.screen.kind == "fault"
+    ui.on_event(components(uploader=("running", 2), **{"outbox-db": ("failed", 5)}))  # given up
+    ui.refresh()
+    assert ui.screen.lines[0] == "故障 outbox-db"
+    ui.on_event(components(uploader=("running", 2), **{"outbox-db": ("running", 0)}))
+    ui.refresh()
+    assert ui.screen.kind == "ready"
 
 
 def test_a_missing_scanner_is_shown_until_it_is_back(fonts):

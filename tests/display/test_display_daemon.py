@@ -73,3 +73,33 @@ async def test_the_tls_fingerprint_is_on_the_screen_after_start(box):
                 and on_panel(box), timeout=10)
     assert box.daemon.ui.screen.lines == ("TLS SHA-256", " ".join(digits[i:i + 4] for i in range(0, 16, 4)),
                                           " ".join(digits[i:i + 4] for i in range(16, 32, 4)))
+
+
+async def test_an_uploader_that_keeps_failing_is_on_the_panel(box):
+    """A part that fails again and again: COMPONENT_FAILED in `status` and 故障 on the OLED."""
+    from typing_extensions import override
+
+    from agent.model import UsageRecord, now_local
+    from agent.platforms.base import VerifyRequest
+    from agent.platforms.rhc import RhcPlatform
+    from agent.qr import QrKind
+    from agent.supervisor import Supervisor
+
+    class UploadAlwaysFails(RhcPlatform):
+        @override
+        async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
+            raise RuntimeError("adapter bug")
+
+    await box.start(supervisor=Supervisor(backoff_initial=0.2, backoff_max=2.0), sources={},
+                    display={"model": "dummy"},
+                    adapter=lambda config: UploadAlwaysFails(config.platform, config.site, config.state_dir()))
+    await until(lambda: box.daemon.display.connected and box.daemon.ui.screen is not None)
+    record = box.daemon.platform.verify_record(
+        VerifyRequest(box.resident().static_qr, QrKind.STATIC, now_local(), "010101", "01"), "scan-x")
+    await box.daemon.store.enqueue(record)
+    box.daemon.uploader.wake()
+    await until(lambda: box.daemon.ui.screen.kind == "fault" and on_panel(box), timeout=20)
+    assert box.daemon.ui.screen.lines[0] == "故障 uploader"
+    status = await (await box.unix()).call("status")
+    assert status["components"]["uploader"]["in_a_row"] >= 2
+    assert any(a["code"] == "COMPONENT_FAILED" and a["source"] == "uploader" for a in status["alarms"])
