@@ -242,9 +242,10 @@ class Doctor:
                             "an NTP server; `timedatectl set-ntp true`)")]
         if synced is None:
             return [Finding("clock", "warn", "clock", "%s; cannot tell whether NTP keeps it right" % shown)]
+        told = " (%s)" % by if by else ""
         if not synced:
-            return [Finding("clock", "warn", "clock", "%s, not synchronised (%s)" % (shown, by), set_ntp)]
-        return [Finding("clock", "ok", "clock", "%s, synchronised (%s)" % (shown, by))]
+            return [Finding("clock", "warn", "clock", "%s, not synchronised%s" % (shown, told), set_ntp)]
+        return [Finding("clock", "ok", "clock", "%s, synchronised%s" % (shown, told))]
 
 
 SOAP_KINDS = ("rhc", "wondersgroup")
