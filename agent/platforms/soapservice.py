@@ -143,19 +143,17 @@ class SoapService:
         return Bound(str(path), compiled["service"], compiled["port"], address, operations)
 
     async def _compiled(self, path: Path) -> dict[str, Any]:
-        """The WSDL at `path` as `soapcompile` reads it: from the copy kept under its digest,
-        else from a child process (and then kept)."""
-        digest = hashlib.sha256(json.dumps([soapcompile.VERSION, self.needed]).encode())
-        for name, content in await asyncio.to_thread(wsdl.documents, path):
-            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
-        kept = self.cache_dir / ("compiled-%s.json" % digest.hexdigest()[:32])
-        try:
-            compiled: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+        """The WSDL at `path` as `soapcompile` reads it: shipped with scanbox for its own WSDLs,
+        else the copy kept under its digest, else from a child process (and then kept)."""
+        name = await asyncio.to_thread(compiled_name, path, self.needed)
+        for kept in (SHIPPED_COMPILED / name, self.cache_dir / name):
+            try:
+                compiled: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
             if compiled.get("version") == soapcompile.VERSION:
                 self.compiled_from_cache = True
                 return compiled
-        except (OSError, ValueError):
-            pass
         started = time.monotonic()
         compiled = await _compile_in_child(str(path), list(self.needed))
         self.compiled_from_cache = False
@@ -165,6 +163,7 @@ class SoapService:
             self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             for old in self.cache_dir.glob("compiled-*.json"):
                 old.unlink(missing_ok=True)
+            kept = self.cache_dir / name
             temporary = kept.with_suffix(".tmp")
             temporary.write_text(json.dumps(compiled), encoding="utf-8")
             os.replace(temporary, kept)
@@ -252,6 +251,30 @@ def from_template(template: Template | None, params: dict[str, Any]) -> etree._E
     return envelope
 
 
+# what zeep read from the WSDLs scanbox ships, for the operations its adapters need by default:
+# a box on a shipped WSDL never runs zeep (tests/platforms/test_soap_compile.py keeps them true;
+# `python -m agent.platforms.soapservice` writes them again)
+SHIPPED_COMPILED = wsdl.SHIPPED / "compiled"
+
+
+def compiled_name(path: Path, needed: Iterable[str]) -> str:
+    """The file name of what zeep read from the WSDL at `path` for the operations `needed`: a
+    digest of the WSDL's documents (its local imports included) and of what was asked."""
+    digest = hashlib.sha256(json.dumps([soapcompile.VERSION, list(needed)]).encode())
+    for name, content in wsdl.documents(path):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return "compiled-%s.json" % digest.hexdigest()[:32]
+
+
+def shipped() -> list[tuple[Path, tuple[str, ...]]]:
+    """The shipped WSDLs and the operations their adapters need by default."""
+    from agent.config import RhcConfig
+    from agent.platforms.wondersgroup import OPERATIONS
+
+    return [(wsdl.SHIPPED / "rhc.wsdl", (RhcConfig.model_fields["operation"].default,)),
+            (wsdl.SHIPPED / "wondersgroup.wsdl", ("getAuthKey", *OPERATIONS))]
+
+
 async def _compile_in_child(path: str, needed: list[str]) -> dict[str, Any]:
     """`soapcompile` in a child process (the daemon's own interpreter); raises WsdlUnusable or
     LookupError as reading the WSDL in the daemon would."""
@@ -328,3 +351,19 @@ def _charset(content_type: str) -> str | None:
         if key.lower() == "charset" and value:
             return value.strip('"').lower()
     return None
+
+
+async def _write_shipped() -> None:
+    SHIPPED_COMPILED.mkdir(exist_ok=True)
+    for old in SHIPPED_COMPILED.glob("compiled-*.json"):
+        old.unlink()
+    for path, needed in shipped():
+        compiled = await _compile_in_child(str(path), list(needed))
+        compiled.pop("zeep")  # the box's zeep may be another release: the result is what counts
+        target = SHIPPED_COMPILED / compiled_name(path, needed)
+        target.write_text(json.dumps(compiled, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(target)
+
+
+if __name__ == "__main__":
+    asyncio.run(_write_shipped())
