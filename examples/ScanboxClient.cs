@@ -45,6 +45,7 @@
 
 using System;
 using System.Collections;
+using System.Collections.Concurrent;
 using System.Collections.Generic;
 using System.Globalization;
 using System.IO;
@@ -52,7 +53,6 @@ using System.Net;
 using System.Net.Http;
 using System.Net.Http.Headers;
 using System.Runtime.Serialization.Json;
-using System.Security.Authentication;
 using System.Security.Cryptography;
 using System.Text;
 using System.Threading;
@@ -79,7 +79,9 @@ public sealed class ScanboxClient : IDisposable
     private readonly HttpClient _http;
     private readonly Uri _rpc;
     private int _nextId;
-    private volatile string _rejected;  // the fingerprint of the last certificate the pin refused
+    // the fingerprint of a certificate the pin refused, by the request it was refused for
+    private readonly ConcurrentDictionary<HttpRequestMessage, string> _refused =
+        new ConcurrentDictionary<HttpRequestMessage, string>();
 
     public ScanboxClient(string baseUrl, string token, string fingerprint = null, TimeSpan? timeout = null)
     {
@@ -109,7 +111,10 @@ public sealed class ScanboxClient : IDisposable
                 {
                     return true;
                 }
-                _rejected = BitConverter.ToString(seen).Replace("-", ":");
+                if (request != null)
+                {
+                    _refused[request] = BitConverter.ToString(seen).Replace("-", ":");
+                }
                 return false;
             };
         }
@@ -123,7 +128,7 @@ public sealed class ScanboxClient : IDisposable
     public async Task<XElement> CallAsync(string method, IDictionary<string, object> parameters = null,
                                           CancellationToken cancel = default(CancellationToken))
     {
-        var request = new XElement("root", new XAttribute("type", "object"),
+        var message = new XElement("root", new XAttribute("type", "object"),
             Json("jsonrpc", "2.0"),
             Json("id", Interlocked.Increment(ref _nextId)),
             Json("method", method),
@@ -131,30 +136,35 @@ public sealed class ScanboxClient : IDisposable
         byte[] body;
         using (var buffer = new MemoryStream())
         {
-            using (XmlDictionaryWriter writer = JsonReaderWriterFactory.CreateJsonWriter(buffer, new UTF8Encoding(false)))
+            using (XmlDictionaryWriter writer = JsonReaderWriterFactory.CreateJsonWriter(buffer, new UTF8Encoding(false), false))
             {
-                request.WriteTo(writer);
+                message.WriteTo(writer);
             }
             body = buffer.ToArray();
         }
-        using (var content = new ByteArrayContent(body))
+        using (var post = new HttpRequestMessage(HttpMethod.Post, _rpc))
         {
-            content.Headers.ContentType = new MediaTypeHeaderValue("application/json") { CharSet = "utf-8" };
+            post.Content = new ByteArrayContent(body);
+            post.Content.Headers.ContentType = new MediaTypeHeaderValue("application/json") { CharSet = "utf-8" };
             HttpResponseMessage response;
+            string seen;
             try
             {
                 // ConfigureAwait(false): a WinForms HIS that waits on .Result does not deadlock
-                response = await _http.PostAsync(_rpc, content, cancel).ConfigureAwait(false);
+                response = await _http.SendAsync(post, cancel).ConfigureAwait(false);
             }
             catch (HttpRequestException e)
             {
-                string seen = _rejected;
-                if (seen == null || !Caused<AuthenticationException>(e))
+                if (!_refused.TryGetValue(post, out seen))
                 {
                     throw;
                 }
                 throw new HttpRequestException("the box's certificate is not the pinned one (its SHA-256 is "
                                                + seen + ")", e);
+            }
+            finally
+            {
+                _refused.TryRemove(post, out seen);
             }
             using (response)
             {
@@ -261,18 +271,6 @@ public sealed class ScanboxClient : IDisposable
                                         + " (strings, numbers, booleans, null, dictionaries and lists are)");
         }
         return element;
-    }
-
-    private static bool Caused<T>(Exception e) where T : Exception
-    {
-        for (; e != null; e = e.InnerException)
-        {
-            if (e is T)
-            {
-                return true;
-            }
-        }
-        return false;
     }
 
     // a fingerprint is public: no need for a constant-time compare
