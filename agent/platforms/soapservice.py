@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +99,9 @@ class SoapService:
         self._bound: Bound | None = None
         self._lock = asyncio.Lock()
         self._zeep_lock = asyncio.Lock()
+        # a child reading a WSDL, by compiled_name: it goes on when the scan that started it gives
+        # up at its deadline, so the next one finds it read (or further along), not started again
+        self._compiling: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._failed_at: float | None = None
         self._error = ""
         self.compiled_from_cache: bool | None = None  # how the last load got its WSDL read (tests, logs)
@@ -154,9 +158,23 @@ class SoapService:
             if compiled.get("version") == soapcompile.VERSION:
                 self.compiled_from_cache = True
                 return compiled
+        task = self._compiling.get(name)
+        if task is None:
+            task = self._compiling[name] = asyncio.get_running_loop().create_task(
+                self._compile_and_keep(path, name), name="read WSDL %s" % self.label)
+            task.add_done_callback(functools.partial(self._compiled_done, name))
+        compiled = await asyncio.shield(task)
+        self.compiled_from_cache = False
+        return compiled
+
+    def _compiled_done(self, name: str, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._compiling.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # raised to whoever awaits it; when nobody does any more, not "never retrieved"
+
+    async def _compile_and_keep(self, path: Path, name: str) -> dict[str, Any]:
         started = time.monotonic()
         compiled = await _compile_in_child(str(path), list(self.needed))
-        self.compiled_from_cache = False
         logger.info("platform %s: WSDL read by zeep (zeep %s) in %.1f s", self.label, compiled.get("zeep"),
                     time.monotonic() - started)
         try:
@@ -285,9 +303,11 @@ async def _compile_in_child(path: str, needed: list[str]) -> dict[str, Any]:
         async with asyncio.timeout(COMPILE_TIMEOUT_S):
             out, err = await child.communicate(json.dumps({"wsdl": path, "needed": needed}).encode())
     except TimeoutError:
-        child.kill()
-        await child.wait()
         raise WsdlUnusable("zeep did not read the WSDL within %.0f s" % COMPILE_TIMEOUT_S) from None
+    finally:
+        if child.returncode is None:  # timed out, or the daemon stopping: no child left behind
+            child.kill()
+            await child.wait()
     try:
         result: dict[str, Any] = json.loads(out)
     except ValueError:

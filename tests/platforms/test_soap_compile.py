@@ -3,6 +3,7 @@ what it needs beside the cached WSDL and never has zeep resident for string-only
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from agent.platforms.base import PlatformUnavailable
 from agent.platforms.soapservice import SoapService
 from agent.platforms.transport import HttpClient
 from agent.simulator.soap import WsdlStyle, render_wsdl
+from tests.conftest import until
 
 
 async def service_for(tmp_path, path, needed=("RHCMessageServer",)) -> tuple[SoapService, HttpClient]:
@@ -123,4 +125,23 @@ async def test_a_box_on_the_shipped_wsdl_reads_it_without_a_child(tmp_path):
     assert await service.input_names("RHCMessageServer") == ["action", "message"]
     assert service.compiled_from_cache is True
     assert not (tmp_path / "cache").exists()  # nothing written on the box either
+    await http.close()
+
+
+async def test_a_scan_that_gives_up_leaves_the_wsdl_being_read_for_the_next(tmp_path):
+    """A verification's deadline cancels its wait, not the child reading the site's WSDL: the
+    next load joins it (one child) and finds it read."""
+    path = tmp_path / "site.wsdl"
+    path.write_text(render_wsdl("http://192.0.2.1:1/unused", WsdlStyle(namespace="http://gives.up/")),
+                    encoding="utf-8")
+    service, http = await service_for(tmp_path, path)
+    scan = asyncio.ensure_future(service.bound())
+    await until(lambda: bool(service._compiling), timeout=30)  # the child is reading
+    scan.cancel()  # the scan's deadline
+    with pytest.raises(asyncio.CancelledError):
+        await scan
+    assert len(service._compiling) == 1  # still reading
+    assert await service.input_names("RHCMessageServer") == ["action", "message"]
+    assert service.compiled_from_cache is False and not service._compiling
+    assert len(list((tmp_path / "cache").glob("compiled-*.json"))) == 1
     await http.close()
