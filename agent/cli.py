@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_outbox, action="show")
     retry = actions.add_parser("retry", help="send a dead (or waiting) record again")
     retry.add_argument("id", type=_record_id)
+    placed = retry.add_mutually_exclusive_group()
+    placed.add_argument("--at", metavar="TIME", help="for a record made while the clock was wrong in an earlier "
+                        "boot: the scan's time (YYYY-MM-DD HH:MM:SS), which the daemon puts in the message")
+    placed.add_argument("--keep-time", action="store_true", help="for such a record: send it with the time it "
+                        "carries")
     retry.set_defaults(func=_outbox, action="retry")
     actions.add_parser("purge-dead", help="delete every dead record").set_defaults(func=_outbox, action="purge-dead")
     unrecorded = actions.add_parser("unrecorded", help="uses that could not be recorded (a full disk): "
@@ -352,7 +357,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _outbox(args: argparse.Namespace) -> int:
-    from agent.outbox import Store, StoreUnavailable
+    from agent.outbox import RetryRefused, Store, StoreUnavailable, scan_time
 
     if args.state_dir is not None:
         state_dir = args.state_dir
@@ -403,7 +408,17 @@ def _outbox(args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(found.to_json(), ensure_ascii=False, indent=2))
             elif args.action == "retry":
-                if not await store.retry(args.id):
+                try:
+                    at = scan_time(args.at) if args.at is not None else None
+                except ValueError as exc:
+                    print("--at: %s" % exc, file=sys.stderr)
+                    return 1
+                try:
+                    retried = await store.retry(args.id, at=at, keep_time=args.keep_time)
+                except RetryRefused as exc:
+                    print(exc, file=sys.stderr)
+                    return 1
+                if not retried:
                     print("no pending or dead record %d" % args.id, file=sys.stderr)
                     return 1
                 print("record %d will be sent again (a running daemon picks it up within a minute)" % args.id)

@@ -14,11 +14,23 @@ and the outbox reason in wall time. So the daemon asks, before it trusts the clo
   bounded, and only where it matters).
 - sane? not before the release floor, nor before the newest time in the state (a box that
   uploaded a record in 2026 is not in 1970 now). A synchronised clock is sane.
+- right? sane, and not known to be unsynchronised: a time a use may be filed under. A Pi with
+  fake-hwclock starts sane (the last shutdown's time) but hours or days behind until NTP.
 
 What follows (each where it is used): verifications wait at most `clock.sync_wait` after the
-start for synchronisation; uploads wait for a sane clock; a use recorded while the clock was
-not sane is never uploaded with that time; cache entries dated after now do not answer; retry
-times beyond what a backoff can give are clamped; a TLS failure while the clock is wrong says so.
+start for synchronisation; uploads wait for a sane clock; cache entries dated after now do not
+answer; retry times beyond what a backoff can give are clamped; a TLS failure while the clock is
+wrong says so. A use recorded while the clock is not right keeps a `Stamp`: the kernel's boot id
+and CLOCK_BOOTTIME at the scan (which counts suspend, and no clock setting moves). Once the clock
+is right in the same boot, the scan's true time is now minus the BOOTTIME since, and the uploader
+re-times the record (each platform re-renders its own time fields) before it goes. A record from
+another boot cannot be placed in time: dead-letter, with that reason, for a technician who
+accepts its time or gives one (`scanbox outbox retry ID --keep-time | --at TIME`).
+
+When the wait for NTP runs out, a verification goes anyway (the patient is answered): with the
+platform's time if any platform answer in this boot had an HTTP `Date` (`platform_now`, good to a
+second or two, counted forward on BOOTTIME), else with the box's; its record, if it waits in the
+outbox, is held and re-timed like any other.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import email.utils
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +54,9 @@ logger = logging.getLogger(__name__)
 # no box runs this release before this date: a clock behind it is wrong
 RELEASE_FLOOR = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
 TIMESYNC_DIR = Path("/run/systemd/timesync")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# an HTTP Date is the server's time cut to the second: its middle is the better guess
+DATE_RESOLUTION_S = 1.0
 POLL_S = 0.25
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
@@ -95,25 +111,57 @@ def kernel_synchronised() -> bool | None:
     return None if kernel is None else kernel.synchronised
 
 
+def boottime() -> float:
+    """CLOCK_BOOTTIME: seconds since the boot, suspend included; no clock setting moves it."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def read_boot_id(path: Path = BOOT_ID) -> str | None:
+    """The kernel's id of this boot (a new one at every boot); None where there is none."""
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Where a scan made while the clock was not right lies in time: its boot and CLOCK_BOOTTIME
+    then. Within that boot its true time is known as soon as the clock is right."""
+
+    boot_id: str | None
+    boottime: float
+
+
 class Clock:
-    """The wall clock as the daemon trusts it. `time_source` and `timesync_dir` are the seams
-    the tests turn (a box started in 1970 on a state from 2026)."""
+    """The wall clock as the daemon trusts it. `time_source`, `timesync_dir`, `boottime` and
+    `boot_id` are the seams the tests turn (a box started in 1970 on a state from 2026, a box
+    restarted, another boot)."""
 
     def __init__(self, *, time_source: Callable[[], float] = time.time, timesync_dir: Path = TIMESYNC_DIR,
                  kernel: Callable[[], KernelClock | None] = read_kernel, sync_wait_s: float = 20.0,
-                 floor: float = RELEASE_FLOOR) -> None:
+                 floor: float = RELEASE_FLOOR, boottime: Callable[[], float] = boottime,
+                 boot_id: Callable[[], str | None] = read_boot_id) -> None:
         self.time_source = time_source
         self.timesync_dir = timesync_dir
         self.kernel = kernel
         self.sync_wait_s = sync_wait_s
         self.floor = floor
         self.floor_source = "the release"
+        self.boottime = boottime
+        self.boot_id = boot_id
         self.started = time.monotonic()
         self._kernel_said_yes = False
         self._was_sane: bool | None = None
+        self._was_right: bool | None = None
+        # the last HTTP Date a platform answered with, as it came, and BOOTTIME then (parsed
+        # only when needed: every platform answer brings one)
+        self._platform_date: tuple[str, float] | None = None
         self.waiting = 0  # verifications waiting for the clock now
         # called when the clock becomes sane (the uploader clamps and resumes)
         self.on_sane: list[Callable[[], None]] = []
+        # called when it becomes right (the uploader re-times the records held for it)
+        self.on_right: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self.time_source()
@@ -150,19 +198,75 @@ class Clock:
         kernel = self.kernel()
         return None if kernel is None else kernel.maxerror_s
 
-    def sane(self) -> bool:
-        sane = self.synchronised() is True or self.now() >= self.floor
+    def _state(self) -> tuple[bool | None, bool, bool]:
+        """(synchronised, sane, right), each read once; tells `on_sane` and `on_right` of a change."""
+        synced = self.synchronised()
+        sane = synced is True or self.now() >= self.floor
         if sane and self._was_sane is False:
             logger.info("clock: now %s, sane again", _iso(self.now()))
             for callback in self.on_sane:
                 callback()
         self._was_sane = sane
-        return sane
+        # right: sane and not known to be unsynchronised, a time a use may be filed under
+        # (None, "cannot tell", is not a no: a box without timesyncd would wait for ever)
+        right = sane and synced is not False
+        if right and self._was_right is False:
+            for callback in self.on_right:
+                callback()
+        self._was_right = right
+        return synced, sane, right
+
+    def sane(self) -> bool:
+        return self._state()[1]
+
+    def right(self) -> bool:
+        """Sane and not known to be unsynchronised: a use may be filed under its time."""
+        return self._state()[2]
+
+    def stamp(self, monotonic: float | None = None) -> Stamp | None:
+        """None when the clock is right; else this boot and CLOCK_BOOTTIME at `monotonic` (a
+        time.monotonic() reading a moment ago, the scan's), or now."""
+        if self.right():
+            return None
+        at = self.boottime()
+        if monotonic is not None:
+            # monotonic and BOOTTIME differ only by suspend, and none fits between a scan and its record
+            at -= max(0.0, time.monotonic() - monotonic)
+        return Stamp(self.boot_id(), at)
+
+    def when(self, stamp: Stamp) -> float | None:
+        """The true wall time of a stamped moment: None until the clock is right, and for a
+        moment of another boot (the BOOTTIME between then and now is lost)."""
+        if stamp.boot_id is None or stamp.boot_id != self.boot_id() or not self.right():
+            return None
+        since = self.boottime() - stamp.boottime
+        if since < 0:
+            return None
+        return self.now() - since
+
+    def heard_date(self, date: str | None) -> None:
+        """A platform answered with this HTTP Date (transport.HttpClient tells of every answer)."""
+        if date:
+            self._platform_date = (date, self.boottime())
+
+    def platform_now(self) -> float | None:
+        """The platform's time now, from the last Date it answered with in this boot and the
+        BOOTTIME since; None when no answer had one."""
+        if self._platform_date is None:
+            return None
+        date, heard_at = self._platform_date
+        try:
+            said = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if said.tzinfo is None:  # "-0000": the RFC's "UTC, but not said where it is"
+            said = said.replace(tzinfo=timezone.utc)
+        return said.timestamp() + DATE_RESOLUTION_S / 2 + self.boottime() - heard_at
 
     def problem(self) -> str | None:
         """What is wrong with the clock, for an alarm or an error message; None when nothing."""
-        synced = self.synchronised()
-        if not self.sane():
+        synced, sane, _ = self._state()
+        if not sane:
             return ("the clock says %s, before %s (%s): it is wrong and not synchronised"
                     % (_iso(self.now()), _iso(self.floor), self.floor_source))
         if synced is False:
@@ -187,8 +291,11 @@ class Clock:
 
     def status(self) -> dict[str, Any]:
         synchronised, by = self.synchronised_by()
+        platform = self.platform_now()
         return {"now": _iso(self.now()), "synchronised": synchronised, "synchronised_by": by, "sane": self.sane(),
-                "floor": _iso(self.floor), "floor_source": self.floor_source}
+                "floor": _iso(self.floor), "floor_source": self.floor_source,
+                # the platform's clock minus this box's, from its last HTTP Date (null: none heard)
+                "platform_offset_s": round(platform - self.now()) if platform is not None else None}
 
     def alarms(self) -> list[Alarm]:
         problem = self.problem()
@@ -211,9 +318,15 @@ def _iso(ts: float) -> str:
 _current: Clock | None = None
 
 
-def install(clock: Clock) -> None:
+def install(clock: Clock | None) -> None:
     global _current
     _current = clock
+
+
+def heard_date(date: str | None) -> None:
+    """A platform's HTTP answer carried this Date: the daemon's clock keeps it (see Clock.platform_now)."""
+    if _current is not None:
+        _current.heard_date(date)
 
 
 def tls_hint(detail: str) -> str:

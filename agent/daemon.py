@@ -120,12 +120,14 @@ class Daemon:
         # owns every long-lived task and thread: a failure is logged, alarmed and restarted
         self.supervisor = supervisor or Supervisor()
         self.platform = platform or platforms.create(config, self.state_dir)
-        self.store = Store(self.state_dir / "outbox.db", clock=self.clock, clock_ok=self.clock.sane,
+        # a record made while the clock is not right keeps its scan's boot time (Clock.stamp)
+        self.store = Store(self.state_dir / "outbox.db", clock=self.clock, stamp=self.clock.stamp,
                            supervisor=self.supervisor)
         self.uploader = Uploader(self.store, self.platform, max_in_flight=config.outbox.max_in_flight,
                                  backoff=Backoff(config.outbox.backoff_initial, config.outbox.backoff_max),
-                                 clock=self.clock, clock_ok=self.clock.sane)
+                                 clock=self.clock, clock_ok=self.clock.sane, timekeeper=self.clock)
         self.clock.on_sane.append(self.uploader.wake)
+        self.clock.on_right.append(self.uploader.wake)  # the records held for it are re-timed
         self.verifier = Verifier(self.platform, Classifier.from_rules(config.platform.qr),
                                  config.site.medstep, config.site.channel, store=self.store,
                                  uploader=self.uploader, cache_ttl_s=config.cache.ttl,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from agent import sealing
+from agent.clock import RELEASE_FLOOR, Clock, Stamp
 from agent.codes import Outcome
 from agent.model import Alarm, ComponentStatus, ScanboxError, UsageRecord
 from agent.platforms.base import Platform, PlatformError, PlatformRejected
@@ -47,8 +49,9 @@ from drivers.base import Backoff
 logger = logging.getLogger(__name__)
 
 # 1: payloads and identities in clear JSON; 2: sealed, no payload once sent, clock_ok;
-# 3: the identity cache indexed by a keyed hash of the code (older entries are deleted)
-SCHEMA_VERSION = 3
+# 3: the identity cache indexed by a keyed hash of the code (older entries are deleted);
+# 4: boot_id, boottime, retime_to, retimed (records held for the clock are re-timed)
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -64,7 +67,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     platform_code TEXT,
     platform_message TEXT,
     done_at REAL,
-    clock_ok INTEGER NOT NULL DEFAULT 1 -- 0: made while the clock was wrong; its time is not the scan's
+    clock_ok INTEGER NOT NULL DEFAULT 1, -- 0: made while the clock was not right; held until re-timed
+    boot_id TEXT,                       -- clock_ok 0: the kernel's boot id then
+    boottime REAL,                      -- clock_ok 0: CLOCK_BOOTTIME at the scan, in that boot
+    retime_to REAL,                     -- clock_ok 0: the scan's time, as a technician gave it (retry --at)
+    retimed REAL                        -- seconds its time was moved when re-timed; NULL: never
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at, id);
 CREATE TABLE IF NOT EXISTS identity_cache (
@@ -78,8 +85,11 @@ CREATE INDEX IF NOT EXISTS identity_cache_expiry ON identity_cache (expires_at);
 # after a failed open, wait this long before trying again (a full disk, a missing directory)
 REOPEN_AFTER_S = 10.0
 MAX_BATCH = 256
+MAX_RETIME = 256  # held records re-timed in one transaction
 THREAD_NAME = "outbox-db"
 IDLE_CHECK_S = 60.0
+# while records wait for the clock to be right: how often the uploader looks at it
+CLOCK_POLL_S = 1.0
 # slots of the unrecorded-uses ledger (a use that could not be recorded: the disk was full)
 LEDGER_NAME = "unrecorded.dat"
 LEDGER_SLOT = 256
@@ -88,6 +98,11 @@ LEDGER_SLOTS = 64  # the first holds the count; 16 KiB, allocated while there is
 
 class StoreUnavailable(Exception):
     """The database cannot be used now (disk full, unwritable, corrupt, closed)."""
+
+
+class RetryRefused(ValueError):
+    """A retry that needs a decision first (a record whose time is not the scan's); the message
+    says which. A ValueError: the database thread rolls back that job alone."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,9 @@ class Row:
     done_at: float | None
     clock_ok: bool = True
     unreadable: str | None = None
+    stamp: Stamp | None = None  # clock_ok False: where the scan lies in time (its boot, BOOTTIME)
+    retime_to: float | None = None  # clock_ok False: the scan's time a technician gave
+    retimed: float | None = None  # seconds the time was moved when re-timed
 
     @property
     def record(self) -> UsageRecord:
@@ -121,7 +139,7 @@ class Row:
             "next_attempt_at": _iso(self.next_attempt_at) if self.state == "pending" else None,
             "last_error": self.last_error, "platform_code": self.platform_code,
             "platform_message": self.platform_message, "done_at": _iso(self.done_at),
-            "clock_ok": self.clock_ok,
+            "clock_ok": self.clock_ok, "retimed_s": None if self.retimed is None else round(self.retimed, 3),
         }
         if self.unreadable:
             out["unreadable"] = self.unreadable
@@ -140,11 +158,14 @@ class Store:
     name = "outbox"
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 clock_ok: Callable[[], bool] = lambda: True, keyring: sealing.Keyring | None = None,
-                 owner: bool = True, supervisor: Supervisor | None = None) -> None:
+                 stamp: Callable[[float | None], Stamp | None] = lambda monotonic: None,
+                 keyring: sealing.Keyring | None = None, owner: bool = True,
+                 supervisor: Supervisor | None = None) -> None:
         self.path = path
         self.clock = clock
-        self.clock_ok = clock_ok  # False: the clock is wrong, a record made now has a wrong time
+        # None: the clock is right; else a record made now has a wrong time, and this says
+        # where its scan lies in time (Clock.stamp)
+        self.stamp = stamp
         # None: loaded at open from where agent/sealing.py says
         self.keyring = keyring
         # the daemon: makes the key and the ledger when missing, migrates. Not the CLI: a key it
@@ -233,29 +254,56 @@ class Store:
     # --- the outbox --------------------------------------------------------------------------
 
     async def enqueue(self, record: UsageRecord, *, attempts: int = 0, next_attempt_at: float = 0.0,
-                      last_error: str | None = None) -> int:
-        """Store a record for upload; returns once it is on disk (fsynced)."""
-        clock_ok = self.clock_ok()
+                      last_error: str | None = None, scanned: float | None = None) -> int:
+        """Store a record for upload; returns once it is on disk (fsynced). `scanned`: the
+        time.monotonic() reading of its scan. Made while the clock is not right, the record is
+        held (clock_ok 0) with its boot and CLOCK_BOOTTIME, to be re-timed before it goes."""
+        stamp = self.stamp(scanned)
 
         def insert(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
                 "INSERT INTO outbox (guid, operation, payload, scan_id, created_at, state, attempts,"
-                " next_attempt_at, last_error, clock_ok) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                " next_attempt_at, last_error, clock_ok, boot_id, boottime)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                 (record.guid, record.operation, self._seal_values(record.guid, record.values),
-                 record.scan_id, record.created_at, attempts, next_attempt_at, last_error, int(clock_ok)))
+                 record.scan_id, record.created_at, attempts, next_attempt_at, last_error, int(stamp is None),
+                 stamp.boot_id if stamp else None, stamp.boottime if stamp else None))
             return int(cur.lastrowid or 0)
         return await self._submit(insert, stores=True)
 
     async def due(self, limit: int) -> list[Row]:
-        """Pending records whose time has come, oldest first."""
+        """Pending records whose time has come, oldest first; not those held for the clock."""
         now = self.clock()
         return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
-            "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-            (now, limit))], write=False)
+            "SELECT * FROM outbox WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ?"
+            " ORDER BY id LIMIT ?", (now, limit))], write=False)
 
     async def next_due_at(self) -> float | None:
         return await self._submit(lambda conn: conn.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()[0], write=False)
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' AND clock_ok = 1").fetchone()[0],
+            write=False)
+
+    async def held(self, limit: int) -> list[Row]:
+        """Pending records made while the clock was not right, oldest first: each waits to be
+        re-timed (or, from another boot, for a technician)."""
+        return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
+            "SELECT * FROM outbox WHERE state = 'pending' AND clock_ok = 0 ORDER BY id LIMIT ?", (limit,))],
+            write=False)
+
+    async def retime(self, changes: list[tuple[int, UsageRecord, float]]) -> int:
+        """Held records re-timed, in one transaction: (id, the record with its new values and
+        created_at, seconds its time moved). They are due as they were; how many changed."""
+        sealed = [(self._seal_values(record.guid, record.values), record.created_at, moved, record_id)
+                  for record_id, record, moved in changes]
+
+        def update(conn: sqlite3.Connection) -> int:
+            done = 0
+            for values in sealed:
+                done += conn.execute(
+                    "UPDATE outbox SET payload = ?, created_at = ?, clock_ok = 1, retimed = ?, retime_to = NULL"
+                    " WHERE id = ? AND state = 'pending' AND clock_ok = 0", values).rowcount
+            return done
+        return await self._submit(update)
 
     async def mark_sent(self, record_id: int, code: str | None, message: str | None) -> None:
         await self._finish(record_id, "sent", code, message)
@@ -297,14 +345,31 @@ class Store:
         await self._submit(lambda conn: conn.execute(
             "UPDATE outbox SET next_attempt_at = 0 WHERE state = 'pending'"))
 
-    async def retry(self, record_id: int) -> bool:
+    async def retry(self, record_id: int, *, at: float | None = None, keep_time: bool = False) -> bool:
         """A dead (or waiting) record back to pending, due now. False if there is no such record
-        or it was already sent."""
+        or it was already sent. A record made while the clock was not right, which the box
+        could not re-time (another boot), needs a decision: `keep_time` sends it with the time
+        it carries, `at` (a wall time) re-times it to that before it goes; without either,
+        RetryRefused says so. `at` for any other record is refused too."""
         def reset(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE outbox SET state = 'pending', next_attempt_at = 0, done_at = NULL"
-                " WHERE id = ? AND state IN ('pending', 'dead')", (record_id,))
-            return cur.rowcount == 1
+            r = conn.execute("SELECT state, clock_ok, created_at FROM outbox WHERE id = ?", (record_id,)).fetchone()
+            if r is None or r["state"] not in ("pending", "dead"):
+                return False
+            if r["clock_ok"] and at is not None:
+                raise RetryRefused("record %d was made while the clock was right: its time is the scan's, and "
+                                   "--at is only for a record the box could not place in time" % record_id)
+            if not r["clock_ok"] and r["state"] == "dead" and at is None and not keep_time:
+                raise RetryRefused(
+                    "record %d was made while the clock was not right (it says %s), in a boot before the "
+                    "clock was set: its true time is unknown. Retry it with --at TIME (the scan's time, from "
+                    "the hospital's records; `at` over the API) or --keep-time (send the time it carries)"
+                    % (record_id, _iso(r["created_at"])))
+            conn.execute(
+                "UPDATE outbox SET state = 'pending', next_attempt_at = 0, done_at = NULL,"
+                " clock_ok = CASE WHEN ? THEN 1 ELSE clock_ok END,"
+                " retime_to = CASE WHEN ? IS NOT NULL THEN ? ELSE retime_to END"
+                " WHERE id = ?", (keep_time, at, at, record_id))
+            return True
         return await self._submit(reset)
 
     async def purge_dead(self) -> int:
@@ -334,13 +399,20 @@ class Store:
                 oldest = conn.execute("SELECT min(created_at) FROM outbox WHERE state = 'pending'").fetchone()[0]
                 cached, expiry = conn.execute("SELECT count(*), min(expires_at) FROM identity_cache"
                                               " WHERE expires_at > ?", (now,)).fetchone()
+                held, retimed = conn.execute(
+                    "SELECT count(*) FILTER (WHERE state = 'pending' AND clock_ok = 0),"
+                    " count(*) FILTER (WHERE retimed IS NOT NULL) FROM outbox").fetchone()
+                counts.update(held=held, retimed=retimed)
                 return (writes, self._connections), now, counts, oldest, cached, expiry
             snapshot = self._stats = await self._submit(count, write=False)
         _, _, counts, oldest, cached, _ = snapshot
         return {"pending": counts.get("pending", 0), "sent": counts.get("sent", 0),
                 "dead": counts.get("dead", 0),
                 "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
-                "cached_identities": cached}
+                "cached_identities": cached,
+                # pending records made while the clock was not right, waiting for it to be; records
+                # (any state) whose time was re-timed to the scan's
+                "held_for_clock": counts.get("held", 0), "retimed": counts.get("retimed", 0)}
 
     # --- the identity cache ----------------------------------------------------------------
 
@@ -418,10 +490,18 @@ class Store:
                 values = json.loads(self._keys().open(payload, b"outbox:" + r["guid"].encode()))
             except (sealing.SealError, StoreUnavailable, ValueError) as exc:
                 unreadable = "the payload cannot be opened: %s" % exc
+        # the CLI without the key reads a database an older daemon made: its columns, not this schema's
+        columns = r.keys()
+
+        def get(column: str) -> Any:
+            return r[column] if column in columns else None
+        clock_ok = bool(r["clock_ok"]) if "clock_ok" in columns else True
+        boottime = get("boottime")
         return Row(r["id"], r["guid"], r["operation"], values, r["scan_id"], r["created_at"], r["state"],
                    r["attempts"], r["next_attempt_at"], r["last_error"], r["platform_code"],
-                   r["platform_message"], r["done_at"], bool(r["clock_ok"]) if "clock_ok" in r.keys() else True,
-                   unreadable)
+                   r["platform_message"], r["done_at"], clock_ok, unreadable,
+                   None if clock_ok or boottime is None else Stamp(get("boot_id"), boottime),
+                   get("retime_to"), get("retimed"))
 
     # --- the database thread ---------------------------------------------------------------
 
@@ -598,8 +678,11 @@ class Store:
         """Bring the database to this version's schema: seal what version 1 kept in clear, drop
         the payloads of sent records, re-seal what a key made beside the data sealed."""
         conn.executescript(SCHEMA)
-        if "clock_ok" not in {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}:
-            conn.execute("ALTER TABLE outbox ADD COLUMN clock_ok INTEGER NOT NULL DEFAULT 1")
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+        for column, kind in (("clock_ok", "INTEGER NOT NULL DEFAULT 1"), ("boot_id", "TEXT"), ("boottime", "REAL"),
+                             ("retime_to", "REAL"), ("retimed", "REAL")):
+            if column not in columns:
+                conn.execute("ALTER TABLE outbox ADD COLUMN %s %s" % (column, kind))
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         keys = self._keys()
         resealed = 0
@@ -932,11 +1015,17 @@ class Uploader:
     """
 
     def __init__(self, store: Store, platform: Platform, *, max_in_flight: int, backoff: Backoff,
-                 clock: Callable[[], float] = time.time, clock_ok: Callable[[], bool] = lambda: True) -> None:
+                 clock: Callable[[], float] = time.time, clock_ok: Callable[[], bool] = lambda: True,
+                 timekeeper: Clock | None = None) -> None:
         self.store = store
         # False: the clock is wrong; nothing goes (the platform would file the uses under it)
         self.clock_ok = clock_ok
+        # the daemon's clock: when records made while it was not right can be re-timed
+        self.timekeeper = timekeeper
         self.held_for_clock = False
+        self.waiting_for_clock = 0  # records of this boot waiting for a right clock to be re-timed
+        self.retimed = 0
+        self._check_held = True  # held records may be there: look (at the start, after a wake)
         self._clamped = False
         self.platform = platform
         self.max_in_flight = max_in_flight
@@ -957,11 +1046,13 @@ class Uploader:
 
     async def get_status(self) -> ComponentStatus:
         return ComponentStatus(
-            {"sent": self.sent, "dead": self.dead, "backing_off": self.backing_off, "blocked": self.blocked},
+            {"sent": self.sent, "dead": self.dead, "backing_off": self.backing_off, "blocked": self.blocked,
+             "retimed": self.retimed, "waiting_for_clock": self.waiting_for_clock},
             [Alarm("OUTBOX_BLOCKED", "outbox", self.blocked)] if self.blocked else [])
 
     def wake(self) -> None:
-        """Something is due (a new record, a retry)."""
+        """Something is due (a new record, a retry), or the clock became right."""
+        self._check_held = True
         self._wake.set()
         self._changed()
 
@@ -983,11 +1074,14 @@ class Uploader:
                 self._clamped = False
                 self.held_for_clock = True
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(IDLE_CHECK_S):
+                    async with asyncio.timeout(CLOCK_POLL_S):  # a look at the clock costs a stat
                         await self._wake.wait()
                 continue
             self.held_for_clock = False
             try:
+                if self._check_held or (self.waiting_for_clock and self._clock_right()):
+                    self._check_held = False
+                    await self._retime_held()
                 if not self._clamped:
                     # at the start, and whenever the clock was wrong: a retry time a backoff
                     # cannot give was set by a clock that has since gone back
@@ -1002,12 +1096,69 @@ class Uploader:
                     await self.store.hasten()
                 busy = await self._round()
                 wait = 0.0 if busy else await self._until_due()
+                if self.waiting_for_clock:
+                    wait = min(wait, CLOCK_POLL_S)  # each look may find the clock right (Clock.on_right)
             except StoreUnavailable:
                 wait = REOPEN_AFTER_S
+                self._check_held = True
             if wait:
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
+                except TimeoutError:
+                    if wait >= IDLE_CHECK_S:
+                        self._check_held = True  # a retry from the CLI (another process) is seen within it
+
+    def _clock_right(self) -> bool:
+        return self.timekeeper is None or self.timekeeper.right()
+
+    async def _retime_held(self) -> None:
+        """Records made while the clock was not right: once it is, each is re-timed to its scan's
+        true time (now minus the CLOCK_BOOTTIME since) by the platform's own rules, and goes.
+        One from another boot cannot be placed in time: dead-letter, saying so."""
+        rows = await self.store.held(MAX_RETIME)
+        waiting = 0
+        changes: list[tuple[int, UsageRecord, float]] = []
+        for row in rows:
+            if row.values is None:
+                await self._dead(row, row.unreadable or "the payload cannot be opened")
+                continue
+            how = "to the time a technician gave"
+            when = row.retime_to
+            if when is None:
+                how = "by the BOOTTIME since its scan"
+                this_boot = self.timekeeper.boot_id() if self.timekeeper is not None else None
+                if row.stamp is None or row.stamp.boot_id is None or row.stamp.boot_id != this_boot:
+                    await self._dead(row, _unplaced(row))
+                    continue
+                when = self.timekeeper.when(row.stamp) if self.timekeeper is not None else None
+                if when is None:
+                    waiting += 1  # this boot: its time is known once the clock is right
+                    continue
+            try:
+                record = self.platform.retime(row.record, datetime.fromtimestamp(when).astimezone())
+            except ScanboxError as exc:
+                await self._dead(row, "made while the clock was not right, and cannot be re-timed: %s" % exc.message)
+                continue
+            changes.append((row.id, dataclasses.replace(record, created_at=when), when - row.created_at))
+            logger.info("outbox: record %d (%s) re-timed %s: %+.1f s, to %s", row.id, row.operation, how,
+                        when - row.created_at, _iso(when))
+        if changes:
+            self.retimed += await self.store.retime(changes)
+            self._changed()
+        if len(rows) == MAX_RETIME and (changes or len(rows) > waiting):
+            self._check_held = True  # more behind these
+        if waiting != self.waiting_for_clock:
+            self.waiting_for_clock = waiting
+            self._changed()
+        if waiting:
+            logger.info("outbox: %d records wait for the clock to be right to be re-timed", waiting)
+
+    async def _dead(self, row: Row, reason: str) -> None:
+        await self.store.mark_dead(row.id, None, reason)
+        self.dead += 1
+        self._changed()
+        logger.error("outbox: record %d (%s) not sent: %s", row.id, row.operation, reason)
 
     async def _until_due(self) -> float:
         # never more than a minute: a retry from the CLI (another process) is seen within it
@@ -1028,15 +1179,9 @@ class Uploader:
 
         async def send(row: Row) -> None:
             nonlocal failure
-            if row.values is None or not row.clock_ok:
-                # never sent: its payload is lost to the key, or it carries the time of a wrong
-                # clock (1970), which the platform would file the use under
-                reason = row.unreadable or ("recorded while the clock was wrong (%s): its time is not the "
-                                            "scan's; check it, then retry or purge" % _iso(row.created_at))
-                await self.store.mark_dead(row.id, None, reason)
-                self.dead += 1
-                self._changed()
-                logger.error("outbox: record %d (%s) not sent: %s", row.id, row.operation, reason)
+            if row.values is None:
+                # never sent: its payload is lost to the key
+                await self._dead(row, row.unreadable or "the payload cannot be opened")
                 return
             async with slots:  # only the upload holds a slot: the platform sees max_in_flight at most
                 if failure is not None:
@@ -1090,6 +1235,34 @@ class Uploader:
             self.resume_at = 0.0
             self.backoff.reset()
             logger.info("outbox: the platform takes records again")
+
+
+def scan_time(text: str, now: float | None = None) -> float:
+    """The wall time a technician gives for a record's scan (`retry --at`): ISO 8601,
+    "2026-11-30 08:15:00" in the box's zone or with an offset. ValueError saying what is wrong."""
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError("%r is not a time: give it as YYYY-MM-DD HH:MM:SS (the box's zone) or ISO 8601 with "
+                         "an offset" % text) from None
+    when = (at if at.tzinfo is not None else at.astimezone()).timestamp()
+    if when < RELEASE_FLOOR:
+        raise ValueError("%s is before %s: no box ran this release then" % (text, _iso(RELEASE_FLOOR)))
+    now = time.time() if now is None else now
+    if now >= RELEASE_FLOOR and when > now + 60:
+        raise ValueError("%s is in the future (now %s)" % (text, _iso(now)))
+    return when
+
+
+def _unplaced(row: Row) -> str:
+    """Why a record held for the clock cannot be re-timed by the box (and what a technician can do)."""
+    if row.stamp is None or row.stamp.boot_id is None:
+        why = "and the box kept no boot time for it"
+    else:
+        why = "in an earlier boot: the box restarted before its clock was set"
+    return ("recorded while the clock was not right (it says %s), %s, so the scan's true time is unknown; "
+            "`scanbox outbox retry %d --at TIME` sends it with the scan's time (from the hospital's records), "
+            "`--keep-time` with the time it carries" % (_iso(row.created_at), why, row.id))
 
 
 def _holds_queue(exc: ScanboxError) -> bool:

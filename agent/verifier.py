@@ -117,14 +117,25 @@ class Verifier:
                        if kind is QrKind.PAYMENT else "not a health card code this box verifies; delivered raw")
             return Result(scan, None, Verification(False, Reason.QR_UNKNOWN, message, elapsed_ms=elapsed()))
         scanned_at = scan.at
+        filed_under: str | None = None  # what the use's time is, when not the box's right clock
         if self.clock is not None and self.clock.problem() is not None:
             if await self.clock.wait_synchronised(self.deadline_s / 2 if self.deadline_s else None):
                 # the platform files the use under the scan's time: the right one, now known
                 scanned_at = datetime.fromtimestamp(
                     self.clock.now() - (time.monotonic() - scan.monotonic)).astimezone()
             else:
-                logger.warning("scan %s: verifying with a clock that is not right: %s", scan.id,
-                               self.clock.problem())
+                # the nurse is answered all the same: with the platform's time, from the last
+                # HTTP Date it answered with in this boot (a second or two out), else the box's.
+                # Should the use wait in the outbox, it is held and re-timed by the right clock
+                platform_now = self.clock.platform_now()
+                if platform_now is not None:
+                    scanned_at = datetime.fromtimestamp(platform_now - (time.monotonic() - scan.monotonic)).astimezone()
+                    filed_under = "the platform's time (%s): this box's clock is not right" % (
+                        scanned_at.isoformat(timespec="seconds"))
+                else:
+                    filed_under = "this box's clock, which is not right (no platform answer gave its time yet)"
+                logger.warning("scan %s: verifying with a clock that is not right (%s); the use carries %s",
+                               scan.id, self.clock.problem(), filed_under)
         request = VerifyRequest(scan.payload, kind, scanned_at, step or self.default_step,
                                 channel or self.default_channel)
         try:
@@ -150,7 +161,8 @@ class Verifier:
             return Result(scan, None, Verification.failed(exc, elapsed()))
         verification = Verification(True, platform_code=answer.platform_code,
                                     platform_message=answer.platform_message, elapsed_ms=elapsed(),
-                                    msg_guid=record.guid)
+                                    msg_guid=record.guid,
+                                    message="the use is filed under %s" % filed_under if filed_under else None)
         logger.info("scan %s (%s %s) verified: %r in %.1f ms", scan.id, kind.value, mask_qr(scan.payload),
                     answer.identity, verification.elapsed_ms)
         if self.uploader is not None:
@@ -174,7 +186,7 @@ class Verifier:
             logger.warning("scan %s: %s not recorded: no outbox", scan.id, record.operation)
             return None
         try:
-            await self.store.enqueue(record)
+            await self.store.enqueue(record, scanned=scan.monotonic)
         except StoreUnavailable as exc:
             await asyncio.to_thread(self.store.note_unrecorded, record)
             logger.error("outbox: a card use could not be recorded (%s); %d unrecorded so far", exc,
@@ -193,7 +205,7 @@ class Verifier:
                         error.message)
             return Result(scan, None, Verification.failed(error, elapsed(), offline=True))
         identity, verified_at = cached
-        guid = await self._record(record, error)
+        guid = await self._record(record, error, scan)
         age = datetime.fromtimestamp(verified_at).astimezone().isoformat(timespec="seconds")
         verification = Verification(True, message="answered from the cache (verified online %s): %s"
                                     % (age, error.message), elapsed_ms=elapsed(), offline=True, msg_guid=guid)
@@ -201,14 +213,16 @@ class Verifier:
                     mask_qr(scan.payload), identity, "queued" if guid else "NOT RECORDED (outbox unavailable)")
         return Result(scan, identity, verification)
 
-    async def _record(self, record: UsageRecord, error: PlatformError) -> str | None:
+    async def _record(self, record: UsageRecord, error: PlatformError, scan: Scan) -> str | None:
         """The use goes to the outbox, on disk before the HIS hears of it. A box whose disk is
         full still answers (availability first), and counts the use it could not record."""
         if self.store is None:
             return None
         resume = self.uploader.resume_at if self.uploader is not None else 0.0
         try:
-            await self.store.enqueue(record, attempts=1, next_attempt_at=resume, last_error=error.message)
+            # made while the clock is not right, it is held (with the scan's boot time) and re-timed
+            await self.store.enqueue(record, attempts=1, next_attempt_at=resume, last_error=error.message,
+                                     scanned=scan.monotonic)
         except StoreUnavailable as exc:
             await asyncio.to_thread(self.store.note_unrecorded, record)
             logger.error("outbox: a use could not be recorded (%s); %d unrecorded so far", exc, self.store.unrecorded)

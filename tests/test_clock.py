@@ -93,8 +93,9 @@ async def test_started_in_1970_on_a_state_from_2026(box, tmp_path):
     box.sim.faults.add(Fault("http500", count=None))
     offline = await client.call("verify_qr", {"qr": resident.static_qr})
     assert offline["verification"]["reason"] == "PLATFORM_UNAVAILABLE" and offline["identity"] is None
-    # a use recorded now would carry 1970: it is marked so, and nothing is uploaded meanwhile
-    made_in_1970 = UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": resident.static_qr}, "scan-1970",
+    # a use recorded now would carry 1970: it is held, and nothing is uploaded meanwhile
+    made_in_1970 = UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": resident.static_qr,
+                                                               "time": "1970-01-04 00:00:00"}, "scan-1970",
                                NINETEEN_SEVENTY)
     await box.daemon.store.enqueue(made_in_1970)
     box.sim.faults.clear()
@@ -102,14 +103,15 @@ async def test_started_in_1970_on_a_state_from_2026(box, tmp_path):
     assert not [e for e in box.sim.sim.journal if e.msg_guid == old_use.guid]
 
     # NTP sets the clock: the 2026 use is due at once (not 5 minutes after a clock that went
-    # back), is uploaded, and the 1970 one is dead-lettered with the reason, never sent
+    # back), is uploaded, and the 1970 one goes re-timed to its true time (tests/test_retime.py)
     fake.now = now_2026 + 60
     assert "CLOCK_UNSYNCHRONISED" not in {a["code"] for a in (await client.call("status"))["alarms"]}
     await until(lambda: any(e.msg_guid == old_use.guid and e.ok for e in box.sim.sim.journal), timeout=10)
-    dead = await box.daemon.store.rows("dead")
-    assert [d.guid for d in dead] == [made_in_1970.guid]
-    assert "clock was wrong" in dead[0].platform_message
-    assert not [e for e in box.sim.sim.journal if e.msg_guid == made_in_1970.guid]
+    await until(lambda: any(e.msg_guid == made_in_1970.guid and e.ok for e in box.sim.sim.journal), timeout=10)
+    (entry,) = [e for e in box.sim.sim.journal if e.msg_guid == made_in_1970.guid]
+    filed = dt.datetime.strptime(entry.values["time"], "%Y-%m-%d %H:%M:%S").timestamp()
+    assert now_2026 + 50 < filed <= now_2026 + 60, entry.values["time"]  # not 1970-01-04
+    assert await box.daemon.store.rows("dead") == []
 
 
 async def test_a_verification_waits_for_ntp_bounded(box, tmp_path):

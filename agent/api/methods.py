@@ -18,7 +18,7 @@ from agent.config import ClientConfig, OnetransConfig
 from agent.events import EVENT_TYPES, Event, EventName
 from agent.hub import Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
-from agent.outbox import Store, StoreUnavailable, Uploader
+from agent.outbox import RetryRefused, Store, StoreUnavailable, Uploader, scan_time
 from agent.platforms.base import Platform
 
 if TYPE_CHECKING:
@@ -67,6 +67,10 @@ class OutboxListParams(Params):
 
 class OutboxRetryParams(Params):
     id: int = Field(..., ge=1, le=SQLITE_MAX_INT, strict=True)
+    # a record the box could not place in time (made while the clock was wrong, in an earlier
+    # boot): the scan's time, or true to send the time it carries
+    at: str | None = Field(None, max_length=40)
+    keep_time: bool = Field(False, strict=True)
 
 
 class DisplayShowParams(Params):
@@ -267,7 +271,15 @@ class Api:
         return {"state": params.state, "records": [r.to_json() for r in rows]}
 
     async def outbox_retry(self, session: Session, params: OutboxRetryParams) -> dict[str, Any]:
-        if not await self._store(self.store.retry(params.id)):
+        try:
+            at = scan_time(params.at) if params.at is not None else None
+        except ValueError as exc:
+            raise ScanboxError(Reason.BAD_REQUEST, "params.at: %s" % exc) from None
+        try:
+            retried = await self._store(self.store.retry(params.id, at=at, keep_time=params.keep_time))
+        except RetryRefused as exc:
+            raise ScanboxError(Reason.BAD_REQUEST, str(exc)) from None
+        if not retried:
             raise ScanboxError(Reason.BAD_REQUEST, "no pending or dead record %d" % params.id)
         logger.info("api: %s retries outbox record %d", session.client or session.transport, params.id)
         self.uploader.wake()

@@ -138,6 +138,15 @@ class Platform(abc.ABC):
         lacks what the record needs."""
         return None
 
+    def retime(self, record: UsageRecord, when: datetime) -> UsageRecord:
+        """The record as it would have been made at `when`, its scan's true time (found once the
+        clock was right, for a record made while it was not): every field that carries the
+        time of the use re-rendered in the platform's format, created_at `when`, nothing else
+        changed (birth dates, issue dates and the like are not the scan's). Raises
+        ScanboxError(NOT_SUPPORTED) for an operation the adapter does not know."""
+        raise ScanboxError(Reason.NOT_SUPPORTED, "platform %s cannot re-time a %s record"
+                           % (self.kind, record.operation))
+
     @abc.abstractmethod
     async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
         """Send a record from the outbox (under its own msgGuid); the platform's code and

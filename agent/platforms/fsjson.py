@@ -25,6 +25,7 @@ Ambiguities of the spec text, and what scanbox does (each also noted where it ap
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -214,6 +215,14 @@ class FsjsonPlatform(Platform):
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         raise ScanboxError(Reason.NOT_SUPPORTED, "platform fsjson (spec 003) has no verification call")
+
+    def retime(self, record: UsageRecord, when: datetime) -> UsageRecord:
+        """No message of spec 003 carries a scan's time: `timestamp` is signed at each send (by
+        the platform's clock when ours is off), cardInfo.fksj is a card's issue date and csrq a
+        birth date. Nothing in the values moves."""
+        if record.operation not in SIGNED:
+            return super().retime(record, when)
+        return dataclasses.replace(record, created_at=when.timestamp())
 
     async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
         if record.operation not in SIGNED:

@@ -46,6 +46,10 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _OWN_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f.name in ("msgGuid", "msgCreateTime"))
 _STATIC_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f not in _OWN_ACTION_FIELDS)
 _ACTION_ORDER = {f.name: i for i, f in enumerate(ACTION_FIELDS)}
+# the fields that carry the time of the use, for each operation the outbox can hold: 3.3.2 刷卡时间
+# and 3.9.2 用卡时间 (TIME_FORMAT). RHC_E0013 (3.13.2) carries only the code. Every other date in
+# them (RHC_E0009's birthday) is the patient's and never moves; msgCreateTime is made at each send
+SCAN_TIME_FIELDS: dict[str, tuple[str, ...]] = {"RHC_E0003": ("time",), "RHC_E0009": ("time",), "RHC_E0013": ()}
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,14 @@ class RhcPlatform(Platform):
         if problems:
             raise ScanboxError(Reason.BAD_REQUEST, "RHC_E0009 not recorded: %s" % "; ".join(map(str, problems)))
         return UsageRecord(uuid.uuid4().hex, "RHC_E0009", present, scan.id)
+
+    def retime(self, record: UsageRecord, when: datetime) -> UsageRecord:
+        fields = SCAN_TIME_FIELDS.get(record.operation)
+        if fields is None:
+            return super().retime(record, when)
+        rendered = when.strftime(TIME_FORMAT)
+        return dataclasses.replace(record, values={**record.values, **{name: rendered for name in fields}},
+                                   created_at=when.timestamp())
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         response = await self.request(record.operation, record.values, msg_guid=record.guid)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import aiohttp
 
-from agent.clock import tls_hint
+from agent.clock import heard_date, tls_hint
 from agent.platforms.base import PlatformUnavailable
 
 USER_AGENT = "scanbox"
@@ -83,6 +83,8 @@ class HttpClient:
                 async with self.session().request(method, url, data=data, headers=headers,
                                                   allow_redirects=False) as response:
                     content = await response.read()
+                    # the platform's time, for a box whose clock is not right yet (Clock.platform_now)
+                    heard_date(response.headers.get("Date"))
                     return Reply(response.status, response.headers, content)
         except TimeoutError:
             raise PlatformUnavailable("no answer within %.1f s" % limit) from None

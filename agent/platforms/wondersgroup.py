@@ -11,6 +11,7 @@ updateCardInfo and downQr are reachable through `call`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -139,6 +140,15 @@ class WondersgroupPlatform(Platform):
             raise ScanboxError(Reason.BAD_REQUEST, "virIdCardVerify not sent: %s" % "; ".join(map(str, problems)))
         values = {"qrCode": request.qr, **{"useCardInfo." + k: v for k, v in info.items()}}
         return UsageRecord(uuid.uuid4().hex, VERIFY, values, scan_id)
+
+    def retime(self, record: UsageRecord, when: datetime) -> UsageRecord:
+        """virIdCardVerify, the one record the outbox holds here, carries no time (useCardInfo,
+        6.3: where, not when; the platform files the use when it arrives), nor does any other
+        operation's message carry the scan's: fksj is a card's issue date, csrq a birth date.
+        Nothing in the values moves."""
+        if record.operation not in schema.OPERATIONS:
+            return super().retime(record, when)
+        return dataclasses.replace(record, created_at=when.timestamp())
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         result = await self.request(VERIFY, _unflatten(record.values))
