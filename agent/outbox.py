@@ -395,14 +395,17 @@ class Store:
             writes = self._writes
 
             def count(conn: sqlite3.Connection) -> Any:
-                counts = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+                counts: dict[str, int] = {"held": 0, "retimed": 0}
+                # one pass: per state, and of those the records held for the clock and the re-timed
+                for state, n, held, retimed in conn.execute(
+                        "SELECT state, count(*), count(*) FILTER (WHERE clock_ok = 0),"
+                        " count(retimed) FROM outbox GROUP BY state"):
+                    counts[state] = n
+                    counts["held"] += held if state == "pending" else 0
+                    counts["retimed"] += retimed
                 oldest = conn.execute("SELECT min(created_at) FROM outbox WHERE state = 'pending'").fetchone()[0]
                 cached, expiry = conn.execute("SELECT count(*), min(expires_at) FROM identity_cache"
                                               " WHERE expires_at > ?", (now,)).fetchone()
-                held, retimed = conn.execute(
-                    "SELECT count(*) FILTER (WHERE state = 'pending' AND clock_ok = 0),"
-                    " count(*) FILTER (WHERE retimed IS NOT NULL) FROM outbox").fetchone()
-                counts.update(held=held, retimed=retimed)
                 return (writes, self._connections), now, counts, oldest, cached, expiry
             snapshot = self._stats = await self._submit(count, write=False)
         _, _, counts, oldest, cached, _ = snapshot
@@ -683,6 +686,8 @@ class Store:
                              ("retime_to", "REAL"), ("retimed", "REAL")):
             if column not in columns:
                 conn.execute("ALTER TABLE outbox ADD COLUMN %s %s" % (column, kind))
+        # the uploader looks for held records after every wake: a look at those alone
+        conn.execute("CREATE INDEX IF NOT EXISTS outbox_held ON outbox (state, clock_ok, id)")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         keys = self._keys()
         resealed = 0

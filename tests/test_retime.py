@@ -337,3 +337,36 @@ async def test_the_clock_places_a_stamp_only_in_its_own_boot_and_once_right(tmp_
     boot.id = "boot-2"
     assert clock.when(stamp) is None
     await asyncio.sleep(0)
+
+
+async def test_the_cli_retries_a_record_it_could_not_place_only_with_a_time_or_the_one_it_carries(tmp_path, capsys):
+    from agent import cli
+    from agent.clock import Stamp
+
+    state = tmp_path / "state"
+    store = Store(state / "outbox.db", stamp=lambda monotonic: Stamp("boot-1", 10.0))
+    await store.open()
+    ids = [await store.enqueue(UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": "A" * 64 + ":1"}, "s-%d" % n,
+                                           NINETEEN_SEVENTY)) for n in range(2)]
+    for record_id in ids:
+        await store.mark_dead(record_id, None, "recorded while the clock was not right ... in an earlier boot")
+    await store.close()
+
+    def retry(*args: str) -> int:
+        return cli.main(["outbox", "--state-dir", str(state), "retry", *args])
+
+    assert await asyncio.to_thread(retry, str(ids[0])) == 1
+    assert "--at TIME" in capsys.readouterr().err
+    assert await asyncio.to_thread(retry, str(ids[0]), "--at", "1970-01-04 00:00:00") == 1
+    assert "before 2024" in capsys.readouterr().err
+    at = dt.datetime.fromtimestamp(time.time() - 2 * ONE_HOUR).replace(microsecond=0)
+    assert await asyncio.to_thread(retry, str(ids[0]), "--at", at.strftime(TIME_FORMAT)) == 0
+    assert await asyncio.to_thread(retry, str(ids[1]), "--keep-time") == 0
+    store = Store(state / "outbox.db")
+    await store.open()
+    given, kept = [await store.get(record_id) for record_id in ids]
+    await store.close()
+    assert given is not None and kept is not None
+    assert given.state == "pending" and not given.clock_ok  # re-timed by the daemon, by its platform's rules
+    assert given.retime_to == at.astimezone().timestamp()
+    assert kept.state == "pending" and kept.clock_ok and kept.created_at == NINETEEN_SEVENTY
