@@ -323,6 +323,18 @@ def install(clock: Clock | None) -> None:
     _current = clock
 
 
+def message_time() -> datetime:
+    """The time a platform message made now says it was made (RHC's msgCreateTime): the box's
+    clock, or, while the daemon's clock was last found not right, the platform's when one of its
+    answers told it. (The last finding, not a new look: this runs for every message.)"""
+    clock = _current
+    if clock is not None and clock._was_right is False:
+        platform = clock.platform_now()
+        if platform is not None:
+            return datetime.fromtimestamp(platform)
+    return datetime.now()
+
+
 def heard_date(date: str | None) -> None:
     """A platform's HTTP answer carried this Date: the daemon's clock keeps it (see Clock.platform_now)."""
     if _current is not None:

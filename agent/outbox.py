@@ -1156,8 +1156,8 @@ class Uploader:
         if waiting != self.waiting_for_clock:
             self.waiting_for_clock = waiting
             self._changed()
-        if waiting:
-            logger.info("outbox: %d records wait for the clock to be right to be re-timed", waiting)
+            if waiting:
+                logger.info("outbox: %d records wait for the clock to be right to be re-timed", waiting)
 
     async def _dead(self, row: Row, reason: str) -> None:
         await self.store.mark_dead(row.id, None, reason)

@@ -8,6 +8,7 @@ Clock's seams turned: its time source, timesyncd's directory, BOOTTIME and the b
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import datetime as dt
 import time
 import uuid
@@ -370,3 +371,19 @@ async def test_the_cli_retries_a_record_it_could_not_place_only_with_a_time_or_t
     assert given.state == "pending" and not given.clock_ok  # re-timed by the daemon, by its platform's rules
     assert given.retime_to == at.astimezone().timestamp()
     assert kept.state == "pending" and kept.clock_ok and kept.created_at == NINETEEN_SEVENTY
+
+
+def test_an_rhc_message_made_while_the_clock_is_not_right_says_the_platforms_time(tmp_path):
+    rhc = platform_of("rhc", tmp_path)
+    clock, _ = a_clock(tmp_path, 0, timesyncd=True, wall=Shifted(-ONE_HOUR))
+    clocks.install(clock)
+
+    def created() -> float:
+        action = rhc.build_action("RHC_E0003")
+        text = action.split("<msgCreateTime>")[1].split("</msgCreateTime>")[0]
+        return dt.datetime.strptime(text, TIME_FORMAT).timestamp()
+
+    assert abs(created() - time.time()) <= 1  # the box's clock: nothing else known yet
+    assert clock.problem() is not None  # the daemon looks at its clock for every scan
+    clock.heard_date(email.utils.formatdate(time.time() - 7200, usegmt=True))  # the platform says two hours ago
+    assert abs(created() - (time.time() - 7200)) <= 2

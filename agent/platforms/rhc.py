@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from lxml import etree
 
+from agent.clock import message_time
 from agent.codes import Outcome, ReturnCode
 from agent.codes import qwb002 as codes
 from agent.config import PlatformConfig, SiteConfig
@@ -318,7 +319,7 @@ class RhcPlatform(Platform):
             "msgGuid": msg_guid or uuid.uuid4().hex,
             "msgType": "1",
             "bussinessCode": code,
-            "msgCreateTime": (created or datetime.now()).strftime(TIME_FORMAT),
+            "msgCreateTime": (created or message_time()).strftime(TIME_FORMAT),
             "orgId": self.rhc.org_id,
             "appCode": self.rhc.app_code,
             "userName": self.rhc.user_name,
