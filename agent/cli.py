@@ -397,9 +397,11 @@ def _outbox(args: argparse.Namespace) -> int:
             elif args.action == "list":
                 rows = await store.rows(args.state, args.limit)
                 for row in rows:
-                    print("%6d  %-9s %-7s %s  attempts %d  %s" % (
+                    # a pending record made while the clock was not right waits to be re-timed
+                    held = "  (held for the clock)" if not row.clock_ok and row.state == "pending" else ""
+                    print("%6d  %-9s %-7s %s  attempts %d  %s%s" % (
                         row.id, row.operation, row.state, _when(row.created_at), row.attempts,
-                        "%s %s" % (row.platform_code or "", row.platform_message or row.last_error or "")))
+                        "%s %s" % (row.platform_code or "", row.platform_message or row.last_error or ""), held))
                 print("%d %s record%s" % (len(rows), args.state, "" if len(rows) == 1 else "s"))
             elif args.action == "show":
                 found = await store.get(args.id)

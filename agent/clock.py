@@ -23,7 +23,9 @@ answer; retry times beyond what a backoff can give are clamped; a TLS failure wh
 wrong says so. A use recorded while the clock is not right keeps a `Stamp`: the kernel's boot id
 and CLOCK_BOOTTIME at the scan (which counts suspend, and no clock setting moves). Once the clock
 is right in the same boot, the scan's true time is now minus the BOOTTIME since, and the uploader
-re-times the record (each platform re-renders its own time fields) before it goes. A record from
+re-times the record (each platform re-renders its own time fields) before it goes. A box whose
+NTP is blocked would hold it for ever: NTP_PATIENCE_S after the start, the platform's time (its
+HTTP Date) places it instead; the platform files the use by its own clock anyway. A record from
 another boot cannot be placed in time: dead-letter, with that reason, for a technician who
 accepts its time or gives one (`scanbox outbox retry ID --keep-time | --at TIME`).
 
@@ -57,6 +59,9 @@ TIMESYNC_DIR = Path("/run/systemd/timesync")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # an HTTP Date is the server's time cut to the second: its middle is the better guess
 DATE_RESOLUTION_S = 1.0
+# a use held for the clock waits this long after the start for NTP; then (a hospital firewall that
+# drops NTP) it is re-timed by the platform's time, from its HTTP Date, which files it anyway
+NTP_PATIENCE_S = 600.0
 POLL_S = 0.25
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
@@ -234,15 +239,30 @@ class Clock:
             at -= max(0.0, time.monotonic() - monotonic)
         return Stamp(self.boot_id(), at)
 
-    def when(self, stamp: Stamp) -> float | None:
-        """The true wall time of a stamped moment: None until the clock is right, and for a
-        moment of another boot (the BOOTTIME between then and now is lost)."""
-        if stamp.boot_id is None or stamp.boot_id != self.boot_id() or not self.right():
+    def when(self, stamp: Stamp) -> tuple[float, str] | None:
+        """The true wall time of a stamped moment, and by which clock: the box's once it is
+        right; NTP_PATIENCE_S after the start without NTP, the platform's if one of its answers
+        told it. None until then, and for a moment of another boot (the BOOTTIME between then
+        and now is lost)."""
+        if stamp.boot_id is None or stamp.boot_id != self.boot_id():
             return None
         since = self.boottime() - stamp.boottime
         if since < 0:
             return None
-        return self.now() - since
+        if self.right():
+            return self.now() - since, "the clock"
+        platform = self.platform_now() if self.impatient() else None
+        if platform is not None:
+            return platform - since, "the platform's time (no NTP)"
+        return None
+
+    def impatient(self) -> bool:
+        """NTP_PATIENCE_S since the start, and the clock still not right."""
+        return time.monotonic() - self.started >= NTP_PATIENCE_S and not self.right()
+
+    def can_place(self) -> bool:
+        """Whether `when` can place a stamp of this boot now (a cheap look, for the uploader's polls)."""
+        return self.right() or (self.impatient() and self._platform_date is not None)
 
     def heard_date(self, date: str | None) -> None:
         """A platform answered with this HTTP Date (transport.HttpClient tells of every answer)."""

@@ -16,6 +16,10 @@ they died. secure_delete zeroes what is deleted, and the WAL is truncated after 
 deleted row is not left readable in the -wal file either. A corrupt database's readable rows are
 carried over to a new one and the corrupt file is deleted.
 
+A record made while the clock was not right (agent/clock.py) is held, with its scan's boot id
+and CLOCK_BOOTTIME, until the uploader can re-time it to the scan's true time; one from another
+boot goes to dead-letter saying so, and `retry` then asks for the scan's time or leave to keep its own.
+
 A full disk, an unwritable directory or a corrupt file never stops the box: the store reports
 the problem (an alarm), the caller carries on without it, and the next write tries again.
 """
@@ -1115,7 +1119,7 @@ class Uploader:
                         self._check_held = True  # a retry from the CLI (another process) is seen within it
 
     def _clock_right(self) -> bool:
-        return self.timekeeper is None or self.timekeeper.right()
+        return self.timekeeper is None or self.timekeeper.can_place()
 
     async def _retime_held(self) -> None:
         """Records made while the clock was not right: once it is, each is re-timed to its scan's
@@ -1131,15 +1135,15 @@ class Uploader:
             how = "to the time a technician gave"
             when = row.retime_to
             if when is None:
-                how = "by the BOOTTIME since its scan"
                 this_boot = self.timekeeper.boot_id() if self.timekeeper is not None else None
                 if row.stamp is None or row.stamp.boot_id is None or row.stamp.boot_id != this_boot:
                     await self._dead(row, _unplaced(row))
                     continue
-                when = self.timekeeper.when(row.stamp) if self.timekeeper is not None else None
-                if when is None:
+                placed = self.timekeeper.when(row.stamp) if self.timekeeper is not None else None
+                if placed is None:
                     waiting += 1  # this boot: its time is known once the clock is right
                     continue
+                when, how = placed[0], "by %s and the BOOTTIME since its scan" % placed[1]
             try:
                 record = self.platform.retime(row.record, datetime.fromtimestamp(when).astimezone())
             except ScanboxError as exc:

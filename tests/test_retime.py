@@ -222,6 +222,31 @@ async def test_fake_hwclock_an_hour_behind_holds_the_use_until_ntp_then_re_times
     assert (await client.call("outbox.stats"))["retimed"] == 1
 
 
+async def test_without_ntp_a_held_use_goes_by_the_platforms_time_ten_minutes_after_the_start(box, tmp_path):
+    """A hospital firewall drops NTP: fake-hwclock's time stays an hour behind and unsynchronised.
+    The use is not held for ever: it goes by the platform's clock, which files it anyway."""
+    resident = box.resident()
+    before = Store(tmp_path / "state" / "outbox.db", clock=Dial(time.time() - 86400))
+    await before.open()
+    await before.cache_put(resident.static_qr, {"name": resident.name, "id_number": resident.id_card}, 3 * 86400)
+    await before.close()
+    clock, _ = a_clock(tmp_path, 0, timesyncd=True, wall=Shifted(-ONE_HOUR))
+    await box.start(clock=clock, sources={})
+    box.sim.faults.add(Fault("http500", count=None))
+    client = await box.unix()
+    scanned = time.time()
+    answer = await client.call("verify_qr", {"qr": resident.static_qr})
+    guid = answer["verification"]["msg_guid"]
+    box.sim.faults.clear()
+    await until(lambda: box.daemon.uploader.waiting_for_clock == 1, timeout=10)
+    assert entries(box, guid) == []
+    clock.started -= clocks.NTP_PATIENCE_S  # ten minutes on, still no NTP
+    await until(lambda: any(e.ok for e in entries(box, guid)), timeout=10)
+    (entry,) = entries(box, guid)
+    assert abs(filed(entry) - scanned) <= 2, entry.values["time"]  # the platform's time, not an hour behind
+    assert "CLOCK_UNSYNCHRONISED" in {a["code"] for a in (await client.call("status"))["alarms"]}
+
+
 async def test_when_the_wait_for_ntp_runs_out_a_verification_carries_the_platforms_time(box, tmp_path):
     # an hour behind and not synchronised, and the wait for NTP is over
     clock, _ = a_clock(tmp_path, 0, timesyncd=True, wall=Shifted(-ONE_HOUR))
@@ -333,7 +358,8 @@ async def test_the_clock_places_a_stamp_only_in_its_own_boot_and_once_right(tmp_
     wall.now = 1.8e9
     assert clock.when(stamp) is None  # sane, but timesyncd has not synchronised
     (tmp_path / "timesync" / "synchronized").touch()
-    assert abs(clock.when(stamp) - (1.8e9 - 30)) < 0.1
+    placed = clock.when(stamp)
+    assert placed is not None and abs(placed[0] - (1.8e9 - 30)) < 0.1 and placed[1] == "the clock"
     assert clock.stamp() is None  # right: nothing to hold
     boot.id = "boot-2"
     assert clock.when(stamp) is None
@@ -371,6 +397,9 @@ async def test_the_cli_retries_a_record_it_could_not_place_only_with_a_time_or_t
     assert given.state == "pending" and not given.clock_ok  # re-timed by the daemon, by its platform's rules
     assert given.retime_to == at.astimezone().timestamp()
     assert kept.state == "pending" and kept.clock_ok and kept.created_at == NINETEEN_SEVENTY
+    assert await asyncio.to_thread(cli.main, ["outbox", "--state-dir", str(state), "list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "RHC_E0003" in line]
+    assert [line.endswith("(held for the clock)") for line in listed] == [True, False]
 
 
 def test_an_rhc_message_made_while_the_clock_is_not_right_says_the_platforms_time(tmp_path):
