@@ -733,10 +733,12 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if version < SCHEMA_VERSION or resealed or dropped:
-            # the clear text of version 1 lies in free pages and in the WAL: rewrite the file
+        if version < 3 or resealed or dropped:
+            # the clear text of version 1, and the cache entries version 3 deleted, lie in free pages
+            # and in the WAL: rewrite the file (version 4 only added columns: nothing to rewrite)
             conn.execute("VACUUM")
             _truncate_wal(conn)
+        if version < SCHEMA_VERSION or resealed or dropped:
             logger.info("outbox: database at version %d (was %d); %d payloads sealed, %d cached identities "
                         "deleted (indexed without the current key: the next online verification caches "
                         "them again)", SCHEMA_VERSION, version, resealed, dropped)
