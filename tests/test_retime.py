@@ -104,9 +104,18 @@ def entries(box: Any, guid: str) -> list[Any]:
 
 
 async def test_a_card_used_in_1970_goes_with_its_true_time_once_the_clock_is_right(box, tmp_path):
+    # the state a box left behind in 2026: a use it uploaded
+    before = Store(tmp_path / "state" / "outbox.db", clock=Dial(time.time() - 86400))
+    await before.open()
+    old_id = await before.enqueue(UsageRecord(uuid.uuid4().hex, "RHC_E0003", {"qr_code": box.resident(1).static_qr},
+                                              "scan-2026", time.time() - 86400))
+    await before.mark_sent(old_id, "0000", "ok")
+    await before.close()
     boot = Boot()
     clock, wall = a_clock(tmp_path, NINETEEN_SEVENTY, boot)
     await box.start(clock=clock, sources={})
+    assert clock.floor_source == "the newest record in the outbox"
+    box.sim.faults.add(Fault("http500", count=None))  # and the platform is down: the box is offline
     result = await box.daemon.verifier.verify(card_scan(NINETEEN_SEVENTY))
     assert result.verification.ok and result.verification.msg_guid
     guid = result.verification.msg_guid
@@ -117,7 +126,9 @@ async def test_a_card_used_in_1970_goes_with_its_true_time_once_the_clock_is_rig
     client = await box.unix()
     assert (await client.call("outbox.stats"))["held_for_clock"] == 1
 
-    # ten minutes on (BOOTTIME), NTP sets the clock: the use happened ten minutes before now
+    # ten minutes on (BOOTTIME), the platform is back and NTP sets the clock: the use happened
+    # ten minutes before now
+    box.sim.faults.clear()
     boot.time.now += 600
     wall.now = time.time()
     true_time = wall.now - 600
