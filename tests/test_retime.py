@@ -135,13 +135,14 @@ async def test_a_card_used_in_1970_goes_with_its_true_time_once_the_clock_is_rig
     await until(lambda: any(e.ok for e in entries(box, guid)), timeout=10)
     (entry,) = entries(box, guid)
     assert entry.code == "RHC_E0009"
-    assert abs(filed(entry) - true_time) <= 1, entry.values["time"]
+    assert abs(filed(entry) - true_time) <= 1.5, entry.values["time"]  # whole seconds on the wire
     # nothing but the time moved: the patient's own date (birthday) is the card's
     assert entry.values["birthday"] == emu.SAMPLE_PERSON["birthday"]
     await until(lambda: box.daemon.uploader.sent == 1)
     sent = [r for r in await box.daemon.store.rows("sent") if r.guid == guid]
-    assert sent[0].clock_ok and abs(sent[0].created_at - true_time) < 0.01
-    assert abs(sent[0].retimed - (true_time - held.created_at)) < 0.01
+    # (less the moment between the scan and its record, which a loaded machine stretches)
+    assert sent[0].clock_ok and abs(sent[0].created_at - true_time) < 0.5
+    assert abs(sent[0].retimed - (true_time - held.created_at)) < 0.5
     stats = await client.call("outbox.stats")
     assert (stats["held_for_clock"], stats["retimed"], stats["dead"]) == (0, 1, 0)
 
@@ -162,7 +163,7 @@ async def test_a_restart_in_the_same_boot_still_re_times(box, tmp_path):
     await box.start(clock=clock, sources={})
     await until(lambda: any(e.ok for e in entries(box, guid)), timeout=10)
     (entry,) = entries(box, guid)
-    assert abs(filed(entry) - true_time) <= 1, entry.values["time"]
+    assert abs(filed(entry) - true_time) <= 1.5, entry.values["time"]  # whole seconds on the wire
 
 
 async def test_a_record_from_another_boot_is_dead_with_the_reason_until_a_technician_gives_its_time(box, tmp_path):
@@ -423,7 +424,7 @@ def test_an_rhc_message_made_while_the_clock_is_not_right_says_the_platforms_tim
         text = action.split("<msgCreateTime>")[1].split("</msgCreateTime>")[0]
         return dt.datetime.strptime(text, TIME_FORMAT).timestamp()
 
-    assert abs(created() - time.time()) <= 1  # the box's clock: nothing else known yet
+    assert abs(created() - time.time()) <= 1.5  # the box's clock: nothing else known yet
     assert clock.problem() is not None  # the daemon looks at its clock for every scan
     clock.heard_date(email.utils.formatdate(time.time() - 7200, usegmt=True))  # the platform says two hours ago
     assert abs(created() - (time.time() - 7200)) <= 2
