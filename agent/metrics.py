@@ -225,14 +225,18 @@ class StateCollector(Collector):
         oldest = GaugeMetricFamily("scanbox_outbox_oldest_pending_age_seconds",
                                    "Age of the oldest record not yet uploaded (0: none pending).")
         cached = GaugeMetricFamily("scanbox_identity_cache_entries", "Identities cached for offline answers.")
+        held = GaugeMetricFamily("scanbox_outbox_held_for_clock", "Pending usage records made while the clock was "
+                                 "not right, waiting for it to be right to be re-timed.")
         if outbox.get("available"):
             for state in ("pending", "dead", "sent"):
                 records.add_metric([state], outbox[state])
             oldest.add_metric([], outbox["oldest_pending_age_s"] or 0)
             cached.add_metric([], outbox["cached_identities"])
+            held.add_metric([], outbox["held_for_clock"])
         yield records
         yield oldest
         yield cached
+        yield held
         uploader = self.daemon.uploader
         uploads = CounterMetricFamily("scanbox_uploads", "Outbox upload attempts by result: sent, dead "
                                       "(refused for good), failed (to be retried).", labels=["result"])

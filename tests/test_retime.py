@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from agent import clock as clocks
@@ -28,6 +29,7 @@ from agent.qr import QrKind
 from agent.simulator import cards as emu
 from agent.simulator.soap import Fault
 from tests.conftest import ADMIN_TOKEN, config_dict, until
+from tests.fleet.common import api_with_metrics, samples, scrape, value
 
 NINETEEN_SEVENTY = 86400.0 * 3  # 1970-01-04
 ONE_HOUR = 3600.0
@@ -211,7 +213,7 @@ async def test_fake_hwclock_an_hour_behind_holds_the_use_until_ntp_then_re_times
     await before.close()
     # fake-hwclock restored the last shutdown's time: sane, an hour behind, timesyncd not synchronised yet
     clock, wall = a_clock(tmp_path, 0, timesyncd=True, wall=Shifted(-ONE_HOUR))
-    await box.start(clock=clock, sources={})
+    await box.start(clock=clock, sources={}, api=api_with_metrics())
     box.sim.faults.add(Fault("http500", count=None))
     client = await box.unix()
     scanned = time.time()
@@ -224,6 +226,9 @@ async def test_fake_hwclock_an_hour_behind_holds_the_use_until_ntp_then_re_times
     assert entries(box, guid) == []
     status = await client.call("status")
     assert status["outbox"]["held_for_clock"] == 1 and status["uploader"]["waiting_for_clock"] == 1
+    async with aiohttp.ClientSession() as http:  # and the region's Prometheus sees it
+        _, text = await scrape(http, "http://%s:%d/metrics" % box.daemon.http.address)
+    assert value(samples(text), "scanbox_outbox_held_for_clock") == 1
 
     wall.offset = 0.0  # NTP: the clock steps an hour forward
     (tmp_path / "timesync" / "synchronized").touch()
