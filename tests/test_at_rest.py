@@ -260,7 +260,7 @@ async def test_cache_entries_indexed_by_a_plain_hash_are_deleted_at_the_upgrade(
     assert plain.encode() not in on_disk(state)
     with sqlite3.connect(state / "outbox.db") as conn:
         assert conn.execute("SELECT count(*) FROM identity_cache").fetchone()[0] == 0
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 async def test_a_key_made_beside_the_data_is_replaced_by_the_credential(tmp_path, monkeypatch):

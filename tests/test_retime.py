@@ -282,7 +282,7 @@ async def test_when_the_wait_for_ntp_runs_out_a_verification_carries_the_platfor
 
 
 async def test_a_record_made_before_boot_times_were_kept_is_dead_with_the_reason(box, tmp_path):
-    """A version 2 database (clock_ok, no boot time) from a box that ran the previous release."""
+    """A version 3 database (clock_ok, no boot time) from a box that ran the previous release."""
     import sqlite3
 
     store = Store(tmp_path / "state" / "outbox.db")
@@ -295,7 +295,7 @@ async def test_a_record_made_before_boot_times_were_kept_is_dead_with_the_reason
     conn.execute("UPDATE outbox SET clock_ok = 0")
     for column in ("boot_id", "boottime", "retime_to", "retimed"):
         conn.execute("ALTER TABLE outbox DROP COLUMN %s" % column)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
     await box.start(sources={})
