@@ -1,7 +1,11 @@
 """The sending half of an API connection, the same for every transport (Unix/TCP lines, WebSocket
 frames): one sender task and a bounded queue. A client that stops reading is dropped, not
 buffered without end; a send that stalls for SEND_TIMEOUT_S ends the connection. Requests are
-answered concurrently, at most MAX_IN_FLIGHT per connection (more wait: backpressure)."""
+answered concurrently, at most MAX_IN_FLIGHT per connection (more wait: backpressure).
+
+A message to a connection with nothing queued, nothing being sent and an empty transport
+buffer is written at once (when the transport can: `_write_now`), without waking the sender
+task: that hop was a loop turn and a timer per answer. Order is kept: anything else queues."""
 
 from __future__ import annotations
 
@@ -25,10 +29,17 @@ class Outbound(abc.ABC):
         self.label = label
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(OUTGOING_QUEUE)
         self.closed = False
+        self._sending = False  # the sender task is writing a message it took from the queue
 
     @abc.abstractmethod
     async def _write(self, data: bytes) -> None:
         """Send one message (the transport's framing is the subclass's)."""
+
+    def _write_now(self, data: bytes) -> bool:
+        """Send one message without waiting, if the transport takes it whole at once; False
+        when it must go through the queue (the default). Called only when nothing is queued or
+        being sent."""
+        return False
 
     @abc.abstractmethod
     def _drop(self) -> None:
@@ -41,6 +52,14 @@ class Outbound(abc.ABC):
     def send(self, data: bytes) -> None:
         if self.closed:
             return
+        if not self._sending and self.queue.empty():
+            try:
+                if self._write_now(data):
+                    return
+            except (ConnectionError, OSError, RuntimeError):
+                self.closed = True
+                self._drop()
+                return
         try:
             self.queue.put_nowait(data)
         except asyncio.QueueFull:
@@ -57,8 +76,10 @@ class Outbound(abc.ABC):
                 data = await self.queue.get()
                 if data is None:
                     break
+                self._sending = True
                 async with asyncio.timeout(SEND_TIMEOUT_S):
                     await self._write(data)
+                self._sending = False
         except (TimeoutError, ConnectionError, OSError, RuntimeError):
             self.closed = True
             self._drop()

@@ -204,6 +204,13 @@ class _Connection(Outbound):
         self.writer.writelines((data, b"\n"))
         await self.writer.drain()
 
+    def _write_now(self, data: bytes) -> bool:
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False  # the sender task writes it, waiting for the buffer to drain
+        self.writer.writelines((data, b"\n"))
+        return True
+
     def _drop(self) -> None:
         self.writer.transport.abort()
 
