@@ -258,11 +258,15 @@ def _log_answer(result: Result) -> None:
 
 
 class HubSink:
-    """The ScanSink drivers call from their threads: hops onto the hub's event loop."""
+    """The ScanSink drivers call from their threads: hops onto the hub's event loop. A driver
+    that reads its device on the loop itself (`event_loop`) is served at once, without a hop."""
 
     def __init__(self, hub: Hub, loop: asyncio.AbstractEventLoop) -> None:
         self.hub = hub
         self.loop = loop
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
 
     def scan(self, scan: Scan) -> None:
         self._call(self.hub.accept, scan)
@@ -277,7 +281,17 @@ class HubSink:
         self._call(self.hub.supervisor.failed, source, exc)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if _on_loop(self.loop):
+            fn(*args)  # a driver reading on the loop: no wake-up of the loop by itself
+            return
         try:
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop has closed: the daemon is stopping
             logger.debug("event after shutdown dropped")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # a driver's own thread
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import glob
 import random
 import threading
@@ -23,6 +24,12 @@ class DriverOptions(BaseModel):
 
 class ScanSink(Protocol):
     """Where a source delivers. Every method is safe to call from any thread."""
+
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the sink delivers on, if it has one: a driver whose device has a file
+        descriptor may read it there (`loop.add_reader`) rather than in a thread of its own, and
+        deliver without a hop between threads. None (the default): drivers read in threads."""
+        return None
 
     def scan(self, scan: Scan) -> None: ...
 

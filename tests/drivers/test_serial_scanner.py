@@ -1,7 +1,11 @@
-"""The serial scanner driver through a real pty: framing, charsets, noise, unplug and replug."""
+"""The serial scanner driver through a real pty: framing, charsets, noise, unplug and replug.
+
+Each test that reads through `running` runs twice: read by the driver's own thread (a sink
+without an event loop), and read on an event loop (`LoopSink`, as the daemon's sink)."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -62,26 +66,59 @@ class RecordingSink(ScanSink):
             pass
 
 
+class LoopSink(RecordingSink):
+    """A RecordingSink with an event loop of its own (in a thread, as the daemon's runs in its
+    main thread): the driver reads a port with a descriptor on it. Records which thread
+    delivered each scan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self.thread.start()
+        self.delivered_by: list[int] = []
+
+    @override
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
+
+    @override
+    def scan(self, scan: Scan) -> None:
+        self.delivered_by.append(threading.get_ident())
+        super().scan(scan)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
 def make(port: Path | str, **options: Any) -> serial_scanner.SerialScanner:
     opts = serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": str(port), **options})
     return serial_scanner.create("counter", opts)
 
 
-@pytest.fixture
-def running(pty_scanner: PtyScanner):
+@pytest.fixture(params=["thread", "loop"])
+def running(request, pty_scanner: PtyScanner):
     started: list[serial_scanner.SerialScanner] = []
+    sinks: list[RecordingSink] = []
 
     def start(**options: Any) -> RecordingSink:
-        sink = RecordingSink()
+        sink = LoopSink() if request.param == "loop" else RecordingSink()
+        sinks.append(sink)
         scanner = make(pty_scanner.path, **options)
         scanner.start(sink)
         started.append(scanner)
         sink.wait_connected(True)
         return sink
 
+    start.mode = request.param  # type: ignore[attr-defined]
     yield start
     for scanner in started:
         scanner.stop()
+    for sink in sinks:
+        if isinstance(sink, LoopSink):
+            sink.close()
 
 
 def test_default_terminators_take_cr_lf_and_crlf(running, pty_scanner):
@@ -195,8 +232,9 @@ def test_retries_while_unplugged_are_reported_once_and_do_not_spin(tmp_path):
     assert [c for c, _ in sink.connected_state].count(False) <= 2
 
 
-def test_stop_returns_promptly_while_reading(pty_scanner):
-    sink = RecordingSink()
+@pytest.mark.parametrize("sink_kind", [RecordingSink, LoopSink])
+def test_stop_returns_promptly_while_reading(pty_scanner, sink_kind):
+    sink = sink_kind()
     scanner = make(pty_scanner.path)
     scanner.start(sink)
     sink.wait_connected(True)
@@ -204,6 +242,35 @@ def test_stop_returns_promptly_while_reading(pty_scanner):
     scanner.stop()
     assert time.monotonic() - started < 2
     assert sink.connected_state[-1] == (False, "stopped")
+    if isinstance(sink, LoopSink):
+        sink.close()
+
+
+def test_on_a_loop_the_port_is_read_by_the_loop_not_a_thread(running, pty_scanner):
+    """The daemon's sink has a loop: a scan is delivered from the loop's thread, and the driver
+    starts no reader thread (the hop between them was a wake-up per scan)."""
+    sink = running()
+    pty_scanner.scan("ON-THE-LOOP")
+    assert sink.next("scan").payload == "ON-THE-LOOP"
+    readers = [t for t in threading.enumerate() if t.name.endswith("-reader")]
+    if running.mode == "loop":
+        assert isinstance(sink, LoopSink) and sink.delivered_by == [sink.thread.ident]
+        assert readers == []
+    else:
+        assert [t.name for t in readers] == ["serial:counter-reader"]
+
+
+def test_a_port_without_a_descriptor_is_read_in_a_thread_even_with_a_loop():
+    """`loop://` has no file descriptor for a loop to wait on: its own thread reads it."""
+    sink = LoopSink()
+    scanner = make("loop://")
+    scanner.start(sink)
+    try:
+        sink.wait_connected(True)
+        assert [t.name for t in threading.enumerate() if t.name.endswith("-reader")] == ["serial:counter-reader"]
+    finally:
+        scanner.stop()
+        sink.close()
 
 
 def test_port_is_opened_exclusively(running, pty_scanner):
@@ -227,10 +294,11 @@ def test_options_are_checked():
         serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "terminator": ""})
 
 
-def test_port_as_a_pyserial_url_spy_logs_the_bytes(pty_scanner, tmp_path):
+@pytest.mark.parametrize("sink_kind", [RecordingSink, LoopSink])
+def test_port_as_a_pyserial_url_spy_logs_the_bytes(pty_scanner, tmp_path, sink_kind):
     """`spy://` is how a technician sees what a scanner sends: same driver, a URL for a port."""
     log = tmp_path / "spy.log"
-    sink = RecordingSink()
+    sink = sink_kind()
     scanner = make("spy://%s?file=%s" % (pty_scanner.path, log))
     scanner.start(sink)
     try:
@@ -239,30 +307,39 @@ def test_port_as_a_pyserial_url_spy_logs_the_bytes(pty_scanner, tmp_path):
         assert sink.next("scan").payload == "SPIED-CODE"
     finally:
         scanner.stop()
+        if isinstance(sink, LoopSink):
+            sink.close()
     # the hexdump of what the scanner sent, one line per read: the RX bytes, joined
     received = b"".join(bytes.fromhex(line[21:70].replace(" ", "")) for line in log.read_text().splitlines()
                         if line[11:15] == "RX  ")
     assert b"SPIED-CODE\r\n" in received
 
 
-def test_an_unplug_seen_as_eio_from_any_call_still_reconnects(running, pty_scanner, monkeypatch):
-    """pyserial's reader loop lets OSError from the in_waiting ioctl escape; ours reports the loss."""
-    sink = running(reconnect_max_s=0.2)
+def test_an_unplug_seen_as_eio_from_any_call_still_reconnects(pty_scanner, monkeypatch):
+    """pyserial's reader loop lets OSError from the in_waiting ioctl escape; ours reports the loss.
+    (The reader thread's loop: on an event loop, the port is read only when select says so.)"""
     import serial.serialposix
 
-    real = serial.serialposix.Serial.in_waiting
-    failures = {"left": 1}
+    sink = RecordingSink()
+    scanner = make(pty_scanner.path, reconnect_max_s=0.2)
+    scanner.start(sink)
+    try:
+        sink.wait_connected(True)
+        real = serial.serialposix.Serial.in_waiting
+        failures = {"left": 1}
 
-    def flaky(self):
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OSError(5, "Input/output error")
-        return real.fget(self)
+        def flaky(self):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise OSError(5, "Input/output error")
+            return real.fget(self)
 
-    monkeypatch.setattr(serial.serialposix.Serial, "in_waiting", property(flaky))
-    pty_scanner.scan("WAKE")  # the reader wakes, asks in_waiting, gets EIO
-    sink.wait_connected(False)
-    assert "Input/output error" in sink.connected_state[-1][1]
-    sink.wait_connected(True)
-    pty_scanner.scan("AGAIN")
-    assert sink.next("scan").payload == "AGAIN"
+        monkeypatch.setattr(serial.serialposix.Serial, "in_waiting", property(flaky))
+        pty_scanner.scan("WAKE")  # the reader wakes, asks in_waiting, gets EIO
+        sink.wait_connected(False)
+        assert "Input/output error" in sink.connected_state[-1][1]
+        sink.wait_connected(True)
+        pty_scanner.scan("AGAIN")
+        assert sink.next("scan").payload == "AGAIN"
+    finally:
+        scanner.stop()
