@@ -27,6 +27,9 @@ class QrKind(enum.StrEnum):
     UNKNOWN = "unknown"        # not a health card code: delivered raw
 
 
+# C0, DEL and C1 controls
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
 # e-health card codes: what a platform verifies
 VERIFIABLE = frozenset({QrKind.STATIC, QrKind.DYNAMIC, QrKind.CIPHERTEXT, QrKind.TEMPORARY})
 
@@ -59,10 +62,10 @@ class Classifier:
         if len(text) > self.max_length:
             raise ScanboxError(Reason.QR_INVALID, "QR payload of %d characters, longer than any "
                                "health card code (max %d)" % (len(text), self.max_length))
-        for i, ch in enumerate(text):
-            if ch < " " or "\x7f" <= ch <= "\x9f":  # C0, DEL and C1 controls
-                raise ScanboxError(Reason.QR_INVALID, "QR payload contains control character "
-                                   "0x%02x at offset %d" % (ord(ch), i))
+        control = _CONTROL.search(text)
+        if control is not None:
+            raise ScanboxError(Reason.QR_INVALID, "QR payload contains control character "
+                               "0x%02x at offset %d" % (ord(control.group()), control.start()))
         if self.payment_issuer(text) is not None:
             return QrKind.PAYMENT
         for kind, pattern in self.patterns:
