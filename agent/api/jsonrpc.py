@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.model import Reason, ScanboxError
@@ -110,7 +111,17 @@ def error_response(id_: Any, error: RpcError) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    """One message as UTF-8 JSON, compact. orjson writes the same bytes as the standard library
+    (non-ASCII as itself, no spaces) in a tenth of the time: two answers per scan (read_card,
+    and the status a kiosk asks before it) were a tenth of the daemon's CPU. What orjson refuses
+    (an integer beyond 64 bits, a key that is not a string, a lone surrogate) goes to the standard
+    library, which answers or raises as it always did. A NaN or an infinity, which JSON cannot
+    carry (a float from a platform's JSON reply, say), is written as null, where the standard
+    library raised and the caller was never answered."""
+    try:
+        return orjson.dumps(message)
+    except TypeError:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 class Dispatcher:

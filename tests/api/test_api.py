@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.api.jsonrpc import encode
 from agent.daemon import Daemon
 from agent.events import ScanRead
 from agent.model import Scan
@@ -536,3 +537,18 @@ async def test_a_card_scan_answers_read_card_with_the_cards_identity_and_only_fo
     assert not qr_only.done()
     assert box.sim.sim.journal_for("RHC_E0003") == []
     qr_only.cancel()
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 1, "result": {"name": "才让卓玛", "ok": True, "elapsed_ms": 12.3, "x": None}},
+    {"jsonrpc": "2.0", "id": 2 ** 70, "result": []},   # beyond orjson's 64 bits: the standard library's
+    {"jsonrpc": "2.0", "id": "a", "result": {1: "a key that is not a string"}},
+    {"jsonrpc": "2.0", "id": 3, "result": [1e16, 0.1, -0.0, 12345678.9]},
+])
+def test_answers_are_the_bytes_the_standard_library_writes(message):
+    assert encode(message) == json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def test_a_nan_in_an_answer_is_null_not_a_lost_answer():
+    """JSON has no NaN: a float from a platform's JSON reply that is one cannot stop the answer."""
+    assert json.loads(encode({"jsonrpc": "2.0", "id": 1, "result": {"x": float("nan")}}))["result"] == {"x": None}
