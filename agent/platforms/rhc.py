@@ -41,8 +41,9 @@ from agent.qr import QrKind
 
 logger = logging.getLogger(__name__)
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                          remove_blank_text=True)
+# whitespace between elements is kept (every value is stripped where it is read): dropping it
+# at parse time cost a quarter of the parse
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _OWN_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f.name in ("msgGuid", "msgCreateTime"))
 _STATIC_ACTION_FIELDS = tuple(f for f in ACTION_FIELDS if f not in _OWN_ACTION_FIELDS)

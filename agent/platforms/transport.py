@@ -68,9 +68,12 @@ class HttpClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self._ssl())
-            # no cookie jar: a platform has no business keeping state in the box's requests
+            # no cookie jar: a platform has no business keeping state in the box's requests. No
+            # timeout of aiohttp's own: request() bounds each request as a whole (aiohttp's
+            # default, 5 minutes, was a timer set and cancelled per request for nothing)
             self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT},
-                                                  cookie_jar=aiohttp.DummyCookieJar())
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
+                                                  timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
     async def request(self, method: str, url: str, *, data: bytes | None = None,
