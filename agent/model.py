@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol
 
 
@@ -351,3 +353,17 @@ def device_id_default() -> str:
         except OSError:
             continue
     return "scanbox-" + os.uname().nodename
+
+
+def local_iso(ts: float) -> str:
+    """A wall time as the box's local ISO 8601 to the second (`2026-11-30T15:02:53+08:00`), as
+    `status` and the logs show times."""
+    return _local_iso_second(math.floor(ts))
+
+
+@functools.lru_cache(maxsize=64)
+def _local_iso_second(second: int) -> str:
+    # one conversion per second, not per use: `status` shows three times, and a conversion to
+    # local time (glibc re-reads the zone, datetime converts twice) cost a tenth of a status call;
+    # the zone is read again for every new second
+    return datetime.fromtimestamp(second, timezone.utc).astimezone().isoformat(timespec="seconds")

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 from agent import sealing
 from agent.clock import RELEASE_FLOOR, Clock, Stamp
 from agent.codes import Outcome
-from agent.model import Alarm, ComponentStatus, ScanboxError, UsageRecord
+from agent.model import Alarm, ComponentStatus, ScanboxError, UsageRecord, local_iso
 from agent.platforms.base import Platform, PlatformError, PlatformRejected
 from agent.supervisor import Supervisor
 from drivers.base import Backoff
@@ -1013,7 +1013,7 @@ def _truncate_wal(conn: sqlite3.Connection) -> None:
 
 
 def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts else None
+    return local_iso(ts) if ts else None
 
 
 class Uploader:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Callable, Mapping
 
 from agent.codes import Outcome, ReturnCode
-from agent.model import Alarm, ComponentStatus, Identity, Reason, Scan, ScanboxError, UsageRecord
+from agent.model import Alarm, ComponentStatus, Identity, Reason, Scan, ScanboxError, UsageRecord, local_iso
 from agent.qr import QrKind
 
 
@@ -75,8 +75,7 @@ class PlatformHealth:
         return {
             "kind": self.kind,
             "reachable": self.reachable,
-            "last_ok_at": datetime.fromtimestamp(self.last_ok_at).astimezone().isoformat(timespec="seconds")
-            if self.last_ok_at else None,
+            "last_ok_at": local_iso(self.last_ok_at) if self.last_ok_at else None,
             "last_error": self.last_error,
             "credential_age_s": round(self.credential_age_s) if self.credential_age_s is not None else None,
         }
