@@ -567,3 +567,20 @@ async def test_shipped_wsdl_is_the_default_rendering(tmp_path, platform):
     rendered = etree.fromstring(render_wsdl("http://130.130.3.111:8080/healthCard/services/elecHealthCardWebSevice")
                                 .encode())
     assert etree.tostring(ours, method="c14n") == etree.tostring(rendered, method="c14n")
+
+
+def test_a_request_document_is_what_building_it_afresh_gives_for_every_table():
+    """build_xml copies each table's empty document: the same bytes as an element per field."""
+    from agent.platforms.rhc import build_xml
+    from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS
+
+    def afresh(fields, values):
+        root = etree.Element("request")
+        for f in fields:
+            etree.SubElement(root, f.name).text = values.get(f.name) or ""
+        return etree.tostring(root, encoding="unicode")
+
+    for values in ({"qr_code": 'A&B<"x">', "time": "2024-01-01 10:00:00", "name": "才让卓玛 𠮷", "msgGuid": "f" * 32},
+                   {}):
+        for fields in [op.request for op in OPERATIONS.values()] + [ACTION_FIELDS]:
+            assert build_xml(fields, values) == afresh(fields, values)
