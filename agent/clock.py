@@ -43,13 +43,14 @@ import ctypes.util
 import functools
 import email.utils
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.model import Alarm, ComponentStatus
+from agent.model import Alarm, ComponentStatus, local_iso
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ DATE_RESOLUTION_S = 1.0
 # drops NTP) it is re-timed by the platform's time, from its HTTP Date, which files it anyway
 NTP_PATIENCE_S = 600.0
 POLL_S = 0.25
+# how long "cannot tell whether it is synchronised" (no timesyncd, the kernel not saying so) stands
+UNKNOWN_RECHECK_S = 1.0
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
@@ -184,19 +187,39 @@ class Clock:
         answer `status`, the CLOCK_UNSYNCHRONISED alarm, `doctor` and the metrics give."""
         return self.synchronised_by()[0]
 
+    @property
+    def timesync_dir(self) -> Path:
+        return self._timesync_dir
+
+    @timesync_dir.setter
+    def timesync_dir(self, path: Path) -> None:
+        # as strings, once: the clock is read for every scan and every `status`, and a Path's
+        # joins and stat() were most of a reading's cost
+        self._timesync_dir = path
+        self._timesync = os.fspath(path)
+        self._timesync_flag = os.path.join(self._timesync, "synchronized")
+        self._unknown_until = 0.0
+
     def synchronised_by(self) -> tuple[bool | None, str | None]:
         """(synchronised?, who says so: "timesyncd" or "adjtimex"; None when nobody can)."""
+        if time.monotonic() < self._unknown_until:
+            return None, None
         try:
-            if (self.timesync_dir / "synchronized").exists():
+            if os.path.exists(self._timesync_flag):
                 return True, "timesyncd"
-            if self.timesync_dir.is_dir():
+            if os.path.isdir(self._timesync):
                 return False, "timesyncd"
         except OSError:
             pass
         if not self._kernel_said_yes:
             kernel = self.kernel()
             self._kernel_said_yes = kernel is not None and kernel.synchronised
-        return (True, "adjtimex") if self._kernel_said_yes else (None, None)
+        if self._kernel_said_yes:
+            return True, "adjtimex"
+        # no timesyncd, and the kernel cannot say: asked again in a second, not at every scan
+        # and `status` (two failed stat() calls and an adjtimex each time)
+        self._unknown_until = time.monotonic() + UNKNOWN_RECHECK_S
+        return None, None
 
     def maxerror_s(self) -> float | None:
         """The kernel's bound on the clock's error, where adjtimex can be read."""
@@ -208,7 +231,7 @@ class Clock:
         synced = self.synchronised()
         sane = synced is True or self.now() >= self.floor
         if sane and self._was_sane is False:
-            logger.info("clock: now %s, sane again", _iso(self.now()))
+            logger.info("clock: now %s, sane again", local_iso(self.now()))
             for callback in self.on_sane:
                 callback()
         self._was_sane = sane
@@ -288,9 +311,9 @@ class Clock:
         synced, sane, _ = self._state()
         if not sane:
             return ("the clock says %s, before %s (%s): it is wrong and not synchronised"
-                    % (_iso(self.now()), _iso(self.floor), self.floor_source))
+                    % (local_iso(self.now()), local_iso(self.floor), self.floor_source))
         if synced is False:
-            return "the clock (%s) has not been synchronised by NTP yet" % _iso(self.now())
+            return "the clock (%s) has not been synchronised by NTP yet" % local_iso(self.now())
         return None
 
     async def wait_synchronised(self, budget_s: float | None) -> bool:
@@ -312,8 +335,8 @@ class Clock:
     def status(self) -> dict[str, Any]:
         synchronised, by = self.synchronised_by()
         platform = self.platform_now()
-        return {"now": _iso(self.now()), "synchronised": synchronised, "synchronised_by": by, "sane": self.sane(),
-                "floor": _iso(self.floor), "floor_source": self.floor_source,
+        return {"now": local_iso(self.now()), "synchronised": synchronised, "synchronised_by": by, "sane": self.sane(),
+                "floor": local_iso(self.floor), "floor_source": self.floor_source,
                 # the platform's clock minus this box's, from its last HTTP Date (null: none heard)
                 "platform_offset_s": round(platform - self.now()) if platform is not None else None}
 
@@ -327,10 +350,6 @@ class Clock:
 
     async def get_status(self) -> ComponentStatus:
         return ComponentStatus(self.status(), self.alarms())
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 # the daemon's clock, for the few places far from the daemon that explain a failure by it

@@ -248,3 +248,20 @@ async def test_doctor_without_a_daemon_judges_the_clock_as_the_daemon_does(tmp_p
     clock, _ = a_clock(tmp_path, clocks.RELEASE_FLOOR - 86400)
     found = [f for f in await Doctor(None, wall_clock=clock, probe_unconfigured=False).run() if f.area == "clock"]
     assert clock.problem() is not None and found[0].status == "fail" and "wrong" in found[0].text
+
+
+def test_without_timesyncd_the_kernel_is_asked_at_most_once_a_second(tmp_path, monkeypatch):
+    """Per scan and per `status` the clock is read: on a box without timesyncd whose kernel
+    cannot say, that reading is not two failed stat() calls and an adjtimex every time."""
+    asked = []
+
+    def kernel_cannot_say() -> None:
+        asked.append(time.monotonic())
+
+    clock = Clock(timesync_dir=tmp_path / "no-timesyncd", kernel=kernel_cannot_say)
+    assert [clock.synchronised() for _ in range(100)] == [None] * 100
+    assert len(asked) == 1
+    later = time.monotonic() + clocks.UNKNOWN_RECHECK_S
+    monkeypatch.setattr(clocks.time, "monotonic", lambda: later)
+    clock.kernel = lambda: clocks.KernelClock(True, 0.01)  # chrony has synchronised it meanwhile
+    assert clock.synchronised() is True
