@@ -116,7 +116,8 @@ def new_scan_id() -> str:
 
 
 def now_local() -> datetime:
-    return datetime.now().astimezone()
+    # from UTC: one conversion to local time, where now().astimezone() made two
+    return datetime.now(timezone.utc).astimezone()
 
 
 @dataclass(frozen=True, slots=True)
