@@ -45,7 +45,8 @@ class ScanSink(Protocol):
 
 class Source(abc.ABC):
     """A device that produces scans. `start` returns at once; the device is read in the
-    source's own thread, and a device that vanishes is waited for, never fatal."""
+    source's own thread (or, for a descriptor the sink's event loop can wait on, on that loop),
+    and a device that vanishes is waited for, never fatal."""
 
     def __init__(self, name: str) -> None:
         self.name = name
