@@ -15,13 +15,14 @@ without a loop is read in a thread (pyserial's ReaderThread), as before.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import serial
 import serial.threaded
@@ -29,9 +30,6 @@ from pydantic import Field, field_validator
 
 from agent.model import Scan
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource, serial_ports
-
-if TYPE_CHECKING:
-    import asyncio
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +271,13 @@ def _read_on_loop(loop: asyncio.AbstractEventLoop, port: serial.SerialBase,
         framer.connection_lost(exc)
 
     def stop() -> None:
+        try:
+            on_the_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_the_loop = False
+        if on_the_loop:  # stop() called on the loop itself: it cannot wait for its own callback
+            finish(None)
+            return
         try:
             loop.call_soon_threadsafe(finish, None)
         except RuntimeError:  # the loop is closed: nothing reads any more

@@ -246,6 +246,28 @@ def test_stop_returns_promptly_while_reading(pty_scanner, sink_kind):
         sink.close()
 
 
+def test_stop_called_on_the_loop_itself_returns_promptly(pty_scanner):
+    """The loop reads the port: a stop() made on that loop cannot wait for a callback the loop
+    would run only after stop() returns."""
+    sink = LoopSink()
+    scanner = make(pty_scanner.path)
+    scanner.start(sink)
+    try:
+        sink.wait_connected(True)
+
+        async def stop_here() -> float:
+            started = time.monotonic()
+            scanner.stop()
+            return time.monotonic() - started
+
+        took = asyncio.run_coroutine_threadsafe(stop_here(), sink.loop).result(10)
+        assert took < 2
+        sink.wait_connected(False)
+        assert sink.connected_state[-1] == (False, "stopped")
+    finally:
+        sink.close()
+
+
 def test_on_a_loop_the_port_is_read_by_the_loop_not_a_thread(running, pty_scanner):
     """The daemon's sink has a loop: a scan is delivered from the loop's thread, and the driver
     starts no reader thread (the hop between them was a wake-up per scan)."""
