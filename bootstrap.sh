@@ -25,6 +25,9 @@ PACKAGES="$PACKAGES prometheus"
 # mingw-w64 (both architectures) + make: windows/'s WSCallDLL.dll and OneTrans2.dll are built
 # by the tests; wine64 runs the 64-bit build against a box (tests/windows).
 PACKAGES="$PACKAGES gcc-mingw-w64-i686 gcc-mingw-w64-x86-64 make wine64"
+# libgnutls30: wine's Schannel (the DLLs' https:// to the box) loads it at run time; libwine only
+# recommends it, and recommends are not installed here.
+PACKAGES="$PACKAGES libgnutls30"
 # mono-mcs + three class libraries: examples/ScanboxClient.cs is built (C# 5) and run against a
 # box over TLS (tests/api/test_csharp_example.py); mono-mcs brings the runtime (its TLS is
 # BoringSSL) and the core libraries: 8 MB to download, 27 MB installed, about 30 s to install.

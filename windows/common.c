@@ -1,4 +1,5 @@
 #include "common.h"
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -421,8 +422,23 @@ static int ini_int(const char *file, const char *key, int fallback, int low, int
     return (int)v;
 }
 
+/* AA:BB:... (any case), or the 64 hex digits without colons, into AA:BB:...; 0 when it is neither */
+static int normal_fingerprint(const char *text, char out[96]) {
+    size_t len = strlen(text), i, step = len == 64 ? 2 : 3;
+    if (len != 64 && len != 95) return 0;
+    for (i = 0; i < 32; i++) {
+        const char *pair = text + i * step;
+        if (!isxdigit((unsigned char)pair[0]) || !isxdigit((unsigned char)pair[1])) return 0;
+        if (step == 3 && i < 31 && pair[2] != ':') return 0;
+        out[3 * i] = (char)toupper((unsigned char)pair[0]);
+        out[3 * i + 1] = (char)toupper((unsigned char)pair[1]);
+        out[3 * i + 2] = i < 31 ? ':' : 0;
+    }
+    return 1;
+}
+
 int load_config(HMODULE module, const char *default_ini, config_t *c) {
-    char dir[MAX_PATH], files[2][MAX_PATH];
+    char dir[MAX_PATH], files[2][MAX_PATH], pin[256] = "";
     int f;
     memset(c, 0, sizeof *c);
     c->timeout_s = 10;
@@ -443,6 +459,7 @@ int load_config(HMODULE module, const char *default_ini, config_t *c) {
         ini_string(file, "SCANBOX", "url", c->url, sizeof c->url);
         ini_string(file, "SCANBOX", "token", c->token, sizeof c->token);
         ini_string(file, "SCANBOX", "app_key", c->app_key, sizeof c->app_key);
+        ini_string(file, "SCANBOX", "fingerprint", pin, sizeof pin);
         c->timeout_s = ini_int(file, "timeout_s", c->timeout_s, 1, 3600);
         c->read_timeout_s = ini_int(file, "read_timeout_s", c->read_timeout_s, 1, 3600);
         c->out_size = ini_int(file, "out_size", c->out_size, 16, 1 << 24);
@@ -456,8 +473,19 @@ int load_config(HMODULE module, const char *default_ini, config_t *c) {
         snprintf(c->error, sizeof c->error, "no scanbox.ini or %s beside the DLL (%s)", default_ini, dir);
         return 0;
     }
-    if (_strnicmp(c->url, "http://", 7)) {
-        snprintf(c->error, sizeof c->error, "%s: url must be the box's http://HOST:PORT (it is \"%.60s\")", c->ini, c->url);
+    int https = !_strnicmp(c->url, "https://", 8);
+    if (!https && _strnicmp(c->url, "http://", 7)) {
+        snprintf(c->error, sizeof c->error, "%s: url must be the box's https://HOST:PORT (or http:// on the same PC or "
+                 "the USB link) (it is \"%.60s\")", c->ini, c->url);
+        return 0;
+    }
+    if (pin[0] && !normal_fingerprint(pin, c->fingerprint)) {
+        snprintf(c->error, sizeof c->error, "%s: fingerprint must be the box certificate's SHA-256 as 32 hex pairs "
+                 "AA:BB:... (scanbox tls show on the box) (it is \"%.100s\")", c->ini, pin);
+        return 0;
+    }
+    if (c->fingerprint[0] && !https) {
+        snprintf(c->error, sizeof c->error, "%s: fingerprint is for an https:// url; url is \"%.60s\"", c->ini, c->url);
         return 0;
     }
     return 1;
@@ -488,9 +516,19 @@ http_result http_post(const config_t *c, const char *path, const char *content_t
     parts.lpszHostName = host;
     parts.dwHostNameLength = sizeof host / sizeof host[0];
     parts.dwUrlPathLength = (DWORD)-1;
-    if (!WinHttpCrackUrl(url, 0, 0, &parts) || parts.nScheme != INTERNET_SCHEME_HTTP) {
-        snprintf(error, error_cap, "the box's url \"%.100s\" is not http://HOST:PORT", c->url);
+    if (!WinHttpCrackUrl(url, 0, 0, &parts) || (parts.nScheme != INTERNET_SCHEME_HTTP &&
+                                                 parts.nScheme != INTERNET_SCHEME_HTTPS) || !host[0]) {
+        snprintf(error, error_cap, "the box's url \"%.100s\" is not https://HOST:PORT or http://HOST:PORT", c->url);
         result = HTTP_BAD_URL;
+        goto done;
+    }
+    snprintf(header_text, sizeof header_text, "Content-Type: %s\r\n%s%s%s", content_type,
+             c->token[0] && !strcmp(path, "/rpc") ? "Authorization: Bearer " : "",
+             c->token[0] && !strcmp(path, "/rpc") ? c->token : "",
+             c->token[0] && !strcmp(path, "/rpc") ? "\r\n" : "");
+    if (parts.nScheme == INTERNET_SCHEME_HTTPS) {
+        result = https_post(c, host, parts.nPort, path, header_text, body, len, timeout_s, answer, answer_len, status,
+                            error, error_cap);
         goto done;
     }
     session = WinHttpOpen(L"scanbox-dll/1", WINHTTP_ACCESS_TYPE_NO_PROXY, WINHTTP_NO_PROXY_NAME,
@@ -502,10 +540,6 @@ http_result http_post(const config_t *c, const char *path, const char *content_t
     if (!connection) { snprintf(error, error_cap, "WinHttpConnect failed (%lu)", GetLastError()); goto done; }
     request = WinHttpOpenRequest(connection, L"POST", wpath, NULL, WINHTTP_NO_REFERER, WINHTTP_DEFAULT_ACCEPT_TYPES, 0);
     if (!request) { snprintf(error, error_cap, "WinHttpOpenRequest failed (%lu)", GetLastError()); goto done; }
-    snprintf(header_text, sizeof header_text, "Content-Type: %s\r\n%s%s%s", content_type,
-             c->token[0] && !strcmp(path, "/rpc") ? "Authorization: Bearer " : "",
-             c->token[0] && !strcmp(path, "/rpc") ? c->token : "",
-             c->token[0] && !strcmp(path, "/rpc") ? "\r\n" : "");
     headers = widen(header_text);
     if (!headers) goto done;
     if (!WinHttpSendRequest(request, headers, (DWORD)-1L, (LPVOID)body, (DWORD)len, (DWORD)len, 0) ||
@@ -540,6 +574,7 @@ http_result http_post(const config_t *c, const char *path, const char *content_t
     in.data = NULL;
     result = HTTP_OK;
 done:
+    SecureZeroMemory(header_text, sizeof header_text); /* the token */
     buf_free(&in);
     free(url); free(wpath); free(headers);
     if (request) WinHttpCloseHandle(request);

@@ -1,6 +1,7 @@
 /* What both DLLs share: a small JSON tree (parse; write in scanbox's canonical form), GBK and
-   UTF-8, the ini beside the DLL, one HTTP POST to the box through WinHTTP, and copying an answer
-   into a caller's buffer without ever writing past it. */
+   UTF-8, the ini beside the DLL, one HTTP POST to the box (http:// through WinHTTP, https://
+   through Schannel with the box's certificate pinned: https.c), and copying an answer into a
+   caller's buffer without ever writing past it. */
 #ifndef SCANBOX_COMMON_H
 #define SCANBOX_COMMON_H
 #include <stddef.h>
@@ -46,7 +47,8 @@ int put_text(char *dst, size_t cap, const char *text, int utf8);
 
 /* ---- configuration (the ini beside the DLL) ---- */
 typedef struct {
-    char url[512];        /* http://HOST:PORT of the box */
+    char url[512];        /* https://HOST:PORT (or http://) of the box */
+    char fingerprint[96]; /* the box certificate's SHA-256 as AA:BB:... (upper case), or empty */
     char token[256];      /* bearer token (WSCallDLL.dll) */
     char app_key[256];    /* OneTrans2.dll: used when pInData carries none */
     int timeout_s;        /* a whole call, network included */
@@ -61,9 +63,15 @@ typedef struct {
 int load_config(HMODULE module, const char *default_ini, config_t *config);
 
 /* ---- HTTP ---- */
-typedef enum { HTTP_OK = 0, HTTP_UNREACHABLE, HTTP_TIMEOUT, HTTP_BAD_URL, HTTP_FAILED } http_result;
+/* HTTP_UNTRUSTED: the certificate is not the pinned one (or, unpinned, not vouched for by the
+   PC's CAs); nothing of the request was sent */
+typedef enum { HTTP_OK = 0, HTTP_UNREACHABLE, HTTP_TIMEOUT, HTTP_BAD_URL, HTTP_FAILED, HTTP_UNTRUSTED } http_result;
 /* POST body to url + path; the answer's body (malloc'd, NUL-terminated) and status */
 http_result http_post(const config_t *config, const char *path, const char *content_type, const char *body,
                       size_t len, int timeout_s, char **answer, size_t *answer_len, DWORD *status, char *error,
                       size_t error_cap);
+/* the https:// half of http_post (https.c); headers: "Name: value\r\n" lines */
+http_result https_post(const config_t *config, const WCHAR *host, unsigned port, const char *path, const char *headers,
+                       const char *body, size_t len, int timeout_s, char **answer, size_t *answer_len, DWORD *status,
+                       char *error, size_t error_cap);
 #endif

@@ -106,7 +106,7 @@ static int onetrans(char *in, char *out, size_t cap, const config_t *config) {
     int utf8 = config->utf8, rc;
     size_t len;
     const char *why = NULL;
-    char key[256], error[300], hex[65], message_text[400];
+    char key[256], error[700], hex[65], message_text[400];
     unsigned char mac[32], sm4[32];
     json *request = NULL, *answer = NULL;
     buf_t body = {0}, result = {0};
@@ -165,7 +165,8 @@ static int onetrans(char *in, char *out, size_t cap, const config_t *config) {
     http_result sent = http_post(config, "/onetrans", "application/json; charset=utf-8", body.data, body.len,
                                  config->read_timeout_s + config->timeout_s, &reply, &len, &status, error, sizeof error);
     if (sent != HTTP_OK) {
-        rc = local_answer(out, cap, utf8, sent == HTTP_TIMEOUT ? "900004" : "900003", error);
+        rc = local_answer(out, cap, utf8, sent == HTTP_TIMEOUT ? "900004" : sent == HTTP_UNTRUSTED ? "900007" : "900003",
+                          error);
         goto done;
     }
     answer = status == 200 ? json_parse(reply, len, &why) : NULL;

@@ -72,7 +72,7 @@ static int begin(call_t *c, char *out, char *msg) {
 /* the result of method(params) or a return code (msg written) */
 static int rpc(call_t *c, const char *method, json *params, int timeout_s, json **result) {
     buf_t body = {0};
-    char *reply = NULL, error[300];
+    char *reply = NULL, error[700];
     size_t len;
     DWORD status;
     const char *why = NULL;

@@ -28,7 +28,7 @@ WINDOWS = ROOT / "windows"
 WSCALL_EXPORTS = {"WSC_getAuthKey", "WSC_syncCardInfo", "WSC_virIdCardVerify", "WSC_updateCardInfo", "WSC_downQr",
                   "ReadPeopleInfo_V2", "ReadCardInfo_V2", "ShowForm_V2"}
 # what the DLLs may import: Windows' own DLLs, nothing a HIS PC would lack
-SYSTEM_DLLS = {"kernel32.dll", "msvcrt.dll", "winhttp.dll", "bcrypt.dll"}
+SYSTEM_DLLS = {"kernel32.dll", "msvcrt.dll", "winhttp.dll", "bcrypt.dll", "secur32.dll", "ws2_32.dll", "crypt32.dll"}
 
 
 def wine_binary() -> str:
@@ -131,7 +131,7 @@ async def started(box, wg_server, **api) -> str:
                               "wondersgroup": {"org_code": ORG, "user_name": "scanbox",
                                                "pass_word": "scanbox-secret"}},
                     api={"http": "127.0.0.1:0", "onetrans": ONETRANS, **api})
-    return "http://%s:%d" % box.daemon.http.address
+    return "%s://%s:%d" % ("https" if api.get("tls") == "on" else "http", *box.daemon.http.address)
 
 
 def wscall_ini(url: str, token: str = ADMIN_TOKEN, **scanbox: object) -> str:
@@ -338,6 +338,96 @@ async def test_a_concurrent_onetrans_call_answers_600001(box, wg_server, built, 
     box.scan(person.static_qr)
     result = await pc.result(calling)
     assert result["rc"] == "0" and json.loads(result["out"])["code"] == "000000" and result["guard"] == "ok"
+
+
+# --- https:// with the box's certificate pinned ---------------------------------------------
+
+async def test_over_https_with_the_fingerprint_pinned_the_dlls_answer_as_over_http(box, wg_server, built, wine,
+                                                                                   tmp_path):
+    url = await started(box, wg_server, tls="on")
+    assert url.startswith("https://")
+    pin = box.daemon.tls_fingerprint
+    pc = Pc(tmp_path / "pc", built, wine)
+    pc.ini("WSCallConfig.ini", wscall_ini(url, ADMIN_TOKEN, read_timeout_s=20, fingerprint=pin))
+    person = next(iter(wg_server.sim.people.values()))
+    reading = await pc.start("read", "ReadPeopleInfo_V2", "5120", "1024")
+    await _wait_for_reader(box)
+    box.scan(person.static_qr)
+    result = await pc.result(reading)
+    assert result["rc"] == "0" and result["guard"] == "ok", result
+    assert "<xm>%s</xm>" % person.people["xm"] in result["out"]
+    verify = pc.file(("<qrCode>%s</qrCode>" % person.static_qr).encode("gbk"))
+    result = await pc.run("wsc", "WSC_virIdCardVerify", verify, "5120", "1024")
+    assert result["rc"] == "10000" and "<vuid>%s</vuid>" % person.vuid in result["out"], result
+    # a large answer (the QR image), read to its Content-Length through many TLS records
+    result = await pc.run("wsc", "WSC_downQr", pc.file(
+        ("<name>%s</name><zjlx>01</zjlx><zjhm>%s</zjhm>" % (person.people["xm"], person.people["zjhm"])).encode("gbk")),
+        "65536", "1024")
+    assert result["rc"] == "10000" and "<vuid>%s</vuid>" % person.vuid in result["out"], result
+    # OneTrans2.dll, the pin written as openssl's lower-case digits without colons
+    pc.ini("OneTrans2.ini", "[SCANBOX]\nurl=%s\nread_timeout_s=15\nfingerprint=%s\n"
+           % (url, pin.replace(":", "").lower()))
+    calling = await pc.start("onetrans", pc.file(p_in_data(SPEC_READ_CARD)), "8192")
+    await _wait_for_reader(box)
+    box.scan(person.static_qr)
+    result = await pc.result(calling)
+    out = json.loads(result["out"])
+    assert result["rc"] == "0" and out["code"] == "000000", result
+    assert out["data"]["baseinfo"]["psn_name"] == person.people["xm"]
+
+
+async def test_a_wrong_pin_sends_nothing_and_no_pin_trusts_only_the_pcs_cas(box, wg_server, built, wine, tmp_path,
+                                                                            caplog):
+    caplog.set_level("INFO", logger="agent")
+    url = await started(box, wg_server, tls="on")
+    pin, other = box.daemon.tls_fingerprint, "00:" * 31 + "01"
+    pc = Pc(tmp_path / "pc", built, wine)
+    # a token the box would refuse (and count) if it ever arrived
+    pc.ini("WSCallConfig.ini", wscall_ini(url, "a-token-the-box-would-count", fingerprint=other))
+    for args in (("read", "ReadPeopleInfo_V2", "5120", "1024"),
+                 ("wsc", "WSC_getAuthKey", pc.file(b"<orgCode>1</orgCode>"), "5120", "1024")):
+        result = await pc.run(*args)
+        assert result["rc"] == "-33" and result["guard"] == "ok", result
+        assert "设备连接异常" in result["msg"] and pin in result["msg"] and other in result["msg"], result
+        assert "nothing was sent" in result["msg"], result
+    # without a pin, the PC's CAs do not know the box's own certificate
+    pc.ini("WSCallConfig.ini", wscall_ini(url, "a-token-the-box-would-count"))
+    result = await pc.run("read", "ReadPeopleInfo_V2", "5120", "1024")
+    assert result["rc"] == "-33" and "CAs" in result["msg"] and pin in result["msg"], result
+    # OneTrans2.dll: its own code; the request never reached the box, so the same msgid is
+    # still new when it goes with the right pin
+    person = next(iter(wg_server.sim.people.values()))
+    p_in = pc.file(p_in_data(SPEC_READ_CARD))
+    for ini in ("[SCANBOX]\nurl=%s\nfingerprint=%s\n" % (url, other), "[SCANBOX]\nurl=%s\n" % url):
+        pc.ini("OneTrans2.ini", ini)
+        result = await pc.run("onetrans", p_in, "8192")
+        out = json.loads(result["out"])
+        assert result["rc"] == "0" and out["code"] == "900007" and pin in out["err_msg"], result
+    assert box.daemon.api.guard.failures("127.0.0.1") == 0  # no token was ever tried
+    assert not [r for r in caplog.records if "refused" in r.getMessage()], caplog.text
+    pc.ini("OneTrans2.ini", "[SCANBOX]\nurl=%s\nread_timeout_s=15\nfingerprint=%s\n" % (url, pin))
+    calling = await pc.start("onetrans", p_in, "8192")
+    await _wait_for_reader(box)
+    box.scan(person.static_qr)
+    result = await pc.result(calling)
+    assert json.loads(result["out"])["code"] == "000000", result
+
+
+async def test_a_malformed_fingerprint_is_a_configuration_error(built, wine, tmp_path):
+    pc = Pc(tmp_path / "pc", built, wine)
+    port = free_port()  # nothing listens: a configuration error is found before any connection
+    for url, fingerprint, why in (
+            ("https://127.0.0.1:%d" % port, "AA:BB:CC", "fingerprint must be"),
+            ("https://127.0.0.1:%d" % port, "ZZ:" * 31 + "ZZ", "fingerprint must be"),
+            ("https://127.0.0.1:%d" % port, "AA" * 31 + ":AA", "fingerprint must be"),
+            ("http://127.0.0.1:%d" % port, "AA:" * 31 + "AA", "fingerprint is for an https:// url")):
+        pc.ini("WSCallConfig.ini", wscall_ini(url, TOKEN, fingerprint=fingerprint))
+        result = await pc.run("read", "ReadPeopleInfo_V2", "5120", "1024")
+        assert result["rc"] == "-100" and why in result["msg"] and "WSCallConfig.ini" in result["msg"], result
+        pc.ini("OneTrans2.ini", "[SCANBOX]\nurl=%s\nfingerprint=%s\n" % (url, fingerprint))
+        result = await pc.run("onetrans", pc.file(p_in_data(SPEC_RECHARGE)), "8192")
+        out = json.loads(result["out"])
+        assert out["code"] == "900001" and why in out["err_msg"], result
 
 
 # --- a bad answer from the network never crashes the HIS ------------------------------------
