@@ -397,6 +397,8 @@ static http_result read_answer(tls_t *t, const char *pin, const char *ini, DWORD
             SecBuffer parts[4] = {{(unsigned long)t->in_len, SECBUFFER_DATA, t->in},
                                   {0, SECBUFFER_EMPTY, NULL}, {0, SECBUFFER_EMPTY, NULL}, {0, SECBUFFER_EMPTY, NULL}};
             SecBufferDesc desc = {SECBUFFER_VERSION, 4, parts};
+            int alert = (unsigned char)t->in[0] == 21; /* TLS 1.2 records name their type in clear */
+            size_t before = plain.len;
             SECURITY_STATUS s = DecryptMessage(&t->ctx, &desc, 0, NULL);
             if (s == SEC_E_INCOMPLETE_MESSAGE) break; /* the rest of the record is still on its way */
             if (s != SEC_E_OK && s != SEC_I_RENEGOTIATE && s != SEC_I_CONTEXT_EXPIRED) {
@@ -420,7 +422,9 @@ static http_result read_answer(tls_t *t, const char *pin, const char *ini, DWORD
                 r = failed(t, HTTP_FAILED, "the box's answer is over 16 MB");
                 goto done;
             }
-            if (s == SEC_I_CONTEXT_EXPIRED) closed = 1; /* the box's close_notify */
+            /* the box's close_notify: SEC_I_CONTEXT_EXPIRED on Windows, an alert that decrypts to
+               nothing on wine (whose Schannel says SEC_E_OK) */
+            if (s == SEC_I_CONTEXT_EXPIRED || (alert && plain.len == before)) closed = 1;
             if (s == SEC_I_RENEGOTIATE) {
                 /* the box renegotiates: back into the handshake with what follows, and its
                    certificate checked again before anything else is read or sent */

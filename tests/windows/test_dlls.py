@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import tls
 from agent.simulator.wondersgroup import WondersgroupServer, WondersgroupSimulator
 from tests.api.test_onetrans import APP_ID, APP_KEY, SPEC_READ_CARD, SPEC_RECHARGE
 from tests.conftest import ADMIN_TOKEN, TOKEN, until
@@ -428,6 +429,104 @@ async def test_a_malformed_fingerprint_is_a_configuration_error(built, wine, tmp
         result = await pc.run("onetrans", pc.file(p_in_data(SPEC_RECHARGE)), "8192")
         out = json.loads(result["out"])
         assert out["code"] == "900001" and why in out["err_msg"], result
+
+
+class TlsStub:
+    """A TLS server with the box's kind of certificate that records what each connection sent
+    after the handshake and answers with canned bytes, written in pieces (many TLS records)."""
+
+    def __init__(self, tmp: Path, answers: list[list[bytes]]) -> None:
+        self.certificate = tls.default_paths(tmp)
+        tls.make(self.certificate)
+        self.answers = answers
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> "TlsStub":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
+                                                 ssl=self.certificate.server_context())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return "https://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+            self.received.append(head + await reader.readexactly(int(length.group(1)) if length else 0))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            self.received.append(getattr(exc, "partial", b""))
+            writer.close()
+            return
+        for piece in self.answers.pop(0):
+            writer.write(piece)
+            await writer.drain()
+        writer.close()
+
+
+def _chunked(body: bytes, size: int) -> list[bytes]:
+    pieces = [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    pieces += [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
+    return pieces + [b"0\r\n\r\n"]
+
+
+async def test_the_https_client_reads_chunks_a_close_delimited_body_and_refuses_a_cut_one(built, wine, tmp_path):
+    device = "box-" + "x" * 100000  # an answer of many TLS records
+    status = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"device_id": device}}).encode()
+    answers = [_chunked(status, 7000),
+               [b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n", status[:5000], status[5000:]],
+               [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(status), status[:1000]]]
+    async with TlsStub(tmp_path / "stub", answers) as stub:
+        pc = Pc(tmp_path / "pc", built, wine)
+        pin = stub.certificate.fingerprint()
+        pc.ini("WSCallConfig.ini", wscall_ini(stub.url, TOKEN, fingerprint=pin, out_size=200000))
+        auth = pc.file(b"<orgCode>1</orgCode>")
+        for _ in range(2):
+            result = await pc.run("wsc", "WSC_getAuthKey", auth, "200000", "1024")
+            assert result["rc"] == "10000" and "<authKey>scanbox:%s</authKey>" % device in result["out"], result["msg"]
+        result = await pc.run("wsc", "WSC_getAuthKey", auth, "200000", "1024")
+        assert result["rc"] == "-33" and "cut off" in result["msg"], result
+        head, _, body = stub.received[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /rpc HTTP/1.1\r\n") and b"\r\nConnection: close" in head
+        assert b"\r\nHost: 127.0.0.1:%s" % stub.url.rsplit(":", 1)[1].encode() in head
+        assert b"\r\nAuthorization: Bearer %s" % TOKEN.encode() in head
+        assert json.loads(body)["method"] == "status"
+        # the wrong pin: the handshake is made, then the connection closed with not one byte sent
+        pc.ini("WSCallConfig.ini", wscall_ini(stub.url, TOKEN, fingerprint="AB:" * 31 + "AB"))
+        result = await pc.run("wsc", "WSC_getAuthKey", auth, "5120", "1024")
+        assert result["rc"] == "-33" and pin in result["msg"], result
+        await until(lambda: len(stub.received) == 4, timeout=10)
+        assert stub.received[3] == b""
+
+
+async def test_a_box_that_never_finishes_the_handshake_costs_timeout_s_not_a_hung_his(built, wine, tmp_path):
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        url = "https://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+        pc = Pc(tmp_path / "pc", built, wine)
+        pc.ini("WSCallConfig.ini", wscall_ini(url, TOKEN, timeout_s=2, fingerprint="AB:" * 31 + "AB"))
+        result = await pc.run("wsc", "WSC_getAuthKey", pc.file(b"<orgCode>1</orgCode>"), "5120", "1024", timeout=30)
+        assert result["rc"] == "-33" and "did not answer within 2 s" in result["msg"], result
+        pc.ini("OneTrans2.ini", "[SCANBOX]\nurl=%s\ntimeout_s=1\nread_timeout_s=1\nfingerprint=%s\n"
+               % (url, "AB:" * 31 + "AB"))
+        result = await pc.run("onetrans", pc.file(p_in_data(SPEC_RECHARGE)), "8192", timeout=30)
+        assert json.loads(result["out"])["code"] == "900004", result
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
 
 
 # --- a bad answer from the network never crashes the HIS ------------------------------------
