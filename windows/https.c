@@ -26,6 +26,9 @@
 #include "common.h"
 
 #define MAX_ANSWER (16u << 20)
+#ifndef SECURITY_FLAG_IGNORE_CERT_CN_INVALID
+#define SECURITY_FLAG_IGNORE_CERT_CN_INVALID 0x00001000 /* wininet.h's; the SSL chain policy reads it */
+#endif
 
 typedef struct {
     SOCKET s;
@@ -220,9 +223,50 @@ static int sha256(const unsigned char *data, ULONG len, unsigned char digest[32]
     return ok;
 }
 
+/* the certificate names the IP address `host` in its subject alternative names */
+static int names_address(PCCERT_CONTEXT cert, const char *host) {
+    unsigned char address[16];
+    int length = 0, found = 0;
+    DWORD i, size = 0;
+    CERT_ALT_NAME_INFO *names = NULL;
+    if (inet_pton(AF_INET, host, address) == 1) length = 4;
+    else if (inet_pton(AF_INET6, host, address) == 1) length = 16;
+    PCERT_EXTENSION extension = CertFindExtension(szOID_SUBJECT_ALT_NAME2, cert->pCertInfo->cExtension,
+                                                  cert->pCertInfo->rgExtension);
+    if (!length || !extension ||
+        !CryptDecodeObjectEx(X509_ASN_ENCODING, X509_ALTERNATE_NAME, extension->Value.pbData, extension->Value.cbData,
+                             CRYPT_DECODE_ALLOC_FLAG, NULL, &names, &size))
+        return 0;
+    for (i = 0; i < names->cAltEntry && !found; i++) {
+        const CERT_ALT_NAME_ENTRY *name = &names->rgAltEntry[i];
+        found = name->dwAltNameChoice == CERT_ALT_NAME_IP_ADDRESS && name->IPAddress.cbData == (DWORD)length &&
+                !memcmp(name->IPAddress.pbData, address, (size_t)length);
+    }
+    LocalFree(names);
+    return found;
+}
+
+static DWORD ssl_policy(PCCERT_CHAIN_CONTEXT chain, WCHAR *name) {
+    SSL_EXTRA_CERT_CHAIN_POLICY_PARA ssl;
+    CERT_CHAIN_POLICY_PARA policy;
+    CERT_CHAIN_POLICY_STATUS verdict;
+    memset(&ssl, 0, sizeof ssl); memset(&policy, 0, sizeof policy); memset(&verdict, 0, sizeof verdict);
+    ssl.cbSize = sizeof ssl;
+    ssl.dwAuthType = AUTHTYPE_SERVER;
+    ssl.fdwChecks = name ? 0 : SECURITY_FLAG_IGNORE_CERT_CN_INVALID;
+    ssl.pwszServerName = name;
+    policy.cbSize = sizeof policy;
+    policy.pvExtraPolicyPara = &ssl;
+    verdict.cbSize = sizeof verdict;
+    if (!CertVerifyCertificateChainPolicy(CERT_CHAIN_POLICY_SSL, chain, &policy, &verdict)) return GetLastError();
+    return verdict.dwError;
+}
+
 /* the PC's CAs and the box's name, for an https url without a pin: what Schannel checks on
    Windows already (its automatic validation is on then), checked here again because wine's
-   Schannel does not check it */
+   Schannel does not check it. The chain first, then the name: a host name through Windows'
+   SSL policy, an IP address against the certificate's IP addresses (wine's policy matches
+   DNS names only). */
 static DWORD chain_error(PCCERT_CONTEXT cert, const char *host) {
     CERT_CHAIN_PARA chain_para;
     PCCERT_CHAIN_CONTEXT chain = NULL;
@@ -235,23 +279,26 @@ static DWORD chain_error(PCCERT_CONTEXT cert, const char *host) {
     chain_para.RequestedUsage.Usage.rgpszUsageIdentifier = usage;
     if (!CertGetCertificateChain(NULL, cert, NULL, cert->hCertStore, &chain_para, 0, NULL, &chain))
         return GetLastError() ? GetLastError() : (DWORD)CERT_E_UNTRUSTEDROOT;
-    int n = MultiByteToWideChar(CP_UTF8, 0, host, -1, NULL, 0);
-    WCHAR *whost = n > 0 ? malloc((size_t)n * sizeof(WCHAR)) : NULL;
-    if (whost) MultiByteToWideChar(CP_UTF8, 0, host, -1, whost, n);
-    SSL_EXTRA_CERT_CHAIN_POLICY_PARA ssl;
-    CERT_CHAIN_POLICY_PARA policy;
-    CERT_CHAIN_POLICY_STATUS verdict;
-    memset(&ssl, 0, sizeof ssl); memset(&policy, 0, sizeof policy); memset(&verdict, 0, sizeof verdict);
-    ssl.cbSize = sizeof ssl;
-    ssl.dwAuthType = AUTHTYPE_SERVER;
-    ssl.pwszServerName = whost;
-    policy.cbSize = sizeof policy;
-    policy.pvExtraPolicyPara = &ssl;
-    verdict.cbSize = sizeof verdict;
-    if (!whost) error = (DWORD)CERT_E_CN_NO_MATCH;
-    else if (!CertVerifyCertificateChainPolicy(CERT_CHAIN_POLICY_SSL, chain, &policy, &verdict)) error = GetLastError();
-    else error = verdict.dwError;
-    free(whost);
+    /* any trust error of the chain itself, whatever the policy says: wine's SSL policy passes
+       a chain that ends at a CA nobody installed (a partial chain), Windows' says CERT_E_CHAINING */
+    DWORD status = chain->TrustStatus.dwErrorStatus;
+    error = ssl_policy(chain, NULL);
+    if (!error && status)
+        error = status & CERT_TRUST_IS_PARTIAL_CHAIN ? (DWORD)CERT_E_CHAINING
+              : status & CERT_TRUST_IS_UNTRUSTED_ROOT ? (DWORD)CERT_E_UNTRUSTEDROOT
+              : status & CERT_TRUST_IS_NOT_TIME_VALID ? (DWORD)CERT_E_EXPIRED : (DWORD)TRUST_E_FAIL;
+    if (!error) {
+        unsigned char address[16];
+        if (inet_pton(AF_INET, host, address) == 1 || inet_pton(AF_INET6, host, address) == 1) {
+            if (!names_address(cert, host)) error = (DWORD)CERT_E_CN_NO_MATCH;
+        } else {
+            int n = MultiByteToWideChar(CP_UTF8, 0, host, -1, NULL, 0);
+            WCHAR *whost = n > 0 ? malloc((size_t)n * sizeof(WCHAR)) : NULL;
+            if (whost) MultiByteToWideChar(CP_UTF8, 0, host, -1, whost, n);
+            error = whost ? ssl_policy(chain, whost) : (DWORD)CERT_E_CN_NO_MATCH;
+            free(whost);
+        }
+    }
     CertFreeCertificateChain(chain);
     return error;
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import itertools
 import json
 import os
@@ -429,6 +430,57 @@ async def test_a_malformed_fingerprint_is_a_configuration_error(built, wine, tmp
         result = await pc.run("onetrans", pc.file(p_in_data(SPEC_RECHARGE)), "8192")
         out = json.loads(result["out"])
         assert out["code"] == "900001" and why in out["err_msg"], result
+
+
+def _site_ca(folder: Path) -> tuple[bytes, Path, Path]:
+    """A hospital's CA (its certificate, DER) and a box certificate it signed for 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, box_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Hospital test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+          .not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(box_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True)
+    cert, key = folder / "box.crt", folder / "box.key"
+    cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(box_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    key.chmod(0o600)
+    return ca.public_bytes(serialization.Encoding.DER), cert, key
+
+
+async def test_without_a_pin_a_certificate_from_a_ca_the_pc_trusts_is_accepted_for_its_name(box, wg_server, built,
+                                                                                           wine, tmp_path):
+    ca, cert, key = _site_ca(tmp_path / "site")
+    url = await started(box, wg_server, tls="on", tls_cert=str(cert), tls_key=str(key))
+    pc = Pc(tmp_path / "pc", built, wine)
+    auth = pc.file(b"<orgCode>1</orgCode>")
+    pc.ini("WSCallConfig.ini", wscall_ini(url, ADMIN_TOKEN))
+    result = await pc.run("wsc", "WSC_getAuthKey", auth, "5120", "1024")
+    assert result["rc"] == "-33" and "CAs" in result["msg"], result  # not yet trusted on this PC
+    assert (await pc.run("trust", pc.file(ca)))["rc"] == "0"
+    result = await pc.run("wsc", "WSC_getAuthKey", auth, "5120", "1024")
+    assert result["rc"] == "10000" and "<authKey>scanbox:test-box</authKey>" in result["out"], result
+    # the same certificate under a name it does not carry
+    pc.ini("WSCallConfig.ini", wscall_ini(url.replace("127.0.0.1", "localhost"), ADMIN_TOKEN))
+    result = await pc.run("wsc", "WSC_getAuthKey", auth, "5120", "1024")
+    assert result["rc"] == "-33" and "under the name localhost" in result["msg"], result
 
 
 class TlsStub:

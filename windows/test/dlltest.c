@@ -8,10 +8,13 @@
    dlltest onetrans INPUTFILE OUTSIZE            OneTrans, pInData from a file
    dlltest concurrent FIRST SECOND               OneTrans(FIRST) in a thread; after a line on
                                                  stdin, OneTrans(SECOND) while the first waits
+   dlltest trust CERTFILE                        a CA certificate (DER) into this user's trusted
+                                                 roots, as a hospital installs its own CA
 
    Every buffer is followed by 64 guard bytes, checked after the call. Output: "rc=N", then
    "out=HEX" / "msg=HEX" (the bytes up to the NUL), then "guard=ok" or "guard=BROKEN". */
 #include <windows.h>
+#include <wincrypt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -191,6 +194,18 @@ int main(int argc, char **argv) {
         printf("rc=%d\n", first.rc);
         print_hex("out", first.out, 8192);
         printf("guard=%s\n", guard_ok(first.out, 8192) && guard_ok(second_out, 8192) ? "ok" : "BROKEN");
+        return 0;
+    }
+    if (!strcmp(cmd, "trust") && argc == 3) {
+        FILE *f = fopen(argv[2], "rb");
+        unsigned char der[8192];
+        size_t n = f ? fread(der, 1, sizeof der, f) : 0;
+        if (f) fclose(f);
+        HCERTSTORE root = CertOpenSystemStoreA(0, "ROOT");
+        int ok = n && root && CertAddEncodedCertificateToStore(root, X509_ASN_ENCODING, der, (DWORD)n,
+                                                               CERT_STORE_ADD_REPLACE_EXISTING, NULL);
+        if (root) CertCloseStore(root, 0);
+        printf("rc=%d\n", ok ? 0 : (int)GetLastError());
         return 0;
     }
     printf("usage: see the source\n");
