@@ -196,18 +196,26 @@ static http_result handshake(tls_t *t) {
             FreeContextBuffer(out[0].pvBuffer);
             if (r != HTTP_OK) return r;
         }
-        if (status == SEC_E_OK || status == SEC_I_CONTINUE_NEEDED || status == SEC_I_INCOMPLETE_CREDENTIALS) {
+        if (status == SEC_E_OK || status == SEC_I_CONTINUE_NEEDED) {
             if (in[1].BufferType == SECBUFFER_EXTRA && in[1].cbBuffer && in[1].cbBuffer <= t->in_len) {
                 memmove(t->in, t->in + t->in_len - in[1].cbBuffer, in[1].cbBuffer);
                 t->in_len = in[1].cbBuffer;
-            } else if (status != SEC_I_INCOMPLETE_CREDENTIALS) {
+            } else {
                 t->in_len = 0;
             }
             if (status == SEC_E_OK) return HTTP_OK;
-            continue; /* SEC_I_INCOMPLETE_CREDENTIALS: the box asked for a client certificate; go on without */
+            continue;
         }
-        return failed(t, HTTP_UNREACHABLE, "TLS with the box at %.200s failed: %s (0x%08lx)", t->url, sspi_text(status),
-                      (unsigned long)status);
+        if (status == SEC_I_INCOMPLETE_CREDENTIALS) /* a scanbox never asks for one */
+            return failed(t, HTTP_UNREACHABLE, "the server at %.200s asks for a client certificate: not a scanbox",
+                          t->url);
+        /* Schannel's own verdict on the certificate (no pin: its automatic validation, on Windows) */
+        int certificate = status == SEC_E_UNTRUSTED_ROOT || status == SEC_E_WRONG_PRINCIPAL ||
+                          status == SEC_E_CERT_EXPIRED || status == SEC_E_CERT_UNKNOWN;
+        return failed(t, certificate ? HTTP_UNTRUSTED : HTTP_UNREACHABLE, "TLS with the box at %.200s failed: %s "
+                      "(0x%08lx)%s", t->url, sspi_text(status), (unsigned long)status,
+                      certificate ? "; nothing was sent. A box's own certificate needs its fingerprint in the ini "
+                                    "(fingerprint=, as scanbox tls show on the box says)" : "");
     }
 }
 
@@ -410,6 +418,7 @@ static int parse_answer(const char *data, size_t len, int closed, DWORD *status,
             p = eol + 1;
             if (size == 0) break; /* trailers, if any, are not needed */
             if ((size_t)(end - p) < size + 2) return closed ? (*why = "chunks cut off", -1) : 0;
+            if (p[size] != '\r' || p[size + 1] != '\n') { *why = "a chunk longer than its size"; return -1; }
             buf_add(body, p, size);
             p += size + 2;
             if (body->len > MAX_ANSWER) { *why = "an answer over 16 MB"; return -1; }
