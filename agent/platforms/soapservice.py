@@ -152,34 +152,46 @@ class SoapService:
     async def _compiled(self, path: Path) -> dict[str, Any]:
         """The WSDL at `path` as `soapcompile` reads it: shipped with scanbox for its own WSDLs,
         else the copy kept under its digest, else from a child process (and then kept)."""
-        name = await asyncio.to_thread(compiled_name, path, self.needed)
+        name, compiled = await asyncio.to_thread(self._find_kept, path)
+        self.compiled_from_cache = compiled is not None
+        if compiled is not None:
+            return compiled
+        task = self._compiling.get(name)
+        if task is None:
+            task = self._compiling[name] = asyncio.get_running_loop().create_task(
+                self._compile_and_keep(path, name), name="read WSDL %s" % self.label)
+            task.add_done_callback(functools.partial(self._compiled_done, name))
+        return await asyncio.shield(task)
+
+    def _find_kept(self, path: Path) -> tuple[str, dict[str, Any] | None]:
+        """(the result's file name, the result where scanbox ships it or the box kept it)."""
+        name = compiled_name(path, self.needed)
         for kept in (SHIPPED_COMPILED / name, self.cache_dir / name):
             try:
                 compiled: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
             if compiled.get("version") == soapcompile.VERSION:
-                self.compiled_from_cache = True
-                return compiled
-        task = self._compiling.get(name)
-        if task is None:
-            task = self._compiling[name] = asyncio.get_running_loop().create_task(
-                self._compile_and_keep(path, name), name="read WSDL %s" % self.label)
-            task.add_done_callback(functools.partial(self._compiled_done, name))
-        compiled = await asyncio.shield(task)
-        self.compiled_from_cache = False
-        return compiled
+                return name, compiled
+        return name, None
 
     def _compiled_done(self, name: str, task: asyncio.Task[dict[str, Any]]) -> None:
         self._compiling.pop(name, None)
-        if not task.cancelled():
-            task.exception()  # raised to whoever awaits it; when nobody does any more, not "never retrieved"
+        if task.cancelled():
+            return
+        error = task.exception()  # raised to whoever awaits it, and said here for when nobody does any more
+        if error is not None:
+            logger.warning("platform %s: reading the WSDL failed: %s", self.label, error or type(error).__name__)
 
     async def _compile_and_keep(self, path: Path, name: str) -> dict[str, Any]:
         started = time.monotonic()
         compiled = await _compile_in_child(str(path), list(self.needed))
         logger.info("platform %s: WSDL read by zeep (zeep %s) in %.1f s", self.label, compiled.get("zeep"),
                     time.monotonic() - started)
+        await asyncio.to_thread(self._keep, name, compiled)
+        return compiled
+
+    def _keep(self, name: str, compiled: dict[str, Any]) -> None:
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             for old in self.cache_dir.glob("compiled-*.json"):
@@ -190,7 +202,6 @@ class SoapService:
             os.replace(temporary, kept)
         except OSError as exc:  # read again at the next start; nothing is lost
             logger.warning("platform %s: the read WSDL cannot be kept in %s: %s", self.label, self.cache_dir, exc)
-        return compiled
 
     async def input_names(self, operation: str) -> list[str]:
         """The element names of an operation's request, in the WSDL's order."""
