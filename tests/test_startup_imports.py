@@ -1,16 +1,19 @@
 """A box loads only what its configuration uses (issue 17: start-up and memory on a Pi): no
-Pillow without a display, no cryptography before the first seal or OneTrans request, no zeep
-(nor requests and urllib3, which it brings) for a platform whose requests are all strings."""
+Pillow without a display, no cryptography (8.5 MiB resident) unless it serves TLS or OneTrans,
+not even once scans were sealed into the outbox and the identity cache, no zeep (nor requests and
+urllib3, which it brings) for a platform whose requests are all strings."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import make_config
+from agent.simulator.soap import Fault
+from tests.conftest import PtyScanner, RpcClient, config_dict, make_config
 
 HEAVY = ("PIL", "cryptography", "zeep", "requests", "urllib3", "prometheus_client")
 SCRIPT = """
@@ -47,3 +50,64 @@ def test_a_counter_box_starts_without_pillow_cryptography_or_zeep(tmp_path):
 @pytest.mark.parametrize("display, expected", [({"model": "dummy"}, ["PIL"])])
 def test_a_box_with_a_display_loads_pillow(tmp_path, display, expected):
     assert loaded_after_start(tmp_path, display=display) == expected
+
+
+SCANNING_SCRIPT = """
+import asyncio, json, sys
+from agent.config import validate
+from agent.daemon import Daemon
+
+async def main():
+    box = Daemon(validate(json.loads(sys.argv[1])))
+    await box.start()
+    try:
+        print("started", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the scans are done
+        await box.status()
+    finally:
+        await box.stop()
+    print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2:]))))
+
+asyncio.run(main())
+"""
+
+
+async def read_card(client: RpcClient, scanner: PtyScanner, code: str) -> dict:
+    client.send_raw(b'{"jsonrpc":"2.0","id":"scan","method":"read_card","params":{"timeout_s":10}}\n')
+    await client.call("status")  # answered after the read_card sent before it is registered
+    scanner.scan(code)
+    return (await client.unsolicited(timeout=10))["result"]
+
+
+async def test_a_counter_box_that_scanned_has_loaded_no_cryptography(tmp_path, sim_server, pty_scanner):
+    """A plain rhc box with a serial scanner, after verified scans (each sealed into the outbox,
+    each identity sealed into the cache and found there again) and a code the platform refuses."""
+    data = config_dict(sim_server, tmp_path, sources={"counter": {"driver": "serial_scanner",
+                                                                  "port": str(pty_scanner.path)}})
+    daemon = await asyncio.create_subprocess_exec(sys.executable, "-c", SCANNING_SCRIPT, json.dumps(data), *HEAVY,
+                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert daemon.stdin is not None and daemon.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            assert await daemon.stdout.readline() == b"started\n"
+        client = await RpcClient.unix(tmp_path / "api.sock")
+        await client.call("subscribe", {"events": ["status"]})
+        if not (await client.call("status"))["sources"][0]["connected"]:
+            while not (await client.event("status", timeout=10)).get("source", {}).get("connected"):
+                pass
+        static = [r.static_qr for r in sim_server.sim.residents.values() if r.status == "1"][:3]
+        answers = [await read_card(client, pty_scanner, code) for code in ["F" * 64 + ":1", *static]]
+        sim_server.faults.add(Fault("http500", count=None))  # offline: from the cache, uses into the outbox
+        answers += [await read_card(client, pty_scanner, code) for code in static]
+        await client.close()
+        assert [a["verification"]["ok"] for a in answers] == [False] + [True] * 6
+        assert [a["identity"]["source"] for a in answers[1:]] == ["platform"] * 3 + ["cache"] * 3
+        daemon.stdin.write(b"done\n")
+        async with asyncio.timeout(60):
+            out, _ = await daemon.communicate()
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+    assert daemon.returncode == 0
+    assert json.loads(out.splitlines()[-1]) == []
