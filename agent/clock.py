@@ -38,8 +38,6 @@ outbox, is held and re-timed like any other.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import functools
 import email.utils
 import logging
@@ -48,9 +46,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent.model import Alarm, ComponentStatus, local_iso
+
+if TYPE_CHECKING:
+    import ctypes
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +71,6 @@ STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
 
-class _Timeval(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
-
-
-class _Timex(ctypes.Structure):
-    """struct timex (adjtimex(2)); C longs, so the same layout on aarch64, x86-64 and armhf."""
-
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
-                ("time", _Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
-                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
-                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
-                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_reserved", ctypes.c_int * 11)]
-
-
 @dataclass(frozen=True)
 class KernelClock:
     """The kernel's NTP state, as adjtimex(2) reports it (and `timedatectl`, node_exporter)."""
@@ -95,17 +80,38 @@ class KernelClock:
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
-    # once: find_library runs `ldconfig -p` in a subprocess, and the state is read for every scan
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _adjtimex() -> tuple[Callable[[Any], int], type[ctypes.Structure]]:
+    """libc's adjtimex and struct timex, made once: find_library runs `ldconfig -p` in a
+    subprocess, and the state is read for every scan. ctypes (half a MiB resident) only where
+    it is asked: a Pi's timesyncd answers first (Clock.synchronised_by)."""
+    import ctypes
+    import ctypes.util
+
+    class Timeval(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+    class Timex(ctypes.Structure):
+        """struct timex (adjtimex(2)); C longs, so the same layout on aarch64, x86-64 and armhf."""
+
+        _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                    ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                    ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                    ("time", Timeval), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                    ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                    ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+                    ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_reserved", ctypes.c_int * 11)]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return lambda timex: libc.adjtimex(ctypes.byref(timex)), Timex
 
 
 def read_kernel() -> KernelClock | None:
     """adjtimex(2) asking no change (modes 0 only reads); None when it cannot be read (the
     unit's ProtectClock= filters adjtimex, even reading; no libc: another platform)."""
-    timex = _Timex()
     try:
-        state = _libc().adjtimex(ctypes.byref(timex))
+        adjtimex, timex_type = _adjtimex()
+        timex: Any = timex_type()
+        state = adjtimex(timex)
     except (OSError, AttributeError):
         return None
     if state < 0:

@@ -111,3 +111,15 @@ async def test_a_counter_box_that_scanned_has_loaded_no_cryptography(tmp_path, s
             await daemon.wait()
     assert daemon.returncode == 0
     assert json.loads(out.splitlines()[-1]) == []
+
+
+def test_a_clock_that_timesyncd_vouches_for_loads_no_ctypes(tmp_path):
+    """ctypes (half a MiB) is for adjtimex, asked only where timesyncd does not answer: a Pi's
+    daemon never needs it (and its unit's ProtectClock= filters adjtimex anyway)."""
+    (tmp_path / "synchronized").touch()
+    script = ("import sys; from agent import daemon; from agent.clock import Clock; "
+              "clock = Clock(timesync_dir=sys.argv[1]); "
+              "print(clock.synchronised_by(), clock.right(), 'ctypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(True,", "'timesyncd')", "True", "False"]
