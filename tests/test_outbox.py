@@ -279,3 +279,19 @@ def test_the_cli_refuses_an_id_or_limit_sqlite_cannot_hold_before_opening_the_ou
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "outside" in err or "whole number" in err
+
+
+async def test_the_page_cache_of_each_connection_is_bounded_at_512_kib(tmp_path):
+    """SQLite keeps 2 MiB of pages per connection by default, which a box that has verified a few
+    thousand patients fills with its identity cache (issue 17: the daemon's memory); the kernel
+    caches the file anyway. A reopened connection (after a failure) is bounded the same."""
+    store = Store(tmp_path / "outbox.db")
+    await store.open()
+
+    async def cache_size() -> int:
+        return await store._submit(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0], write=False)
+
+    assert await cache_size() == -512
+    await store._submit(lambda conn: store._drop_connection(), write=False)  # in the store's thread
+    assert await cache_size() == -512
+    await store.close()
