@@ -80,10 +80,12 @@ async def read_card(client: RpcClient, scanner: PtyScanner, code: str) -> dict:
 
 
 async def test_a_counter_box_that_scanned_has_loaded_no_cryptography(tmp_path, sim_server, pty_scanner):
-    """A plain rhc box with a serial scanner, after verified scans (each sealed into the outbox,
-    each identity sealed into the cache and found there again) and a code the platform refuses."""
+    """A plain rhc box with a serial scanner, after verified scans (each identity sealed into the
+    cache), a code the platform refuses, scans answered from the cache while the platform is down
+    (each use sealed into the outbox), and the outbox drained once it is back."""
     data = config_dict(sim_server, tmp_path, sources={"counter": {"driver": "serial_scanner",
-                                                                  "port": str(pty_scanner.path)}})
+                                                                  "port": str(pty_scanner.path)}},
+                       outbox={"backoff_initial": "50ms", "backoff_max": "100ms"})
     daemon = await asyncio.create_subprocess_exec(sys.executable, "-c", SCANNING_SCRIPT, json.dumps(data), *HEAVY,
                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert daemon.stdin is not None and daemon.stdout is not None
@@ -93,15 +95,20 @@ async def test_a_counter_box_that_scanned_has_loaded_no_cryptography(tmp_path, s
         client = await RpcClient.unix(tmp_path / "api.sock")
         await client.call("subscribe", {"events": ["status"]})
         if not (await client.call("status"))["sources"][0]["connected"]:
-            while not (await client.event("status", timeout=10)).get("source", {}).get("connected"):
+            while not (await client.event("status", timeout=10))["data"].get("source", {}).get("connected"):
                 pass
         static = [r.static_qr for r in sim_server.sim.residents.values() if r.status == "1"][:3]
         answers = [await read_card(client, pty_scanner, code) for code in ["F" * 64 + ":1", *static]]
         sim_server.faults.add(Fault("http500", count=None))  # offline: from the cache, uses into the outbox
         answers += [await read_card(client, pty_scanner, code) for code in static]
-        await client.close()
         assert [a["verification"]["ok"] for a in answers] == [False] + [True] * 6
         assert [a["identity"]["source"] for a in answers[1:]] == ["platform"] * 3 + ["cache"] * 3
+        # back online: the uploader opens the three sealed uses and sends them
+        sim_server.faults.clear()
+        outbox = (await client.call("status"))["outbox"]
+        while outbox["pending"] or outbox["sent"] < 3:
+            outbox = (await client.event("status", timeout=10))["data"].get("outbox", outbox)
+        await client.close()
         daemon.stdin.write(b"done\n")
         async with asyncio.timeout(60):
             out, _ = await daemon.communicate()
