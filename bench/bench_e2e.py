@@ -74,6 +74,7 @@ class Contender:
         self.notify.settimeout(60)
         self.proc: subprocess.Popen | None = None
         self.rss = 0
+        self.rss_warm = 0  # after the warm-up's 20 scans: what the measured scans add is growth
         self.argv: list[str] = []
         self.ready_ms: list[float] = []
         self.ready_cpu_ms: list[float] = []
@@ -208,6 +209,7 @@ async def run(scans: int, batch: int, starts: int, children: list[subprocess.Pop
         # warm up: the first call loads the WSDL and opens the platform connection
         for i in range(20):
             await contender.scan(codes[i % len(codes)])
+        contender.rss_warm = rss_kib(contender.pid)
     for round_ in range(0, scans, batch):
         for contender in (contenders if (round_ // batch) % 2 == 0 else contenders[::-1]):
             await contender.batch(codes, min(batch, scans - round_), sim_url)
@@ -241,6 +243,8 @@ def report(scans: int, batch: int, scanbox: Contender, floor: Contender) -> None
     row("  its CPU (what load does not inflate), ms", statistics.median(scanbox.ready_cpu_ms),
         statistics.median(floor.ready_cpu_ms), "", "%10.0f")
     row("RSS after %d scans, MiB" % (scans + 20), scanbox.rss / 1024, floor.rss / 1024, "<= 1.3x", "%10.1f")
+    print("  %-42s %10.2f %10.2f" % ("  its growth from scan 20 to scan %d, MiB" % (scans + 20),
+                                     (scanbox.rss - scanbox.rss_warm) / 1024, (floor.rss - floor.rss_warm) / 1024))
     print("  start-ups, ms: scanbox %s; floor %s" % (" ".join("%.0f" % t for t in scanbox.ready_ms),
                                                      " ".join("%.0f" % t for t in floor.ready_ms)))
 
