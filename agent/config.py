@@ -2,12 +2,11 @@
 
 Every problem is reported at once, each with its key path; unknown keys are errors with a
 suggestion for the likely typo; secrets live in their own file (0600, or a systemd credential)
-and print as `********` everywhere.
+and print as `********` everywhere. The sections are msgspec Structs checked by agent/schema.py.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -15,14 +14,17 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping, get_args, get_origin
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
+import msgspec
 import tomli_w
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
-                      SecretStr, ValidationError, field_validator, model_validator)
+from msgspec import UNSET, Meta, UnsetType, field
 
 import drivers
+from agent import schema
 from agent.codes import member_of, qwb002, wondersgroup
+from agent.schema import Check, Custom, Schema
+from drivers.base import DriverOptions
 from drivers.display import Options as DisplayOptions
 
 DEFAULT_CONFIG = Path("/etc/scanbox/scanbox.toml")
@@ -31,12 +33,43 @@ CREDENTIAL_NAME = "secrets.toml"  # LoadCredential=secrets.toml:/etc/scanbox/sec
 MASK = "********"
 
 
-class _SecretStr(SecretStr):
-    def _display(self) -> str:
+class Secret(Custom):
+    """A password, token or key: `get_secret_value()` gives the text; repr, str, `dump` and
+    `config check` give `********`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    @classmethod
+    def decode(cls, value: Any) -> Secret:
+        if not isinstance(value, str):
+            raise ValueError("Expected `str`, got `%s`" % type(value).__name__)
+        secret = cls(value)
+        secret.check()
+        return secret
+
+    def check(self) -> None:
+        """Raise ValueError when the text is no good for this kind of secret."""
+
+    def encode(self) -> str:
         return MASK
 
+    def get_secret_value(self) -> str:
+        return self._value
 
-Secret = Annotated[_SecretStr, PlainSerializer(lambda s: MASK, return_type=str)]
+    def __repr__(self) -> str:
+        return "%s(%r)" % (type(self).__name__, MASK)
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 # a token or key someone could guess or read over a shoulder is refused (config check and start):
@@ -45,54 +78,60 @@ MIN_SECRET_LENGTH = 16
 MIN_SECRET_DISTINCT = 8
 
 
-def _strong(value: _SecretStr) -> _SecretStr:
-    text = value.get_secret_value()
-    if len(text) < MIN_SECRET_LENGTH or len(set(text)) < MIN_SECRET_DISTINCT:
-        raise ValueError("too weak: at least %d characters with %d different ones (e.g. the output of "
-                         "`openssl rand -hex 16`)" % (MIN_SECRET_LENGTH, MIN_SECRET_DISTINCT))
-    return value
+class StrongSecret(Secret):
+    """Tokens and keys scanbox's own clients use: scanbox sets their strength."""
+
+    __slots__ = ()
+
+    def check(self) -> None:
+        text = self.get_secret_value()
+        if len(text) < MIN_SECRET_LENGTH or len(set(text)) < MIN_SECRET_DISTINCT:
+            raise ValueError("too weak: at least %d characters with %d different ones (e.g. the output of "
+                             "`openssl rand -hex 16`)" % (MIN_SECRET_LENGTH, MIN_SECRET_DISTINCT))
 
 
-def _not_empty(value: _SecretStr) -> _SecretStr:
-    if not value.get_secret_value():
-        raise ValueError("empty")
-    return value
+class PlatformSecret(Secret):
+    """Passwords a platform issued: scanbox cannot choose them, but an empty one is a mistake."""
 
+    __slots__ = ()
 
-# tokens and keys scanbox's own clients use: scanbox sets their strength
-StrongSecret = Annotated[_SecretStr, AfterValidator(_strong), PlainSerializer(lambda s: MASK, return_type=str)]
-# passwords a platform issued: scanbox cannot choose them, but an empty one is a mistake
-PlatformSecret = Annotated[_SecretStr, AfterValidator(_not_empty), PlainSerializer(lambda s: MASK, return_type=str)]
+    def check(self) -> None:
+        if not self.get_secret_value():
+            raise ValueError("empty")
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def _duration(value: Any) -> float:
+class Duration(float, Custom):
     """Seconds, from a number or a string such as "90s", "10m", "24h", "7d"."""
-    if isinstance(value, bool):
-        raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
-        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
-    else:
-        raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
+
+    __slots__ = ()
+
+    @classmethod
+    def decode(cls, value: Any) -> Duration:
+        if isinstance(value, bool):
+            raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+        else:
+            raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
+        if seconds < 0:
+            raise ValueError("a duration cannot be negative")
+        return cls(seconds)
+
+    def encode(self) -> float:
+        return float(self)
 
 
-Duration = Annotated[float, BeforeValidator(_duration)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Section = Schema  # a [section] of the config file
 
 
 class DeviceConfig(Section):
-    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     state_dir: Path | None = None  # default: $STATE_DIRECTORY, else /var/lib/scanbox
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto": journald's native protocol (with scan fields) under journald, else text lines;
@@ -110,14 +149,14 @@ class SiteConfig(Section):
     """Who this box is: sent with every verification so the platform can record where a card
     was used (spec 000 3.3.2.2: sam, use_city*, hospital_*, channel_*, medstep_*)."""
 
-    org_code: str = Field("", max_length=16, pattern=r"^[0-9A-Za-z]*$")
-    department: Annotated[str, AfterValidator(_department)] = "0000"
-    hospital_code: str = Field("", max_length=20)
-    hospital_name: str = Field("", max_length=50)
-    city_code: str = Field("", max_length=10, pattern=r"^[0-9]*$")
-    city_name: str = Field("", max_length=20)
-    channel: Annotated[str, AfterValidator(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))] = "01"
-    medstep: Annotated[str, AfterValidator(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))] = "010101"
+    org_code: Annotated[str, Meta(max_length=16, pattern=r"^[0-9A-Za-z]*$")] = ""
+    department: Annotated[str, Check(_department)] = "0000"
+    hospital_code: Annotated[str, Meta(max_length=20)] = ""
+    hospital_name: Annotated[str, Meta(max_length=50)] = ""
+    city_code: Annotated[str, Meta(max_length=10, pattern=r"^[0-9]*$")] = ""
+    city_name: Annotated[str, Meta(max_length=20)] = ""
+    channel: Annotated[str, Check(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))] = "01"
+    medstep: Annotated[str, Check(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))] = "010101"
 
     @property
     def sam(self) -> str:
@@ -140,62 +179,65 @@ PAYMENT_CODES = {
 }
 
 
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError("not a regular expression: %s" % exc) from None
+    return value
+
+
+def _regexes(value: dict[str, str]) -> dict[str, str]:
+    for name, pattern in value.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError("%s: not a regular expression: %s" % (name, exc)) from None
+    return value
+
+
+Regex = Annotated[str, Check(_regex)]
+
+
 class QrRules(Section):
     """QR classification (agent/qr.py); the defaults follow DESIGN.md. Where the specs leave a
     form loose, the default is the strictest reading they allow; a site whose platform issues
     other forms widens them here (docs/api.md "QR classification")."""
 
-    max_length: int = Field(512, ge=20, le=4096)
-    static: str = r"^[0-9A-F]{64}:1$"
-    dynamic: str = r"^[0-9A-F]{64}:0:[0-9A-F]{32}$"
+    max_length: Annotated[int, Meta(ge=20, le=4096)] = 512
+    static: Regex = r"^[0-9A-F]{64}:1$"
+    dynamic: Regex = r"^[0-9A-F]{64}:0:[0-9A-F]{32}$"
     # spec 000 3.12/3.13 give only "String 20": exactly 20 letters and digits, at least one a
     # letter (20 digits is the shape of a payment code, and of an order or ticket number)
-    temporary: str = r"^(?=[0-9]*[A-Za-z])[0-9A-Za-z]{20}$"
+    temporary: Regex = r"^(?=[0-9]*[A-Za-z])[0-9A-Za-z]{20}$"
     # spec 000 3.3 gives only "二维码密文, up to 256": binary encoded as base64 (whole 4-character
     # groups, = padding only at the end), 32 to 256 characters, at least one character outside
     # the hex digits, so a number, a hex id or a URL is delivered raw instead of being sent
-    ciphertext: str = (r"^(?=.{32,256}$)(?=[0-9A-Fa-f]*[G-Zg-z+/])(?:[0-9A-Za-z+/]{4})*"
-                       r"(?:[0-9A-Za-z+/]{4}|[0-9A-Za-z+/]{3}=|[0-9A-Za-z+/]{2}==)$")
+    ciphertext: Regex = (r"^(?=.{32,256}$)(?=[0-9A-Fa-f]*[G-Zg-z+/])(?:[0-9A-Za-z+/]{4})*"
+                         r"(?:[0-9A-Za-z+/]{4}|[0-9A-Za-z+/]{3}=|[0-9A-Za-z+/]{2}==)$")
     # checked before every other form: a code of one of these shapes never leaves the box.
     # Setting this table replaces the whole default (copy the entries to keep them).
-    payment: dict[str, str] = Field(default_factory=lambda: dict(PAYMENT_CODES))
+    payment: Annotated[dict[str, str], Check(_regexes)] = field(default_factory=lambda: dict(PAYMENT_CODES))
 
-    @field_validator("static", "dynamic", "temporary", "ciphertext")
-    @classmethod
-    def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError("not a regular expression: %s" % exc) from None
-        return v
 
-    @field_validator("payment")
-    @classmethod
-    def _regexes(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, pattern in v.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError("%s: not a regular expression: %s" % (name, exc)) from None
-        return v
+# spec 000's WebService operation (the WSDL's one); agent/platforms/soapservice.py compiles it
+RHC_OPERATION = "RHCMessageServer"
 
 
 class RhcConfig(Section):
     """Credentials for spec 000: every `action` carries them (4.2.1)."""
 
-    org_id: str = Field("", max_length=32)
-    app_code: str = Field("", max_length=6)
-    user_name: str = Field(..., min_length=1, max_length=32)
+    org_id: Annotated[str, Meta(max_length=32)] = ""
+    app_code: Annotated[str, Meta(max_length=6)] = ""
+    user_name: Annotated[str, Meta(min_length=1, max_length=32)]
     user_pwd: PlatformSecret
-    std_ver_code: str = Field("1.0", max_length=100)
-    operation: str = "RHCMessageServer"
+    std_ver_code: Annotated[str, Meta(max_length=100)] = "1.0"
+    operation: str = RHC_OPERATION
 
-    @model_validator(mode="after")
-    def _org_or_app(self) -> "RhcConfig":
+    def check(self) -> None:
         # 4.2.1 remark: exactly one of orgId and appCode has a value
         if bool(self.org_id) == bool(self.app_code):
             raise ValueError("set exactly one of org_id (a medical institution) and app_code (an app)")
-        return self
 
 
 class WondersgroupConfig(Section):
@@ -203,16 +245,16 @@ class WondersgroupConfig(Section):
     getAuthKey takes org_code/user_name/pass_word; the authKey it answers is kept in the state
     directory, not here."""
 
-    org_code: str = Field(..., min_length=1, max_length=30)
-    user_name: str = Field(..., min_length=1, max_length=16)
+    org_code: Annotated[str, Meta(min_length=1, max_length=30)]
+    user_name: Annotated[str, Meta(min_length=1, max_length=16)]
     pass_word: PlatformSecret
     # useCardInfo of every virIdCardVerify (spec 001 6.3, dictionaries 12.1.x)
-    issuing_mode: Annotated[str, AfterValidator(member_of(wondersgroup.QR_CHANNEL, "spec 001 12.1.19"))] = "2"
-    dep_code: str = Field("5500", pattern=r"^[0-9]{4}$")
-    dep_type: Annotated[str, AfterValidator(member_of(wondersgroup.DEPARTMENT_TYPE, "spec 001 12.1.14"))] = "1"
+    issuing_mode: Annotated[str, Check(member_of(wondersgroup.QR_CHANNEL, "spec 001 12.1.19"))] = "2"
+    dep_code: Annotated[str, Meta(pattern=r"^[0-9]{4}$")] = "5500"
+    dep_type: Annotated[str, Check(member_of(wondersgroup.DEPARTMENT_TYPE, "spec 001 12.1.14"))] = "1"
     # 机具号; the spec's fixed value when a scanner has no number of its own
-    machine_code: str = Field("SweepBlock", min_length=1, max_length=64)
-    med_type: Annotated[str, AfterValidator(member_of(wondersgroup.MEDICAL_TYPE, "spec 001 12.1.18"))] = "2"
+    machine_code: Annotated[str, Meta(min_length=1, max_length=64)] = "SweepBlock"
+    med_type: Annotated[str, Check(member_of(wondersgroup.MEDICAL_TYPE, "spec 001 12.1.18"))] = "2"
     # medStepcode and terminalType are the caller's step and channel, else [site] medstep and
     # channel: one place says where the box stands, whatever the platform
 
@@ -221,54 +263,50 @@ class FsjsonConfig(Section):
     """Spec 003 (Foshan JSON): the app registration every request carries in `app`, and the
     appSecret getWorkKey signs with."""
 
-    app_id: str = Field(..., min_length=1, max_length=64)
+    app_id: Annotated[str, Meta(min_length=1, max_length=64)]
     app_secret: PlatformSecret
-    term_id: str = Field("", max_length=64)
-    version: str = Field("v1.1", max_length=16)
-    app_version: str = Field("1.1", max_length=16)
-    app_package_name: str = Field("scanbox", max_length=64)
-    digest_type: str = Field("", max_length=32)
-    enc_type: str = Field("", max_length=32)
-    qr_type: str = Field("0", pattern=r"^[0-9]$")  # 二维码类型: the spec defines 0, dynamic
+    term_id: Annotated[str, Meta(max_length=64)] = ""
+    version: Annotated[str, Meta(max_length=16)] = "v1.1"
+    app_version: Annotated[str, Meta(max_length=16)] = "1.1"
+    app_package_name: Annotated[str, Meta(max_length=64)] = "scanbox"
+    digest_type: Annotated[str, Meta(max_length=32)] = ""
+    enc_type: Annotated[str, Meta(max_length=32)] = ""
+    qr_type: Annotated[str, Meta(pattern=r"^[0-9]$")] = "0"  # 二维码类型: the spec defines 0, dynamic
     # "md5(appId|appSecret|timestamp)": scanbox reads "|" as a literal separator; "" signs the
     # plain concatenation, for a platform that reads the formula that way
     sign_separator: Literal["|", ""] = "|"
 
 
+def _ca_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError("true, false, or the path of a CA bundle; %s is not a file" % value)
+    return value
+
+
 class PlatformConfig(Section):
     kind: Literal["rhc", "wondersgroup", "fsjson"] = "rhc"
-    endpoint: str = Field(..., pattern=r"^https?://")
+    endpoint: Annotated[str, Meta(pattern=r"^https?://")]
     wsdl: str | None = None  # URL or file; default: the WSDL shipped with scanbox
-    timeout_s: float = Field(5.0, gt=0, le=120)
+    timeout_s: Annotated[float, Meta(gt=0, le=120)] = 5.0
     # the whole of one verification at the counter, however many calls it takes (a credential
     # refresh, a retry); past it the scan is answered as the platform being unavailable
-    verify_deadline_s: float = Field(8.0, gt=0, le=300)
-    tls_verify: bool | Path = True  # or the CA bundle of a private CA
+    verify_deadline_s: Annotated[float, Meta(gt=0, le=300)] = 8.0
+    # or the path of the CA bundle of a private CA (HttpClient reads a string as that path)
+    tls_verify: bool | Annotated[str, Check(_ca_file)] = True
     rhc: RhcConfig | None = None
     wondersgroup: WondersgroupConfig | None = None
     fsjson: FsjsonConfig | None = None
     qr: QrRules = QrRules()
 
-    @field_validator("tls_verify")
-    @classmethod
-    def _ca_file(cls, v: bool | Path) -> bool | Path:
-        if isinstance(v, Path) and not v.is_file():
-            raise ValueError("true, false, or the path of a CA bundle; %s is not a file" % v)
-        return v
-
-    @model_validator(mode="after")
-    def _kind_section(self) -> "PlatformConfig":
-        if self.kind == "rhc" and self.rhc is None:
-            raise ValueError("kind 'rhc' needs a [platform.rhc] section")
+    def check(self) -> None:
         if getattr(self, self.kind) is None:
             raise ValueError("kind %r needs a [platform.%s] section" % (self.kind, self.kind))
-        return self
 
 
 class ClientConfig(Section):
     token: StrongSecret
     # "metrics": GET /metrics only (a Prometheus server's token)
-    scopes: list[Literal["read", "admin", "metrics"]] = ["read"]
+    scopes: list[Literal["read", "admin", "metrics"]] = field(default_factory=lambda: ["read"])
 
 
 class OnetransApp(Section):
@@ -283,40 +321,77 @@ class OnetransConfig(Section):
     """The OneTrans2.dll compatibility layer (spec 004): `onetrans` over JSON-RPC, POST /onetrans."""
 
     # receiver's region code (医保区划, 6 digits): the start of every inf_refmsgid
-    region: str = Field("000000", pattern=r"^[0-9]{6}$")
+    region: Annotated[str, Meta(pattern=r"^[0-9]{6}$")] = "000000"
     # hos.user.get waits this long for a card (the spec's envelope has no timeout of its own)
-    read_timeout_s: float = Field(60, gt=0, le=3600)
+    read_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     # a request's timestamp must be within this many seconds of the box's clock, and its msgid
     # is remembered (per app) this long: a recorded request cannot be replayed
-    window_s: float = Field(300, ge=10, le=3600)
+    window_s: Annotated[float, Meta(ge=10, le=3600)] = 300.0
     apps: dict[str, OnetransApp] = {}
+
+
+def _hostport(value: str) -> str | None:
+    if value:
+        parse_hostport(value)
+    return value or None
+
+
+def _http_listen(value: str) -> str | None:
+    if value:
+        parse_http_listen(value)
+    return value or None
+
+
+def _hosts(value: list[str]) -> list[str]:
+    for host in value:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+            raise ValueError("%r is not a host name (no scheme, no port)" % host)
+    return [h.lower() for h in value]
+
+
+def _origins(value: list[str]) -> list[str]:
+    for origin in value:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+                            origin):
+            raise ValueError("%r is not an origin (scheme://host[:port], no path, no trailing slash)" % origin)
+    return value
+
+
+def _networks(value: list[str]) -> list[str]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError("%r is not an IP address or network" % item) from None
+    return value
 
 
 class ApiConfig(Section):
     unix: Path | None = None  # default: $RUNTIME_DIRECTORY/api.sock, else /run/scanbox/api.sock
-    unix_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    unix_mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
     unix_group: str | None = "scanbox"
-    tcp: str | None = None  # "HOST:PORT"; off by default
-    trusted: list[str] = []  # addresses (or networks) allowed on TCP without auth
-    max_message: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    idle_timeout_s: float = Field(300, gt=0)
-    auth_timeout_s: float = Field(10, gt=0)
-    max_clients: int = Field(64, ge=1, le=4096)
+    tcp: Annotated[str, Check(_hostport)] | None = None  # "HOST:PORT"; off by default
+    # addresses (or networks) allowed on TCP without auth
+    trusted: Annotated[list[str], Check(_networks)] = []
+    max_message: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    idle_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    auth_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    max_clients: Annotated[int, Meta(ge=1, le=4096)] = 64
     clients: dict[str, ClientConfig] = {}
     # HTTP POST /rpc, WebSocket /ws and POST /onetrans: off unless set; "PORT" or ":PORT" alone
     # listens on loopback (127.0.0.1), never on every interface by accident
-    http: str | None = None
+    http: Annotated[str, Check(_http_listen)] | None = None
     # browser origins (scheme://host[:port]) whose pages may call the HTTP API and open /ws
-    cors_origins: list[str] = []
+    cors_origins: Annotated[list[str], Check(_origins)] = []
     # per client address over HTTP and WebSocket: sustained requests per second, and the burst
-    rate_per_s: float = Field(50, gt=0, le=100000)
-    rate_burst: int = Field(100, ge=1, le=100000)
+    rate_per_s: Annotated[float, Meta(gt=0, le=100000)] = 50.0
+    rate_burst: Annotated[int, Meta(ge=1, le=100000)] = 100
     # open HTTP connections (WebSockets included) at most; a request head must arrive within
     # auth_timeout_s of connecting
-    http_max_connections: int = Field(256, ge=1, le=4096)
+    http_max_connections: Annotated[int, Meta(ge=1, le=4096)] = 256
     # connections from one address that have not authenticated (TCP, HTTP, WebSocket), at most:
     # one address cannot fill max_clients or http_max_connections with idle sockets
-    max_unauthenticated_per_address: int = Field(8, ge=1, le=1024)
+    max_unauthenticated_per_address: Annotated[int, Meta(ge=1, le=1024)] = 8
     # TLS on TCP, HTTP and WebSocket: "auto" on every address but loopback and the USB cable link
     # (192.168.7.0/24); "on" everywhere; "off" nowhere (beyond loopback and the USB link only with
     # [security] allow = ["plain_listener"])
@@ -327,81 +402,50 @@ class ApiConfig(Section):
     tls_key: Path | None = None
     # Host headers the HTTP API answers besides IP addresses, localhost and the box's own names
     # (a browser on a rebound DNS name is refused)
-    http_hosts: list[str] = []
+    http_hosts: Annotated[list[str], Check(_hosts)] = []
     onetrans: OnetransConfig = OnetransConfig()
 
-    @model_validator(mode="after")
-    def _tls_files(self) -> "ApiConfig":
+    def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither (the box's own certificate)")
-        return self
-
-    @field_validator("http_hosts")
-    @classmethod
-    def _hosts(cls, v: list[str]) -> list[str]:
-        for host in v:
-            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
-                raise ValueError("%r is not a host name (no scheme, no port)" % host)
-        return [h.lower() for h in v]
-
-    @field_validator("tcp")
-    @classmethod
-    def _hostport(cls, v: str | None) -> str | None:
-        if v:
-            parse_hostport(v)
-        return v or None
-
-    @field_validator("http")
-    @classmethod
-    def _http_hostport(cls, v: str | None) -> str | None:
-        if v:
-            parse_http_listen(v)
-        return v or None
-
-    @field_validator("cors_origins")
-    @classmethod
-    def _origins(cls, v: list[str]) -> list[str]:
-        for origin in v:
-            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
-                                origin):
-                raise ValueError("%r is not an origin (scheme://host[:port], no path, no trailing slash)" % origin)
-        return v
-
-    @field_validator("trusted")
-    @classmethod
-    def _networks(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError("%r is not an IP address or network" % item) from None
-        return v
 
 
 class ScansConfig(Section):
     # the same code from the same source inside this window is one scan (a camera sees a code
     # in many frames; some serial scanners repeat)
-    dedupe_s: float = Field(3.0, ge=0, le=60)
+    dedupe_s: Annotated[float, Meta(ge=0, le=60)] = 3.0
     # a scan nobody is waiting for is kept this long for the next read_card (a nurse scans,
     # then clicks "read card" in the HIS); 0 disables
-    hold_s: float = Field(10.0, ge=0, le=120)
+    hold_s: Annotated[float, Meta(ge=0, le=120)] = 10.0
 
 
 class OutboxConfig(Section):
     """Store-and-forward of usage records (agent/outbox.py)."""
 
     # records the platform has are deleted this long after: they hold personal data
-    retention: Duration = 86400.0
+    retention: Duration = Duration(86400.0)
     # records the platform refused (dead-letter) are deleted this long after: a technician has
     # had the OUTBOX_DEAD alarm and `scanbox outbox list --state dead` all that time
-    dead_retention: Duration = 30 * 86400.0
-    max_in_flight: int = Field(4, ge=1, le=64)
+    dead_retention: Duration = Duration(30 * 86400.0)
+    max_in_flight: Annotated[int, Meta(ge=1, le=64)] = 4
     # backoff while the platform is down: doubling from backoff_initial, never over backoff_max
-    backoff_initial: Duration = 1.0
-    backoff_max: Duration = 300.0
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(300.0)
 
 
 _LABEL_NAME = r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$"
+
+
+def _label_names(value: dict[str, str]) -> dict[str, str]:
+    problems = ["%r is not a label name (letters, digits and _, not first a digit)" % k
+                for k in value if not re.fullmatch(_LABEL_NAME, k) or k.startswith("__")]
+    problems += ["%s: longer than 128 characters" % k for k, v in value.items() if len(v) > 128]
+    taken = sorted(set(value) & BUILD_LABELS)
+    if taken:
+        problems.append("%s: scanbox_build_info sets these itself" % ", ".join(taken))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
 
 
 class MetricsConfig(Section):
@@ -409,36 +453,18 @@ class MetricsConfig(Section):
     listener for a client with the "metrics" (or "admin") scope; optionally on a port of its own
     for a scraper on a management network."""
 
-    listen: str | None = None  # "HOST:PORT"; "PORT" or ":PORT" alone listens on loopback
+    # "HOST:PORT"; "PORT" or ":PORT" alone listens on loopback
+    listen: Annotated[str, Check(_http_listen)] | None = None
     # TLS on `listen`, as api.tls: "auto" on every address but loopback and the USB cable link,
     # "on" everywhere, "off" nowhere (beyond loopback and the USB link only with [security]
-    # allow = ["plain_listener"]); the box's certificate (api.tls_cert/api.tls_key, else its own)
-    tls: Literal["auto", "on", "off"] = "auto"
+    # allow = ["plain_listener"]); the box's certificate (api.tls_cert/api.tls_key, else its own).
+    # Not given: "auto", and a notice while `listen` speaks TLS (`notices`)
+    tls: Literal["auto", "on", "off"] | UnsetType = UNSET
     # false: anyone who reaches `listen` may scrape (a management network behind a firewall);
     # the API listener's /metrics always wants a token
     require_token: bool = True
     # constant labels on scanbox_build_info, e.g. {region = "xining", site = "clinic-4"}
-    labels: dict[str, str] = {}
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str | None) -> str | None:
-        if v:
-            parse_http_listen(v)
-        return v or None
-
-    @field_validator("labels")
-    @classmethod
-    def _label_names(cls, v: dict[str, str]) -> dict[str, str]:
-        problems = ["%r is not a label name (letters, digits and _, not first a digit)" % k
-                    for k in v if not re.fullmatch(_LABEL_NAME, k) or k.startswith("__")]
-        problems += ["%s: longer than 128 characters" % k for k, value in v.items() if len(value) > 128]
-        taken = sorted(set(v) & BUILD_LABELS)
-        if taken:
-            problems.append("%s: scanbox_build_info sets these itself" % ", ".join(taken))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return v
+    labels: Annotated[dict[str, str], Check(_label_names)] = {}
 
 
 # the labels scanbox_build_info carries whatever the config says
@@ -449,7 +475,7 @@ BUILD_LABELS = frozenset({"version", "python", "box_id", "config_hash", "platfor
 class CacheConfig(Section):
     """Identities of static codes verified online, for answering while the platform is down."""
 
-    ttl: Duration = 86400.0  # 0: no cache, no offline answers
+    ttl: Duration = Duration(86400.0)  # 0: no cache, no offline answers
 
 
 class ClockConfig(Section):
@@ -457,7 +483,7 @@ class ClockConfig(Section):
 
     # after the start, verifications wait this long at most for NTP to set a clock that is not
     # yet synchronised (within each verification's deadline)
-    sync_wait: Duration = 20.0
+    sync_wait: Duration = Duration(20.0)
 
 
 class SecurityConfig(Section):
@@ -466,6 +492,13 @@ class SecurityConfig(Section):
 
     allow: list[Literal["plain_listener", "wide_trusted", "open_unix_socket", "plain_platform", "no_tls_verify",
                         "group_readable_secrets"]] = []
+
+
+def _source_names(value: dict[str, Any]) -> dict[str, Any]:
+    for name in value:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+            raise ValueError("source name %r: use lower-case letters, digits, - and _" % name)
+    return value
 
 
 class Config(Section):
@@ -480,17 +513,8 @@ class Config(Section):
     metrics: MetricsConfig = MetricsConfig()
     clock: ClockConfig = ClockConfig()
     display: DisplayOptions | None = None  # the OLED; none configured: no screen
-    # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options model
-    sources: dict[str, Any] = {}
-
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _source_names(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            for name in v:
-                if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
-                    raise ValueError("source name %r: use lower-case letters, digits, - and _" % name)
-        return v
+    # validated per driver (drivers.SOURCE_DRIVERS) into each driver's own Options
+    sources: Annotated[dict[str, Any], Check(_source_names)] = {}
 
     def state_dir(self) -> Path:
         if self.device.state_dir:
@@ -541,7 +565,8 @@ def is_local_address(host: str) -> bool:
 def uses_tls(section: ApiConfig | MetricsConfig, host: str) -> bool:
     """Whether a listener on `host` speaks TLS: the API's TCP and HTTP (api.tls), the metrics
     port (metrics.tls)."""
-    return section.tls == "on" or (section.tls == "auto" and not is_local_address(host))
+    mode = section.tls or "auto"  # metrics.tls not given: "auto"
+    return mode == "on" or (mode == "auto" and not is_local_address(host))
 
 
 def listeners(config: Config) -> list[tuple[str, str, bool]]:
@@ -560,7 +585,7 @@ def notices(config: Config) -> list[str]:
     and said at every start and by `config check` until the site says it knows."""
     said = []
     metrics = config.metrics
-    if metrics.listen and "tls" not in metrics.model_fields_set and uses_tls(metrics, parse_http_listen(
+    if metrics.listen and metrics.tls is UNSET and uses_tls(metrics, parse_http_listen(
             metrics.listen)[0]):
         said.append("metrics.listen = \"%s\" speaks TLS now (https, the box's certificate): a Prometheus that "
                     "scrapes it over http:// gets nothing; give its scrape job scheme: https and a tls_config "
@@ -678,9 +703,9 @@ def validate(data: Mapping[str, Any]) -> Config:
     problems: list[ConfigProblem] = []
     config: Config | None = None
     try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        problems += _problems(exc, Config, ())
+        config = schema.convert(data, Config, strict=False)
+    except schema.Invalid as exc:
+        problems += [ConfigProblem(path, message) for path, message in exc.problems]
     sources: dict[str, Any] = {}
     raw_sources = data.get("sources", {})
     if isinstance(raw_sources, Mapping):
@@ -691,10 +716,10 @@ def validate(data: Mapping[str, Any]) -> Config:
                 problems += exc.problems
     if problems or config is None:
         raise ConfigError(problems)
-    return config.model_copy(update={"sources": sources})
+    return msgspec.structs.replace(config, sources=sources)
 
 
-def validate_source(name: str, section: Any) -> BaseModel:
+def validate_source(name: str, section: Any) -> DriverOptions:
     where = ("sources", name)
     if not isinstance(section, Mapping):
         raise ConfigError([ConfigProblem(_join(where), "must be a table")])
@@ -703,20 +728,20 @@ def validate_source(name: str, section: Any) -> BaseModel:
         raise ConfigError([ConfigProblem(_join(where + ("driver",)), "required: one of %s"
                                          % ", ".join(sorted(drivers.SOURCE_DRIVERS)))])
     if driver not in drivers.SOURCE_DRIVERS:
-        hint = _suggest(str(driver), drivers.SOURCE_DRIVERS)
+        hint = schema.suggest(str(driver), drivers.SOURCE_DRIVERS)
         raise ConfigError([ConfigProblem(_join(where + ("driver",)), "unknown driver %r%s; known: %s"
                                          % (driver, hint, ", ".join(sorted(drivers.SOURCE_DRIVERS))))])
-    options_cls = drivers.source_module(driver).Options
+    options_cls: type[DriverOptions] = drivers.source_module(driver).Options
     try:
-        return options_cls.model_validate(section)
-    except ValidationError as exc:
-        raise ConfigError(_problems(exc, options_cls, where)) from None
+        return schema.convert(section, options_cls, where, strict=False)
+    except schema.Invalid as exc:
+        raise ConfigError([ConfigProblem(path, message) for path, message in exc.problems]) from None
 
 
 def dump(config: Config) -> dict[str, Any]:
     """The effective config as plain data, secrets masked: what `config check` prints."""
-    out = config.model_dump(mode="json", exclude={"sources"})
-    out["sources"] = {name: opts.model_dump(mode="json") for name, opts in config.sources.items()}
+    out: dict[str, Any] = schema.to_builtins(config)
+    out["metrics"].setdefault("tls", "auto")  # not given (UNSET, left out): what it means
     return out
 
 
@@ -744,16 +769,16 @@ def split_secrets(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return split(data, ())
 
 
-def secret_names(model: type[BaseModel] | None = None) -> set[str]:
+def secret_names(section: type[msgspec.Struct] | None = None) -> set[str]:
     """The key names that hold secrets anywhere in the schema (user_pwd, token, app_key, ...):
     what provisioning blanks in a file it could not even parse."""
     names: set[str] = set()
-    for key, field in (model or Config).model_fields.items():
-        if _is_secret(field.annotation):
+    for key, info in schema.fields(section or Config).items():
+        if _is_secret(info.type):
             names.add(key)
-        for sub in _models_in(field.annotation):
+        for sub in schema.structs_in(info.type):
             names |= secret_names(sub)
-        inner = _dict_value_model(field.annotation)
+        inner = schema.dict_value_struct(info.type)
         if inner is not None:
             names |= secret_names(inner)
     return names
@@ -828,144 +853,28 @@ def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterab
             yield _join(prefix + (key,))
 
 
-def _secret_paths(model: type[BaseModel], data: Any, prefix: tuple[str, ...] = ()) -> Iterable[str]:
+def _secret_paths(section: type[msgspec.Struct], data: Any, prefix: tuple[str, ...] = ()) -> Iterable[str]:
     """Paths in `data` whose schema type is a Secret."""
     if not isinstance(data, Mapping):
         return
+    known = schema.fields(section)
     for key, value in data.items():
-        field = model.model_fields.get(key)
-        if field is None:
+        info = known.get(key)
+        if info is None:
             continue
-        for sub in _models_in(field.annotation):
+        for sub in schema.structs_in(info.type):
             if isinstance(value, Mapping):
                 yield from _secret_paths(sub, value, prefix + (key,))
-        inner = _dict_value_model(field.annotation)
+        inner = schema.dict_value_struct(info.type)
         if inner is not None and isinstance(value, Mapping):
             for name, item in value.items():
                 yield from _secret_paths(inner, item, prefix + (key, name))
-        if _is_secret(field.annotation):
+        if _is_secret(info.type):
             yield _join(prefix + (key,))
 
 
 def _is_secret(annotation: Any) -> bool:
-    if annotation is _SecretStr:
-        return True
-    return any(_is_secret(a) for a in get_args(annotation))
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    if get_origin(annotation) is dict:
-        return []
-    return [m for a in get_args(annotation) for m in _models_in(a)]
-
-
-def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
-    if get_origin(annotation) is dict:
-        args = get_args(annotation)
-        if len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
-            return args[1]
-    return None
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class that holds the last key of `loc` (for typo suggestions)."""
-    current: type[BaseModel] | None = model
-    parts = list(loc[:-1])
-    while parts and current is not None:
-        key = parts.pop(0)
-        field = current.model_fields.get(key) if isinstance(key, str) else None
-        if field is None:
-            return None
-        inner = _dict_value_model(field.annotation)
-        if inner is not None:
-            if parts:
-                parts.pop(0)  # the dict key (a client name)
-            current = inner
-            continue
-        models = _models_in(field.annotation)
-        current = models[0] if models else None
-    return current
-
-
-def _problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[ConfigProblem]:
-    problems = []
-    seen: set[tuple[str, str]] = set()
-    for err in exc.errors(include_url=False):
-        loc = _key_path(model, err["loc"])
-        path = _join(prefix + tuple(str(p) for p in loc))
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
-            hint = _suggest(str(loc[-1]), owner.model_fields if owner else ())
-            problems.append(ConfigProblem(path, "unknown key%s" % hint))
-        elif err["type"] == "missing":
-            problems.append(ConfigProblem(path, "required"))
-        else:
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            if len(loc) < len(err["loc"]) and err["type"] not in ("value_error", "assertion_error"):
-                # a value that fits no member of a union: one line, not one per member type
-                msg = "not a valid %s" % _expected(model, loc)
-            if (path, msg) not in seen:
-                seen.add((path, msg))
-                problems.append(ConfigProblem(path, msg))
-    return problems
-
-
-def _key_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The part of a pydantic error location that is keys and indexes of the user's file:
-    pydantic appends the union member it tried ("bool", "lax-or-strict[...]", "list[str]")."""
-    out: list[Any] = []
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            if isinstance(part, int):
-                out.append(part)
-                continue
-            break
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(part)
-            if field is None:
-                out.append(part)  # an unknown key: reported as such
-                break
-            out.append(part)
-            inner = _dict_value_model(field.annotation)
-            models = _models_in(field.annotation)
-            current = ("dict", inner) if inner is not None else (models[0] if models else None)
-        elif isinstance(current, tuple) and current[0] == "dict":
-            out.append(part)  # a key of a table of tables (a client name)
-            current = current[1]
-        else:
-            break
-    return tuple(out)
-
-
-def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    owner = _model_at(model, loc)
-    field = owner.model_fields.get(loc[-1]) if owner is not None and loc else None
-    if field is None:
-        return "value"
-    return " or ".join(_type_name(a) for a in (get_args(field.annotation) or (field.annotation,))
-                       if a is not type(None))
-
-
-def _type_name(annotation: Any) -> str:
-    if annotation is bool:
-        return "boolean"
-    if annotation is Path:
-        return "file path"
-    if annotation is str:
-        return "string"
-    if get_origin(annotation) is list:
-        return "list of %ss" % _type_name(get_args(annotation)[0])
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return " (did you mean %r?)" % close[0] if close else ""
+    return any(isinstance(t, type) and issubclass(t, Secret) for t in schema.types_in(annotation))
 
 
 def _join(parts: Iterable[Any]) -> str:

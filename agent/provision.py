@@ -35,9 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ValidationError
-
-from agent import config as configuration, sealing
+from agent import config as configuration, schema, sealing
 from agent.config import ConfigError, ConfigProblem
 from drivers.display import Options as DisplayOptions, open_device
 
@@ -283,8 +281,8 @@ def display_options(source: Path, etc: Path) -> DisplayOptions | None:
             continue
         if isinstance(section, dict):
             try:
-                return DisplayOptions.model_validate(section)
-            except ValidationError:
+                return schema.convert(section, DisplayOptions, strict=False)
+            except schema.Invalid:
                 continue
     return None
 

@@ -17,6 +17,7 @@ import time
 import common  # noqa: F401  (puts the repository on sys.path)
 from typing_extensions import override
 
+from agent import schema
 from agent.simulator import cards as emu
 from agent.simulator.pcscd import CARD_READER, PSAM_READER, Pcscd, PcscSlot
 from drivers import pcsc
@@ -56,9 +57,9 @@ class Sink(ScanSink):
 
 
 def run(kind: str, make, n: int, card_slot: PcscSlot, psam: bool) -> None:
-    driver = pcsc.create("bench", pcsc.Options.model_validate({
+    driver = pcsc.create("bench", schema.convert({
         "driver": "pcsc", "reader": "^%s$" % CARD_READER, "poll_s": 1.0,
-        **({"psam_reader": "^%s$" % PSAM_READER} if psam else {})}))
+        **({"psam_reader": "^%s$" % PSAM_READER} if psam else {})}, pcsc.Options))
     sink = Sink()
     driver.start(sink)
     totals, reads, apdus = [], [], []

@@ -5,7 +5,8 @@ Adding a reader is one module here plus one entry below; nothing above changes: 
 validates its section against its Options, `status` shows it among the sources, the supervisor
 restarts its thread if it dies, and doctor runs its probe.
 
-Drivers never import `agent`, except the plain types in `agent.model`.
+Drivers never import `agent`, except the plain types in `agent.model` and the Struct base of
+their `Options` in `agent.schema`.
 """
 
 from __future__ import annotations

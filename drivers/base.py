@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict
-
 from agent.model import Scan
+from agent.schema import Schema
 
 
-class DriverOptions(BaseModel):
-    """Base of every driver's config section: unknown keys are errors, values are read-only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class DriverOptions(Schema):
+    """Base of every driver's config section: unknown keys are errors, values are read-only
+    (agent.schema: like agent.model, plain types drivers may import)."""
 
 
 class ScanSink(Protocol):

@@ -35,12 +35,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Literal, Mapping, Union, cast
+from typing import Annotated, Any, Callable, Literal, Mapping, Union, cast
 
+import msgspec
+from msgspec import Meta
 from PIL import Image, ImageFilter
-from pydantic import Field, field_validator
 
 from agent.model import Scan
+from agent.schema import Check
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
@@ -61,47 +63,45 @@ class CameraError(Exception):
     """A camera that cannot be opened or read; the message says what to do."""
 
 
+def _roi(value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    x, y, w, h = value
+    if not (0 <= x < 1 and 0 <= y < 1 and 0 < w <= 1 - x + 1e-9 and 0 < h <= 1 - y + 1e-9):
+        raise ValueError("[x, y, width, height] fractions of the frame, inside it: got %r" % (value,))
+    return value
+
+
+def _charsets(value: list[str]) -> list[str]:
+    for charset in value:
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            raise ValueError("unknown charset %r" % charset) from None
+    return value
+
+
 class Options(DriverOptions):
     driver: Literal["camera"]
     # "picamera2" (the Pi camera), a V4L2 device ("/dev/video0", "/dev/v4l/by-id/..."), or an
     # image file or a folder of images
-    device: str = Field("picamera2", min_length=1)
+    device: Annotated[str, Meta(min_length=1)] = "picamera2"
     decoder: Literal["zxing", "zbar"] = "zxing"
-    width: int = Field(640, ge=160, le=4096)
-    height: int = Field(480, ge=120, le=3072)
+    width: Annotated[int, Meta(ge=160, le=4096)] = 640
+    height: Annotated[int, Meta(ge=120, le=3072)] = 480
     pixel_format: Literal["YUYV", "MJPG", "GREY"] = "YUYV"  # V4L2 only
-    max_fps: float = Field(10.0, gt=0, le=60)
+    max_fps: Annotated[float, Meta(gt=0, le=60)] = 10.0
     # the part of the frame to decode: [x, y, width, height] as fractions of the frame
-    roi: tuple[float, float, float, float] | None = None
+    roi: Annotated[tuple[float, float, float, float], Check(_roi)] | None = None
     # decode at 1/n of the captured size (0.5: half, 0.33: a third), the frame reduced by a
     # whole factor with a box filter: faster on large frames (bench/bench_drivers.py prints the
     # figures); codes must keep >= ~2 px per module. Other values use the next whole factor
     # below them (0.75 decodes at full size) and say so at start
-    scale: float = Field(1.0, ge=0.1, le=1.0)
+    scale: Annotated[float, Meta(ge=0.1, le=1.0)] = 1.0
     # a code seen again after this long out of sight is a new scan
-    dedupe_s: float = Field(2.0, ge=0, le=60)
-    charsets: list[str] = Field(["utf-8", "gb18030"], min_length=1)
+    dedupe_s: Annotated[float, Meta(ge=0, le=60)] = 2.0
+    charsets: Annotated[list[str], Meta(min_length=1), Check(_charsets)] = msgspec.field(
+        default_factory=lambda: ["utf-8", "gb18030"])
     loop: bool = False  # image files: start again after the last one (demos)
-    reconnect_max_s: float = Field(5.0, gt=0, le=300)
-
-    @field_validator("roi")
-    @classmethod
-    def _roi(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
-        if v is not None:
-            x, y, w, h = v
-            if not (0 <= x < 1 and 0 <= y < 1 and 0 < w <= 1 - x + 1e-9 and 0 < h <= 1 - y + 1e-9):
-                raise ValueError("[x, y, width, height] fractions of the frame, inside it: got %r" % (v,))
-        return v
-
-    @field_validator("charsets")
-    @classmethod
-    def _charsets(cls, v: list[str]) -> list[str]:
-        for charset in v:
-            try:
-                codecs.lookup(charset)
-            except LookupError:
-                raise ValueError("unknown charset %r" % charset) from None
-        return v
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
 
 
 def create(name: str, options: Options) -> "Camera":

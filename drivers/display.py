@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import Field, field_validator
+from msgspec import Meta
 
+from agent.schema import Custom
 from drivers.base import Backoff, DriverOptions
 
 logger = logging.getLogger(__name__)
@@ -22,32 +23,45 @@ logger = logging.getLogger(__name__)
 MODELS = ("ssd1306", "sh1106", "ssd1309")
 
 
+class I2cAddress(int, Custom):
+    """A 7-bit I2C address a device may have (0x03 to 0x77): a number, or a string such as
+    "0x3C" as the display's label and i2cdetect write it."""
+
+    __slots__ = ()
+
+    @classmethod
+    def decode(cls, value: Any) -> "I2cAddress":
+        if isinstance(value, str):
+            try:
+                value = int(value, 0)
+            except ValueError:
+                raise ValueError("an I2C address such as 0x3C") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("an I2C address such as 0x3C")
+        if not 0x03 <= value <= 0x77:
+            raise ValueError("0x%02X is not a 7-bit device address (0x03 to 0x77)" % value)
+        return cls(value)
+
+    def encode(self) -> int:
+        return int(self)
+
+
 class Options(DriverOptions):
     """The `[display]` section."""
 
     model: Literal["ssd1306", "sh1106", "ssd1309", "dummy"] = "ssd1306"
     interface: Literal["i2c", "spi"] = "i2c"
-    i2c_port: int = Field(1, ge=0, le=255)  # /dev/i2c-N
-    i2c_address: int = Field(0x3C, ge=0x03, le=0x77)
-    spi_port: int = Field(0, ge=0, le=7)
-    spi_device: int = Field(0, ge=0, le=7)
-    gpio_dc: int = Field(24, ge=0, le=40)
-    gpio_rst: int = Field(25, ge=0, le=40)
+    i2c_port: Annotated[int, Meta(ge=0, le=255)] = 1  # /dev/i2c-N
+    i2c_address: I2cAddress = I2cAddress(0x3C)
+    spi_port: Annotated[int, Meta(ge=0, le=7)] = 0
+    spi_device: Annotated[int, Meta(ge=0, le=7)] = 0
+    gpio_dc: Annotated[int, Meta(ge=0, le=40)] = 24
+    gpio_rst: Annotated[int, Meta(ge=0, le=40)] = 25
     height: Literal[64, 32] = 64  # width is 128
     rotate: Literal[0, 180] = 0  # mounted upside down: 180 (the screens are laid out landscape)
-    contrast: int = Field(127, ge=0, le=255)
+    contrast: Annotated[int, Meta(ge=0, le=255)] = 127
     font: Path | None = None  # a CJK font; default: WenQuanYi Zen Hei (Debian fonts-wqy-zenhei)
-    result_s: float = Field(5.0, gt=0, le=120)  # how long a verification result stays up
-
-    @field_validator("i2c_address", mode="before")
-    @classmethod
-    def _address(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                return int(v, 0)
-            except ValueError:
-                raise ValueError("an I2C address such as 0x3C") from None
-        return v
+    result_s: Annotated[float, Meta(gt=0, le=120)] = 5.0  # how long a verification result stays up
 
     @property
     def size(self) -> tuple[int, int]:

@@ -27,12 +27,14 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Mapping, Protocol, runtime_checkable
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Mapping, Protocol, runtime_checkable
 
+import msgspec
 from evdev import InputEvent, ecodes
-from pydantic import Field, field_validator
+from msgspec import Meta
 
 from agent.model import Scan
+from agent.schema import Check
 from drivers.base import DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
 logger = logging.getLogger(__name__)
@@ -394,42 +396,39 @@ class InputDeviceLike(Protocol):
 END_KEYS = {"enter": ENTER, "tab": TAB}
 
 
+def _devices(value: list[str]) -> list[str]:
+    for item in value:
+        if not VENDOR_PRODUCT.fullmatch(item) and not item.startswith("/"):
+            raise ValueError("%r: give an absolute path or glob (/dev/input/by-id/usb-*-event-kbd) "
+                             "or vendor:product in hex (0c2e:0b61)" % item)
+    return value
+
+
+def _alt_charset(value: str) -> str | None:
+    if value == "":  # TOML has no null: an empty string switches Alt codes off
+        return None
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ValueError("unknown charset %r" % value) from None
+    return value
+
+
 class Options(DriverOptions):
     driver: Literal["hid"]
     # /dev/input/by-id globs or vendor:product ("0c2e:0b61"); any device matching any one is read
-    devices: list[str] = Field(..., min_length=1)
+    devices: Annotated[list[str], Meta(min_length=1), Check(_devices)]
     layout: Literal["us", "de"] = "us"
-    end_keys: list[Literal["enter", "tab"]] = ["enter", "tab"]
+    end_keys: list[Literal["enter", "tab"]] = msgspec.field(default_factory=lambda: ["enter", "tab"])
     # text that ends a scan and is not part of it (a scanner programmed with a suffix)
-    suffix: str | None = Field(None, min_length=1, max_length=16)
+    suffix: Annotated[str, Meta(min_length=1, max_length=16)] | None = None
     # a scan also ends this long after its last key (scanners without a terminator); 0: never
-    idle_end_s: float = Field(0.2, ge=0, le=10)
+    idle_end_s: Annotated[float, Meta(ge=0, le=10)] = 0.2
     # the charset of Alt+keypad codes over 255 (scanners set to type Chinese); "": no Alt codes
-    alt_charset: str | None = "gb18030"
+    alt_charset: Annotated[str, Check(_alt_charset)] | None = "gb18030"
     grab: bool = True
-    rescan_s: float = Field(2.0, ge=0.1, le=60)
-    max_length: int = Field(4096, ge=16, le=65536)
-
-    @field_validator("devices")
-    @classmethod
-    def _devices(cls, v: list[str]) -> list[str]:
-        for item in v:
-            if not VENDOR_PRODUCT.fullmatch(item) and not item.startswith("/"):
-                raise ValueError("%r: give an absolute path or glob (/dev/input/by-id/usb-*-event-kbd) "
-                                 "or vendor:product in hex (0c2e:0b61)" % item)
-        return v
-
-    @field_validator("alt_charset")
-    @classmethod
-    def _alt_charset(cls, v: str | None) -> str | None:
-        if v == "":  # TOML has no null: an empty string switches Alt codes off
-            return None
-        if v is not None:
-            try:
-                codecs.lookup(v)
-            except LookupError:
-                raise ValueError("unknown charset %r" % v) from None
-        return v
+    rescan_s: Annotated[float, Meta(ge=0.1, le=60)] = 2.0
+    max_length: Annotated[int, Meta(ge=16, le=65536)] = 4096
 
 
 def create(name: str, options: Options, *, discover: Callable[[], list[str]] | None = None,

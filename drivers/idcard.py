@@ -25,10 +25,10 @@ import os
 import termios
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import serial
-from pydantic import Field
+from msgspec import Meta
 
 from agent.model import Identity, IdentitySource, Scan, ScanKind
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource, serial_ports
@@ -101,13 +101,13 @@ TEXT_SIZE = 256
 
 class Options(DriverOptions):
     driver: Literal["idcard"]
-    port: str = Field(..., min_length=1)
+    port: Annotated[str, Meta(min_length=1)]
     # SAM modules default to 115200; the others are what "set baud rate" (0x60 xx) can choose
     baud: Literal[9600, 19200, 38400, 57600, 115200] = 115200
-    poll_s: float = Field(0.3, ge=0.05, le=10)
+    poll_s: Annotated[float, Meta(ge=0.05, le=10)] = 0.3
     # one command's answer; a base-info read (1295 bytes) takes ~115 ms at 115200 baud
-    timeout_s: float = Field(1.0, ge=0.1, le=10)
-    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+    timeout_s: Annotated[float, Meta(ge=0.1, le=10)] = 1.0
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
 
 
 def create(name: str, options: Options) -> "IdCardReader":

@@ -22,13 +22,15 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field, field_validator
+import msgspec
+from msgspec import Meta
 from smartcard import scard
 from smartcard.ATR import ATR
 
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanKind
+from agent.schema import Check
 from drivers import cards
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
@@ -42,38 +44,36 @@ _REMOVED = (scard.SCARD_W_REMOVED_CARD, scard.SCARD_E_NO_SMARTCARD, scard.SCARD_
 _READER_LOST = (scard.SCARD_E_UNKNOWN_READER, scard.SCARD_E_READER_UNAVAILABLE)
 
 
+def _pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError("not a regular expression: %s" % exc) from None
+    return value
+
+
+def _profiles(value: dict[str, Path]) -> dict[str, Path]:
+    for kind, path in value.items():
+        profile = cards.load_profile(path)  # ValueError names the file and the problem
+        if profile.kind != kind:
+            raise ValueError("%s describes %s, not %s" % (path, profile.kind, kind))
+    return value
+
+
 class Options(DriverOptions):
     driver: Literal["pcsc"]
     # a regular expression searched in each PC/SC reader name; the first reader that matches
-    reader: str = Field(..., min_length=1)
+    reader: Annotated[str, Meta(min_length=1), Check(_pattern)]
     # the reader (slot) that holds the PSAM; none: cards that need one answer PSAM_REQUIRED
-    psam_reader: str | None = Field(None, min_length=1)
+    psam_reader: Annotated[str, Meta(min_length=1), Check(_pattern)] | None = None
     # which cards to read, tried in this order
-    cards: list[Literal["ssc", "health_card"]] = Field(["ssc", "health_card"], min_length=1)
+    cards: Annotated[list[Literal["ssc", "health_card"]], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["ssc", "health_card"])
     # a corrected file map for a card kind (card_profiles/*.toml is the model)
-    profiles: dict[Literal["ssc", "health_card"], Path] = {}
+    profiles: Annotated[dict[Literal["ssc", "health_card"], Path], Check(_profiles)] = {}
     # how often readers coming and going are looked for when the PnP notification is not offered
-    poll_s: float = Field(1.0, ge=0.1, le=10)
-    reconnect_max_s: float = Field(5.0, gt=0, le=300)
-
-    @field_validator("reader", "psam_reader")
-    @classmethod
-    def _pattern(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError("not a regular expression: %s" % exc) from None
-        return v
-
-    @field_validator("profiles")
-    @classmethod
-    def _profiles(cls, v: dict[str, Path]) -> dict[str, Path]:
-        for kind, path in v.items():
-            profile = cards.load_profile(path)  # ValueError names the file and the problem
-            if profile.kind != kind:
-                raise ValueError("%s describes %s, not %s" % (path, profile.kind, kind))
-        return v
+    poll_s: Annotated[float, Meta(ge=0.1, le=10)] = 1.0
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
 
 
 def create(name: str, options: Options) -> "PcscReader":

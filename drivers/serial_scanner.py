@@ -22,13 +22,15 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Literal, Mapping
+from typing import Annotated, Callable, Literal, Mapping
 
+import msgspec
 import serial
 import serial.threaded
-from pydantic import Field, field_validator
+from msgspec import Meta
 
 from agent.model import Scan
+from agent.schema import Check
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource, serial_ports
 
 logger = logging.getLogger(__name__)
@@ -40,41 +42,38 @@ STABLE_AFTER_S = 5.0
 READ_SIZE = 4096
 
 
+def _baud(value: int) -> int:
+    if value not in BAUD_RATES:
+        raise ValueError("must be one of %s" % ", ".join(map(str, BAUD_RATES)))
+    return value
+
+
+def _terminator(value: str | list[str]) -> str | list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not items or any(not t for t in items):
+        raise ValueError("must be a non-empty string or list of non-empty strings")
+    return value
+
+
+def _charset(value: str) -> str:
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ValueError("unknown charset %r" % value) from None
+    return value
+
+
 class Options(DriverOptions):
     driver: Literal["serial_scanner"]
-    port: str = Field(..., min_length=1)
-    baud: int = 9600
+    port: Annotated[str, Meta(min_length=1)]
+    baud: Annotated[int, Check(_baud)] = 9600
     parity: Literal["N", "E", "O"] = "N"
     # bytes that end a scan; any one of them ends it, and empty scans are ignored, so the
     # default takes CR, LF and CRLF scanners alike
-    terminator: str | list[str] = ["\r", "\n"]
-    charset: str = "utf-8"
-    max_length: int = Field(16384, ge=64, le=1024 * 1024)
-    reconnect_max_s: float = Field(5.0, gt=0, le=300)
-
-    @field_validator("baud")
-    @classmethod
-    def _baud(cls, v: int) -> int:
-        if v not in BAUD_RATES:
-            raise ValueError("must be one of %s" % ", ".join(map(str, BAUD_RATES)))
-        return v
-
-    @field_validator("terminator")
-    @classmethod
-    def _terminator(cls, v: str | list[str]) -> str | list[str]:
-        items = [v] if isinstance(v, str) else v
-        if not items or any(not t for t in items):
-            raise ValueError("must be a non-empty string or list of non-empty strings")
-        return v
-
-    @field_validator("charset")
-    @classmethod
-    def _charset(cls, v: str) -> str:
-        try:
-            codecs.lookup(v)
-        except LookupError:
-            raise ValueError("unknown charset %r" % v) from None
-        return v
+    terminator: Annotated[str | list[str], Check(_terminator)] = msgspec.field(default_factory=lambda: ["\r", "\n"])
+    charset: Annotated[str, Check(_charset)] = "utf-8"
+    max_length: Annotated[int, Meta(ge=64, le=1024 * 1024)] = 16384
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
 
 
 def create(name: str, options: Options) -> "SerialScanner":

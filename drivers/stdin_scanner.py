@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 import threading
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from msgspec import Meta
 
 from agent.model import Scan
 from drivers.base import DriverOptions, ScanSink, Source
@@ -22,7 +22,7 @@ class Options(DriverOptions):
     charset: str = "utf-8"
     # a line longer than this (bytes) is no scan: dropped whole and reported, never buffered
     # (a 60 MB paste once grew the demo to 206 MB); the serial scanner's limit
-    max_length: int = Field(16384, ge=64, le=1024 * 1024)
+    max_length: Annotated[int, Meta(ge=64, le=1024 * 1024)] = 16384
 
 
 def create(name: str, options: Options, fd: int | None = None) -> "StdinScanner":

@@ -10,10 +10,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import drivers.serial_scanner
-from agent import cli, config
+from agent import cli, config, schema
 from agent.config import MASK, ConfigError, QrRules, dump, load, parse_hostport, validate
 from tests.conftest import SITE, config_dict
 
@@ -306,8 +307,9 @@ def test_secrets_print_as_mask_in_dump_repr_and_str(main_file: Path, secrets_fil
     assert out["platform"]["rhc"]["user_pwd"] == MASK == "********"
     assert out["api"]["clients"]["his"]["token"] == MASK
     secret = cfg.platform.rhc.user_pwd if cfg.platform.rhc else None
-    for text in (repr(cfg), str(cfg), repr(cfg.platform), str(out), "%s" % secret, f"{secret!r}",
-                 cfg.model_dump_json(), str(cfg.model_dump())):
+    for text in (repr(cfg), str(cfg), repr(cfg.platform), str(out), "%s" % secret, f"{secret!r}", f"{secret}",
+                 msgspec.json.encode(cfg, enc_hook=schema.encode_hook).decode(), str(msgspec.structs.asdict(cfg)),
+                 str(schema.to_builtins(cfg))):
         assert PASSWORD not in text and TOKEN not in text
         assert MASK in text
 
@@ -550,7 +552,7 @@ def test_custom_qr_regexes_that_compile_are_kept(tmp_path: Path) -> None:
 
 def test_config_from_conftest_site_is_valid(tmp_path: Path) -> None:
     cfg = validate(config_dict(None, tmp_path))
-    assert cfg.site.model_dump() == SITE
+    assert schema.to_builtins(cfg.site) == SITE
 
 
 def test_to_toml_round_trips_a_config_and_split_secrets_separates_them(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ def test_the_commented_qr_block_is_the_defaults_with_every_key():
     import re
     import tomllib
 
+    from agent import schema
     from agent.config import QrRules
 
     text = (ROOT / "config" / "scanbox.example.toml").read_text(encoding="utf-8")
@@ -71,5 +72,5 @@ def test_the_commented_qr_block_is_the_defaults_with_every_key():
         if re.match(r"(\[|[a-z_]+ = )", body):
             lines.append(re.sub(r"'\s+#.*$", "'", body))
     block = tomllib.loads("\n".join(lines))["platform"]["qr"]
-    assert set(block) == set(QrRules.model_fields)
-    assert QrRules.model_validate(block) == QrRules()
+    assert set(block) == set(schema.fields(QrRules))
+    assert schema.convert(block, QrRules) == QrRules()

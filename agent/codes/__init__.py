@@ -40,7 +40,7 @@ class CodeTable:
 
 
 def member_of(table: CodeTable, where: str) -> Callable[[str], str]:
-    """A validator (for pydantic's AfterValidator) that accepts only codes of `table`, and says
+    """A check (agent.schema.Check) that accepts only codes of `table`, and says
     which codes there are and where the spec defines them when it refuses one."""
     listing = ", ".join("%s %s" % (code, table.text(code)) for code in table) if len(table) <= 12 else ""
 

@@ -300,10 +300,10 @@ def compiled_name(path: Path, needed: Iterable[str]) -> str:
 
 def shipped() -> list[tuple[Path, tuple[str, ...]]]:
     """The shipped WSDLs and the operations their adapters need by default."""
-    from agent.config import RhcConfig
+    from agent.config import RHC_OPERATION
     from agent.platforms.wondersgroup import OPERATIONS
 
-    return [(wsdl.SHIPPED / "rhc.wsdl", (RhcConfig.model_fields["operation"].default,)),
+    return [(wsdl.SHIPPED / "rhc.wsdl", (RHC_OPERATION,)),
             (wsdl.SHIPPED / "wondersgroup.wsdl", ("getAuthKey", *OPERATIONS))]
 
 

@@ -52,7 +52,7 @@ class Reply:
 class HttpClient:
     """One aiohttp session, made on first use (it belongs to the running event loop)."""
 
-    def __init__(self, *, timeout_s: float, tls_verify: bool | Path = True, max_connections: int = 16) -> None:
+    def __init__(self, *, timeout_s: float, tls_verify: bool | str | Path = True, max_connections: int = 16) -> None:
         self.timeout_s = timeout_s
         self.tls_verify = tls_verify
         self.max_connections = max_connections
@@ -61,7 +61,7 @@ class HttpClient:
     def _ssl(self) -> ssl.SSLContext | bool:
         if self.tls_verify is False:
             return False
-        if isinstance(self.tls_verify, Path):
+        if isinstance(self.tls_verify, (str, Path)):  # a private CA's bundle (platform.tls_verify)
             return ssl.create_default_context(cafile=str(self.tls_verify))
         return True
 

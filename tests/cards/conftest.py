@@ -13,6 +13,7 @@ import threading
 import pytest
 from typing_extensions import override
 
+from agent import schema
 from agent.simulator.cards import VPCD_PORT
 from agent.simulator.pcscd import CARD_READER, PSAM_READER, Pcscd, PcscdError, PcscSlot
 from drivers.base import ScanSink
@@ -102,7 +103,7 @@ def reader_driver(pcscd):
     def start(**options):
         options = {"driver": "pcsc", "reader": "^" + CARD_READER + "$", "poll_s": 0.2, "reconnect_max_s": 0.5,
                    **options}
-        driver = pcsc.create("desk", pcsc.Options.model_validate(options))
+        driver = pcsc.create("desk", schema.convert(options, pcsc.Options))
         sink = Collector()
         driver.start(sink)
         running.append(driver)

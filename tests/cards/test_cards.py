@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
+from agent import schema
 from agent.simulator import cards as emu
 from drivers import cards, pcsc
 
@@ -121,7 +121,7 @@ def test_a_corrected_profile_is_a_data_change(tmp_path):
     corrected = tmp_path / "health_card.toml"
     corrected.write_text((cards.PROFILE_DIR / "health_card.toml").read_text(encoding="utf-8").replace(
         'name = "city_code"', 'name = "application_city"'), encoding="utf-8")
-    options = pcsc.Options.model_validate({"driver": "pcsc", "reader": "x", "profiles": {"health_card": corrected}})
+    options = schema.convert({"driver": "pcsc", "reader": "x", "profiles": {"health_card": corrected}}, pcsc.Options)
     driver = pcsc.create("desk", options)
     card = emu.health_card()
     read = cards.read_card(card.command, card.atr, driver.profiles)
@@ -129,15 +129,15 @@ def test_a_corrected_profile_is_a_data_change(tmp_path):
 
 
 def test_driver_options_are_checked():
-    with pytest.raises(ValidationError, match="not a regular expression"):
-        pcsc.Options.model_validate({"driver": "pcsc", "reader": "ACS ("})
-    with pytest.raises(ValidationError, match="describes health_card, not ssc"):
-        pcsc.Options.model_validate({"driver": "pcsc", "reader": "x",
-                                     "profiles": {"ssc": cards.PROFILE_DIR / "health_card.toml"}})
-    with pytest.raises(ValidationError):
-        pcsc.Options.model_validate({"driver": "pcsc", "reader": "x", "cards": ["bank_card"]})
-    with pytest.raises(ValidationError, match="Extra inputs"):
-        pcsc.Options.model_validate({"driver": "pcsc", "reader": "x", "psam": "y"})
+    with pytest.raises(schema.Invalid, match="not a regular expression"):
+        schema.convert({"driver": "pcsc", "reader": "ACS ("}, pcsc.Options)
+    with pytest.raises(schema.Invalid, match="describes health_card, not ssc"):
+        schema.convert({"driver": "pcsc", "reader": "x", "profiles": {"ssc": cards.PROFILE_DIR / "health_card.toml"}},
+                       pcsc.Options)
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "pcsc", "reader": "x", "cards": ["bank_card"]}, pcsc.Options)
+    with pytest.raises(schema.Invalid, match="unknown key"):
+        schema.convert({"driver": "pcsc", "reader": "x", "psam": "y"}, pcsc.Options)
 
 
 def test_config_reports_a_bad_card_reader_section_by_key():

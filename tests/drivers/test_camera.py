@@ -8,11 +8,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import pydantic
 import pytest
 from PIL import Image
 from typing_extensions import override
 
+from agent import schema
 from agent.model import ScanKind
 from drivers import camera
 from tests.drivers.qr_frames import frame, phone_frames, qr_image
@@ -127,7 +127,7 @@ def test_scale_reduces_by_the_whole_factor_that_keeps_at_least_the_asked_size(sc
 def test_a_scale_that_is_not_a_whole_fraction_is_named_at_start(caplog: pytest.LogCaptureFixture,
                                                                 tmp_path: Path) -> None:
     frame("x").save(tmp_path / "one.png")
-    options = camera.Options.model_validate({"driver": "camera", "device": str(tmp_path), "scale": 0.75})
+    options = schema.convert({"driver": "camera", "device": str(tmp_path), "scale": 0.75}, camera.Options)
     camera.create("counter", options)  # an old config's value still starts
     assert "scale 0.75 decodes at 1/1" in caplog.text
 
@@ -172,7 +172,7 @@ def test_an_image_folder_through_the_driver(tmp_path: Path) -> None:
     (tmp_path / "03.png").write_bytes(b"not an image")
     (tmp_path / "04.txt").write_text("ignored")
     frame("第二个").save(tmp_path / "05.png")
-    opts = camera.Options.model_validate({"driver": "camera", "device": str(tmp_path), "max_fps": 60})
+    opts = schema.convert({"driver": "camera", "device": str(tmp_path), "max_fps": 60}, camera.Options)
     cam = camera.create("counter", opts)
     sink = RecordingSink()
     cam.start(sink)
@@ -192,7 +192,7 @@ def test_an_image_folder_through_the_driver(tmp_path: Path) -> None:
     ("/nonexistent/photos", "no such image file or folder"),
 ])
 def test_a_camera_that_cannot_open_is_an_alarm(device: str, expected: str) -> None:
-    opts = camera.Options.model_validate({"driver": "camera", "device": device, "reconnect_max_s": 0.5})
+    opts = schema.convert({"driver": "camera", "device": device, "reconnect_max_s": 0.5}, camera.Options)
     cam = camera.create("counter", opts)
     sink = RecordingSink()
     cam.start(sink)
@@ -236,13 +236,13 @@ def test_empty_folder_says_so(tmp_path: Path) -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(pydantic.ValidationError, match="inside it"):
-        camera.Options.model_validate({"driver": "camera", "roi": [0.5, 0, 0.6, 1]})
-    with pytest.raises(pydantic.ValidationError, match="unknown charset"):
-        camera.Options.model_validate({"driver": "camera", "charsets": ["utf-9"]})
-    with pytest.raises(pydantic.ValidationError):
-        camera.Options.model_validate({"driver": "camera", "decoder": "opencv"})
-    assert camera.Options.model_validate({"driver": "camera"}).decoder == "zxing"
+    with pytest.raises(schema.Invalid, match="inside it"):
+        schema.convert({"driver": "camera", "roi": [0.5, 0, 0.6, 1]}, camera.Options)
+    with pytest.raises(schema.Invalid, match="unknown charset"):
+        schema.convert({"driver": "camera", "charsets": ["utf-9"]}, camera.Options)
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "camera", "decoder": "opencv"}, camera.Options)
+    assert schema.convert({"driver": "camera"}, camera.Options).decoder == "zxing"
 
 
 async def test_a_camera_scan_reaches_the_his(box, tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import pydantic
 import pytest
 from evdev import InputEvent, ecodes as e
 
+from agent import schema
 from agent.daemon import Daemon
 from drivers import hid
 from drivers.base import Source
@@ -213,8 +213,8 @@ def started(bus: FakeBus):
     sources: list[hid.HidScanner] = []
 
     def start(**options: Any) -> tuple[hid.HidScanner, RecordingSink]:
-        opts = hid.Options.model_validate({"driver": "hid", "devices": ["/dev/input/by-id/usb-*-event-kbd"],
-                                           "rescan_s": 0.1, **options})
+        opts = schema.convert({"driver": "hid", "devices": ["/dev/input/by-id/usb-*-event-kbd"],
+                                           "rescan_s": 0.1, **options}, hid.Options)
         source = hid.create("counter", opts, discover=bus.discover, opener=bus.open)
         sink = RecordingSink()
         source.start(sink)
@@ -340,7 +340,7 @@ def test_a_fault_in_discovery_is_reported_and_survived(bus: FakeBus) -> None:
         return bus.discover()
 
     device = bus.plug(FakeDevice("/dev/input/event3"))
-    opts = hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "rescan_s": 0.1})
+    opts = schema.convert({"driver": "hid", "devices": ["0c2e:0b61"], "rescan_s": 0.1}, hid.Options)
     source = hid.create("counter", opts, discover=discover, opener=bus.open)
     sink = RecordingSink()
     source.start(sink)
@@ -363,15 +363,15 @@ def test_a_device_held_by_another_program_is_reported(bus: FakeBus, started) -> 
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(pydantic.ValidationError, match="vendor:product"):
-        hid.Options.model_validate({"driver": "hid", "devices": ["scanner"]})
-    with pytest.raises(pydantic.ValidationError):
-        hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "layout": "fr"})
-    with pytest.raises(pydantic.ValidationError):
-        hid.Options.model_validate({"driver": "hid", "devices": []})
-    with pytest.raises(pydantic.ValidationError, match="unknown charset"):
-        hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": "gbx"})
-    off = hid.Options.model_validate({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": ""})
+    with pytest.raises(schema.Invalid, match="vendor:product"):
+        schema.convert({"driver": "hid", "devices": ["scanner"]}, hid.Options)
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "hid", "devices": ["0c2e:0b61"], "layout": "fr"}, hid.Options)
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "hid", "devices": []}, hid.Options)
+    with pytest.raises(schema.Invalid, match="unknown charset"):
+        schema.convert({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": "gbx"}, hid.Options)
+    off = schema.convert({"driver": "hid", "devices": ["0c2e:0b61"], "alt_charset": ""}, hid.Options)
     assert off.alt_charset is None
 
 

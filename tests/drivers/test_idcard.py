@@ -8,9 +8,9 @@ import base64
 from pathlib import Path
 from typing import Any
 
-import pydantic
 import pytest
 
+from agent import schema
 from agent.config import ConfigError, validate_source
 from agent.model import IdentitySource, ScanKind
 from drivers import idcard
@@ -26,7 +26,7 @@ def reader(tmp_path: Path):
 
 
 def make(port: Path | str, **options: Any) -> idcard.IdCardReader:
-    opts = idcard.Options.model_validate({"driver": "idcard", "port": str(port), "poll_s": 0.05, **options})
+    opts = schema.convert({"driver": "idcard", "port": str(port), "poll_s": 0.05, **options}, idcard.Options)
     return idcard.create("counter", opts)
 
 
@@ -277,13 +277,13 @@ def test_a_loop_url_is_a_port() -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(pydantic.ValidationError):
-        idcard.Options.model_validate({"driver": "idcard", "port": "/dev/ttyUSB0", "baud": 1234})
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "idcard", "port": "/dev/ttyUSB0", "baud": 1234}, idcard.Options)
     with pytest.raises(ConfigError) as err:
         validate_source("reader", {"driver": "idcard", "port": "/dev/ttyUSB0", "pol_s": 1})
     assert "sources.reader.pol_s" in str(err.value)
     opts = validate_source("reader", {"driver": "idcard", "port": "spy:///dev/ttyUSB0"})
-    assert opts.model_dump()["baud"] == 115200
+    assert schema.to_builtins(opts)["baud"] == 115200
 
 
 async def test_a_card_read_reaches_the_his(box, reader: SamEmulator) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from typing_extensions import override
 
+from agent import schema
 from agent.model import Scan, ScanKind
 from drivers import serial_scanner
 from drivers.base import ScanSink
@@ -94,7 +95,7 @@ class LoopSink(RecordingSink):
 
 
 def make(port: Path | str, **options: Any) -> serial_scanner.SerialScanner:
-    opts = serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": str(port), **options})
+    opts = schema.convert({"driver": "serial_scanner", "port": str(port), **options}, serial_scanner.Options)
     return serial_scanner.create("counter", opts)
 
 
@@ -309,11 +310,11 @@ def test_port_is_opened_exclusively(running, pty_scanner):
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="baud"):
-        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "baud": 9601})
+        schema.convert({"driver": "serial_scanner", "port": "/dev/x", "baud": 9601}, serial_scanner.Options)
     with pytest.raises(ValueError, match="charset"):
-        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "charset": "klingon"})
+        schema.convert({"driver": "serial_scanner", "port": "/dev/x", "charset": "klingon"}, serial_scanner.Options)
     with pytest.raises(ValueError):
-        serial_scanner.Options.model_validate({"driver": "serial_scanner", "port": "/dev/x", "terminator": ""})
+        schema.convert({"driver": "serial_scanner", "port": "/dev/x", "terminator": ""}, serial_scanner.Options)
 
 
 @pytest.mark.parametrize("sink_kind", [RecordingSink, LoopSink])

@@ -8,15 +8,15 @@ import threading
 import tracemalloc
 
 import pytest
-from pydantic import ValidationError
 
+from agent import schema
 from drivers import stdin_scanner
 from tests.drivers.test_serial_scanner import RecordingSink
 
 
 def start(max_length: int = 16384) -> tuple[stdin_scanner.StdinScanner, RecordingSink, int]:
     read_fd, write_fd = os.pipe()
-    options = stdin_scanner.Options.model_validate({"driver": "stdin", "max_length": max_length})
+    options = schema.convert({"driver": "stdin", "max_length": max_length}, stdin_scanner.Options)
     scanner = stdin_scanner.create("demo", options, fd=read_fd)
     sink = RecordingSink()
     scanner.start(sink)
@@ -58,5 +58,5 @@ def test_an_over_long_line_is_dropped_whole_reported_and_never_held() -> None:
 
 
 def test_max_length_is_checked() -> None:
-    with pytest.raises(ValidationError):
-        stdin_scanner.Options.model_validate({"driver": "stdin", "max_length": 10})
+    with pytest.raises(schema.Invalid):
+        schema.convert({"driver": "stdin", "max_length": 10}, stdin_scanner.Options)
