@@ -13,6 +13,8 @@ import msgspec
 import pytest
 
 from agent import schema
+from agent.api import methods
+from agent.api.jsonrpc import INVALID_PARAMS, Dispatcher, Method, Params, Session
 from agent.config import Config, ConfigError, dump, validate
 from tests.conftest import config_dict
 
@@ -129,3 +131,68 @@ def test_no_value_anywhere_in_the_config_raises_anything_but_config_error(tmp_pa
                     assert not any(" - at `$" in p.message for p in exc.problems), exc
                 tried += 1
     assert tried > 500
+
+
+# --- the API's params ----------------------------------------------------------------------------
+
+async def _echo(session: Session, params: Params) -> dict[str, Any]:
+    return {"params": schema.to_builtins(params)}
+
+
+PARAMS: dict[str, type[Params]] = {
+    "auth": methods.AuthParams, "read_card": methods.ReadCardParams, "verify_qr": methods.VerifyQrParams,
+    "subscribe": methods.SubscribeParams, "platform.call": methods.PlatformCallParams,
+    "display.show": methods.DisplayShowParams, "outbox.list": methods.OutboxListParams,
+    "outbox.retry": methods.OutboxRetryParams, "onetrans": methods.OnetransParams,
+}
+
+
+def _dispatcher() -> tuple[Dispatcher, Session]:
+    dispatcher = Dispatcher([Method(name, cls, _echo, scope="read") for name, cls in PARAMS.items()])
+    return dispatcher, Session("test", "127.0.0.1", scopes=frozenset({"read"}))
+
+
+async def call(method: str, params: Any) -> dict[str, Any]:
+    dispatcher, session = _dispatcher()
+    response = await dispatcher.handle(session, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    assert isinstance(response, dict)
+    return response
+
+
+async def test_api_params_are_strict_and_every_bad_one_is_named() -> None:
+    bad = await call("read_card", {"timeout_s": "5", "verify": "false", "kinds": ["qr", "iris"], "colur": 1})
+    assert bad["error"]["code"] == INVALID_PARAMS and bad["error"]["data"]["reason"] == "BAD_REQUEST"
+    assert bad["error"]["data"]["problems"] == [
+        "colur: unknown parameter",
+        "timeout_s: Expected `float`, got `str`",
+        "kinds.1: 'iris' is not one of 'qr', 'id_card', 'health_card', 'ssc'",
+        "verify: Expected `bool`, got `str`",
+    ]
+    assert bad["error"]["message"] == "bad params for read_card: " + "; ".join(bad["error"]["data"]["problems"])
+    typo = await call("outbox.retry", {"idd": 3})
+    assert typo["error"]["data"]["problems"] == ["idd: unknown parameter (did you mean 'id'?)", "id: required"]
+    assert (await call("outbox.retry", {"id": True}))["error"]["data"]["problems"] == ["id: Expected `int`, got `bool`"]
+
+
+async def test_good_api_params_arrive_converted_with_defaults() -> None:
+    ok = await call("read_card", {"timeout_s": 5, "kinds": ["qr"], "step": "010101"})
+    assert ok["result"]["params"] == {"timeout_s": 5.0, "kinds": ["qr"], "step": "010101", "verify": True}
+    ok = await call("onetrans", {"pInData": "{}"})
+    assert ok["result"]["params"] == {"pInData": "{}"}
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+async def test_no_param_value_answers_anything_but_a_result_or_bad_params(method: str) -> None:
+    for name in schema.fields(PARAMS[method]):
+        for value in ODD_VALUES + [2 ** 64, -(2 ** 70), float("inf"), "9" * 100]:
+            response = await call(method, {name: value})
+            if "error" in response:
+                assert response["error"]["code"] == INVALID_PARAMS, (method, name, value, response)
+                assert not any(" - at `$" in p for p in response["error"]["data"]["problems"])
+
+
+async def test_the_problems_docs_api_shows_are_what_the_box_says() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    for params in ({"timeout_s": "5"}, {"timout_s": 5}, {"kinds": ["qr", "iris"]}):
+        [problem] = (await call("read_card", params))["error"]["data"]["problems"]
+        assert '"%s"' % problem in " ".join(doc.split()), problem

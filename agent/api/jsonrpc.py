@@ -1,8 +1,8 @@
 """JSON-RPC 2.0, independent of the transport that carries it (PROTOCOL.md).
 
 A transport hands `Dispatcher.handle_bytes` one message (a line on Unix/TCP, a body over HTTP, a
-frame over WebSocket) and writes back what it returns. Parameters are validated with pydantic
-models, so a wrong call gets -32602 naming the parameter; scanbox's own failures are -32000
+frame over WebSocket) and writes back what it returns. Parameters are msgspec Structs checked
+by agent.schema, so a wrong call gets -32602 naming every bad parameter; scanbox's own failures are -32000
 with `data.reason`; nothing a client sends can raise out of here.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent import schema
 from agent.model import Reason, ScanboxError
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,10 @@ APPLICATION_ERROR = -32000
 MAX_BATCH = 32
 
 
-class Params(BaseModel):
-    """Base of every method's parameters: unknown parameters are errors."""
-
-    # each method's schema is built on its first call, not at the daemon's start
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+class Params(schema.Schema):
+    """Base of every method's parameters: unknown parameters are errors. Types are strict: a
+    number written as a string, or a boolean where a number goes, is refused. (msgspec builds
+    each method's converter on its first call, not at the daemon's start.)"""
 
 
 class NoParams(Params):
@@ -204,10 +203,9 @@ class Dispatcher:
             raise RpcError(INVALID_PARAMS, "params must be an object (named parameters)",
                            {"reason": Reason.BAD_REQUEST.value})
         try:
-            params = method.params.model_validate(raw)
-        except ValidationError as exc:
-            problems = ["%s: %s" % (".".join(str(p) for p in e["loc"]) or "params", e["msg"])
-                        for e in exc.errors(include_url=False)]
+            params = schema.convert(raw, method.params, key="parameter")
+        except schema.Invalid as exc:
+            problems = ["%s: %s" % (path or "params", message) for path, message in exc.problems]
             raise RpcError(INVALID_PARAMS, "bad params for %s: %s" % (name, "; ".join(problems)),
                            {"reason": Reason.BAD_REQUEST.value, "problems": problems}) from None
         return await method.handler(session, params)

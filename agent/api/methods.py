@@ -9,7 +9,8 @@ import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
-from pydantic import AfterValidator, Field
+import msgspec
+from msgspec import Meta
 
 from agent.api.jsonrpc import Method, NoParams, Params, Session
 from agent.api.onetrans import OneTrans
@@ -20,6 +21,7 @@ from agent.hub import Hub
 from agent.model import Reason, Scan, ScanboxError, ScanKind
 from agent.outbox import RetryRefused, Store, StoreUnavailable, Uploader, scan_time
 from agent.platforms.base import Platform
+from agent.schema import Check
 
 if TYPE_CHECKING:
     from agent.ui import Ui
@@ -35,17 +37,17 @@ SQLITE_MAX_INT = 2 ** 63 - 1
 MAX_PARAMS_DEPTH = 4
 
 
-Step = Annotated[str, AfterValidator(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))]
-Channel = Annotated[str, AfterValidator(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))]
+Step = Annotated[str, Check(member_of(qwb002.MEDICAL_STEP, "spec 000 4.3.9"))]
+Channel = Annotated[str, Check(member_of(qwb002.TERMINAL_TYPE, "spec 000 4.3.7"))]
 
 
 class AuthParams(Params):
-    token: str = Field(..., max_length=512)
+    token: Annotated[str, Meta(max_length=512)]
 
 
 class ReadCardParams(Params):
-    timeout_s: float = Field(30, gt=0, le=3600, strict=True)
-    kinds: list[ScanKind] = Field(default_factory=lambda: list(ScanKind), min_length=1)
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    kinds: Annotated[list[ScanKind], Meta(min_length=1)] = msgspec.field(default_factory=lambda: list(ScanKind))
     step: Step | None = None
     verify: bool = True
 
@@ -57,25 +59,25 @@ class VerifyQrParams(Params):
 
 
 class SubscribeParams(Params):
-    events: list[EventName] = Field(default_factory=lambda: list(EVENT_TYPES))
+    events: list[EventName] = msgspec.field(default_factory=lambda: list(EVENT_TYPES))
 
 
 class OutboxListParams(Params):
     state: Literal["pending", "dead", "sent"] = "pending"
-    limit: int = Field(50, ge=1, le=1000, strict=True)
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
 
 
 class OutboxRetryParams(Params):
-    id: int = Field(..., ge=1, le=SQLITE_MAX_INT, strict=True)
+    id: Annotated[int, Meta(ge=1, le=SQLITE_MAX_INT)]
     # a record the box could not place in time (made while the clock was wrong, in an earlier
     # boot): the scan's time, or true to send the time it carries
-    at: str | None = Field(None, max_length=40)
-    keep_time: bool = Field(False, strict=True)
+    at: Annotated[str, Meta(max_length=40)] | None = None
+    keep_time: bool = False
 
 
 class DisplayShowParams(Params):
-    lines: list[Annotated[str, Field(max_length=64)]] = Field(..., min_length=1, max_length=4)
-    seconds: float = Field(5.0, gt=0, le=300, strict=True)
+    lines: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(min_length=1, max_length=4)]
+    seconds: Annotated[float, Meta(gt=0, le=300)] = 5.0
 
 
 def _platform_value(value: Any, path: str = "params", depth: int = 0) -> Any:
@@ -105,15 +107,15 @@ def _platform_value(value: Any, path: str = "params", depth: int = 0) -> Any:
 
 
 class PlatformCallParams(Params):
-    operation: str = Field(..., min_length=1, max_length=64)
+    operation: Annotated[str, Meta(min_length=1, max_length=64)]
     # the DTOs of docs/api.md are objects ({"cardInfo": {"peopleInfo": {...}}}); each adapter
     # checks its operation's own fields
-    params: Annotated[dict[str, Any], AfterValidator(_platform_value)] = {}
+    params: Annotated[dict[str, Any], Check(_platform_value)] = {}
 
 
 class OnetransParams(Params):
     # the DLL took a string; the object itself is accepted too
-    pInData: dict[str, Any] | Annotated[str, Field(max_length=1 << 20)]
+    pInData: dict[str, Any] | Annotated[str, Meta(max_length=1 << 20)]
 
 
 class AuthGuard:
