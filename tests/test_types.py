@@ -1,4 +1,4 @@
-"""mypy (with the pydantic plugin) over agent, drivers, tests and bench, as configured in
+"""mypy over agent, drivers, tests and bench, as configured in
 pyproject.toml's [tool.mypy]: an Optional passed where a value is required, a method that
 shadows a builtin its own class uses, str and Path mixed, and a test double that has drifted
 from the interface it stands in for (the fakes subclass the Protocol or class and mark their
