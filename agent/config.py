@@ -727,7 +727,7 @@ def validate_source(name: str, section: Any) -> DriverOptions:
     if driver is None:
         raise ConfigError([ConfigProblem(_join(where + ("driver",)), "required: one of %s"
                                          % ", ".join(sorted(drivers.SOURCE_DRIVERS)))])
-    if driver not in drivers.SOURCE_DRIVERS:
+    if not isinstance(driver, str) or driver not in drivers.SOURCE_DRIVERS:  # a list is no key either
         hint = schema.suggest(str(driver), drivers.SOURCE_DRIVERS)
         raise ConfigError([ConfigProblem(_join(where + ("driver",)), "unknown driver %r%s; known: %s"
                                          % (driver, hint, ", ".join(sorted(drivers.SOURCE_DRIVERS))))])

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import drivers
 from agent import schema
 from agent.api import methods
 from agent.api.jsonrpc import INVALID_PARAMS, Dispatcher, Method, Params, Session
@@ -131,6 +132,18 @@ def test_no_value_anywhere_in_the_config_raises_anything_but_config_error(tmp_pa
                     assert not any(" - at `$" in p.message for p in exc.problems), exc
                 tried += 1
     assert tried > 500
+
+
+@pytest.mark.parametrize("driver", sorted(drivers.SOURCE_DRIVERS))
+def test_no_value_in_a_source_section_raises_anything_but_config_error(tmp_path: Path, driver: str) -> None:
+    options = drivers.source_module(driver).Options
+    for key in list(schema.fields(options)) + ["driver"]:
+        for value in ODD_VALUES + [["stdin"], {"driver": "stdin"}]:
+            try:
+                validate(config_dict(None, tmp_path, sources={"s": {"driver": driver, key: value}}))
+            except ConfigError as exc:
+                assert exc.problems and all(p.path.startswith("sources.s") for p in exc.problems), exc
+                assert not any(" - at `$" in p.message for p in exc.problems), exc
 
 
 # --- the API's params ----------------------------------------------------------------------------
