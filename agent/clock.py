@@ -43,10 +43,11 @@ import email.utils
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
 
 from agent.model import Alarm, ComponentStatus, local_iso
 
@@ -71,8 +72,7 @@ STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
 
-@dataclass(frozen=True)
-class KernelClock:
+class KernelClock(msgspec.Struct, frozen=True):
     """The kernel's NTP state, as adjtimex(2) reports it (and `timedatectl`, node_exporter)."""
 
     synchronised: bool
@@ -138,8 +138,7 @@ def read_boot_id(path: Path = BOOT_ID) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
-class Stamp:
+class Stamp(msgspec.Struct, frozen=True):
     """Where a scan made while the clock was not right lies in time: its boot and CLOCK_BOOTTIME
     then. Within that boot its true time is known as soon as the clock is right."""
 

@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
@@ -594,8 +593,7 @@ def notices(config: Config) -> list[str]:
     return said
 
 
-@dataclass(frozen=True)
-class Risk:
+class Risk(msgspec.Struct, frozen=True):
     """A setting that weakens the box, refused unless `[security] allow` names it."""
 
     allow: str
@@ -645,8 +643,7 @@ def risks(config: Config, secrets_file: Path | None = None) -> list[Risk]:
     return found
 
 
-@dataclass(frozen=True)
-class ConfigProblem:
+class ConfigProblem(msgspec.Struct, frozen=True):
     path: str
     message: str
 

@@ -18,9 +18,11 @@ import asyncio
 import glob
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import msgspec
 
 import drivers
 from agent import config as configuration
@@ -319,4 +321,4 @@ def problems_in(findings: list[Finding]) -> list[Finding]:
 
 
 def to_json(findings: list[Finding]) -> list[dict[str, Any]]:
-    return [asdict(f) for f in findings]
+    return [msgspec.structs.asdict(f) for f in findings]

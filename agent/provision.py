@@ -30,10 +30,11 @@ import shutil
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
+
+import msgspec
 
 from agent import config as configuration, schema, sealing
 from agent.config import ConfigError, ConfigProblem
@@ -52,10 +53,9 @@ OUTCOME_FRESH_S = 120.0
 PLACEHOLDER = "REMOVED-enter-it-again"
 
 
-@dataclass
-class Outcome:
+class Outcome(msgspec.Struct):
     ok: bool
-    problems: list[ConfigProblem] = field(default_factory=list)
+    problems: list[ConfigProblem] = msgspec.field(default_factory=list)
     config: configuration.Config | None = None
     note: str = ""  # what the technician should know beyond the problems
 

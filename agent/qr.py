@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+
+import msgspec
 
 from agent.config import QrRules
 from agent.model import Reason, Scan, ScanboxError
@@ -34,8 +35,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 VERIFIABLE = frozenset({QrKind.STATIC, QrKind.DYNAMIC, QrKind.CIPHERTEXT, QrKind.TEMPORARY})
 
 
-@dataclass(frozen=True)
-class Classifier:
+class Classifier(msgspec.Struct, frozen=True):
     max_length: int
     patterns: tuple[tuple[QrKind, re.Pattern[str]], ...]
     payment: tuple[tuple[str, re.Pattern[str]], ...] = ()

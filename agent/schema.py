@@ -25,7 +25,6 @@ import difflib
 import enum
 import re
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import (Annotated, Any, Callable, Iterable, Literal, TypeVar, Union, dataclass_transform, get_args,
                     get_origin)
@@ -236,8 +235,7 @@ def _is_union(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType)
 
 
-@dataclass(frozen=True)
-class _Walk:
+class _Walk(msgspec.Struct, frozen=True):
     key: str
     strict: bool
 

@@ -25,9 +25,10 @@ import hashlib
 import hmac
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+import msgspec
 
 
 logger = logging.getLogger(__name__)
@@ -98,14 +99,13 @@ def key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"scanbox store key id\0" + key).digest()[:4]
 
 
-@dataclass
-class Keyring:
+class Keyring(msgspec.Struct, dict=True):
     """Seals with `key`; opens with it or any of `old` (keys a store was sealed under before)."""
 
     key: bytes
     source: str  # where the key came from, for status and doctor
     beside_data: bool = False  # the key lies in the state directory, next to the database
-    old: list[bytes] = field(default_factory=list)
+    old: list[bytes] = msgspec.field(default_factory=list)
     old_path: Path | None = None  # the file `old` came from, deleted once nothing uses it
 
     def __post_init__(self) -> None:

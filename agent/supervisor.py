@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine, Literal
+
+import msgspec
 
 from agent.model import Alarm, ComponentStatus
 from drivers.base import Backoff
@@ -35,8 +36,7 @@ State = Literal["running", "restarting", "failed", "stopped"]
 ALARM_HOLD_S = 600.0
 
 
-@dataclass(eq=False)
-class Child:
+class Child(msgspec.Struct, eq=False):
     name: str
     critical: bool
     start: Callable[[], None]  # (re)start it; must not block
@@ -45,8 +45,8 @@ class Child:
     in_a_row: int = 0  # failures without a run lasting stable_s between them
     last_error: str | None = None
     last_failure_at: float | None = None  # monotonic
-    started_at: float = field(default_factory=time.monotonic)
-    backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
+    started_at: float = msgspec.field(default_factory=time.monotonic)
+    backoff: Backoff = msgspec.field(default_factory=lambda: Backoff(1.0, 60.0))
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "critical": self.critical, "failures": self.failures,

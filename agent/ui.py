@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
+from msgspec.structs import replace
 
 from agent.events import (ComponentsChanged, Event, NetworkChanged, OutboxChanged, PlatformChanged, ScanRead,
                           SourceChanged, Verified)
@@ -83,8 +85,7 @@ REASON_EN = {
 }
 
 
-@dataclass(frozen=True)
-class Screen:
+class Screen(msgspec.Struct, frozen=True):
     """Everything one picture shows. Texts are keys of TEXT or already-masked strings."""
 
     kind: str  # ready, offline, verifying, success, failure, read, device_missing, fault, provisioning, message
@@ -284,9 +285,8 @@ def preview(screen: Screen, size: tuple[int, int], fonts: Fonts, scale: int = 4)
 
 # --- deciding what to show ------------------------------------------------------------------
 
-@dataclass
-class _State:
-    sources: dict[str, bool] = field(default_factory=dict)
+class _State(msgspec.Struct):
+    sources: dict[str, bool] = msgspec.field(default_factory=dict)
     faults: tuple[str, ...] = ()  # supervised parts that keep failing (KEEPS_FAILING)
     network: bool | None = None
     online: bool | None = None

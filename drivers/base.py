@@ -7,9 +7,10 @@ import asyncio
 import glob
 import random
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol
+
+import msgspec
 
 from agent.model import Scan
 from agent.schema import Schema
@@ -126,8 +127,7 @@ class Backoff:
 FindingStatus = Literal["ok", "info", "warn", "fail"]
 
 
-@dataclass
-class Finding:
+class Finding(msgspec.Struct):
     area: str
     status: FindingStatus
     subject: str
@@ -135,22 +135,20 @@ class Finding:
     fix: str | None = None
 
 
-@dataclass
-class Roots:
+class Roots(msgspec.Struct):
     """Where /dev and /sys are: the real ones, or a tree in a test's temporary directory."""
 
     dev: Path = Path("/dev")
     sys: Path = Path("/sys")
 
 
-@dataclass
-class ProbeContext:
-    roots: Roots = field(default_factory=Roots)
+class ProbeContext(msgspec.Struct):
+    roots: Roots = msgspec.field(default_factory=Roots)
     probe_timeout_s: float = 1.0
     # ask devices nobody configured whether they are a reader (writes to them)
     probe_unconfigured: bool = True
     # every device path the config names (any driver's `port`), as under roots.dev -> its source
-    claimed: dict[str, str] = field(default_factory=dict)
+    claimed: dict[str, str] = msgspec.field(default_factory=dict)
     # the PC/SC readers pcscd offers (injectable; None: ask pcscd)
     pcsc_list: Callable[[], list[str]] | None = None
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
+import msgspec
 import orjson
 
 from agent import schema
@@ -41,8 +41,7 @@ class NoParams(Params):
     """A method that takes no parameters (any given are an error)."""
 
 
-@dataclass(eq=False)
-class Session:
+class Session(msgspec.Struct, eq=False):
     """One client connection (or one HTTP request): who it is and what it may do."""
 
     transport: str
@@ -51,10 +50,10 @@ class Session:
     client: str | None = None
     # how the transport sends a notification to this client; None where it cannot
     notify: Callable[[dict[str, Any]], None] | None = None
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    cleanups: list[Callable[[], None]] = msgspec.field(default_factory=list)
     # called once when the session authenticates (the transport's count of unauthenticated
     # connections from this address goes down)
-    on_authenticated: list[Callable[[], None]] = field(default_factory=list)
+    on_authenticated: list[Callable[[], None]] = msgspec.field(default_factory=list)
     # where `auth` makes no sense (HTTP: every request carries its bearer token)
     auth_method: bool = True
 
@@ -80,8 +79,7 @@ class Session:
 Handler = Callable[[Session, Any], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(msgspec.Struct, frozen=True):
     name: str
     params: type[Params]
     handler: Handler

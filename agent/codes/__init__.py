@@ -7,14 +7,14 @@ table's module (`qwb002` for spec 000, the Qinghai platform).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
+
+import msgspec
 
 from agent.model import Reason
 
 
-@dataclass(frozen=True)
-class CodeTable:
+class CodeTable(msgspec.Struct, frozen=True):
     """One dictionary of a spec: code -> meaning, e.g. GB_T_2261_1_2003 (sex)."""
 
     id: str
@@ -70,8 +70,7 @@ class Outcome(enum.Enum):
         return self is Outcome.TRANSIENT
 
 
-@dataclass(frozen=True)
-class ReturnCode:
+class ReturnCode(msgspec.Struct, frozen=True):
     code: str
     text: str
     outcome: Outcome

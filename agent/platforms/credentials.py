@@ -14,15 +14,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
+
+import msgspec
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Credential:
+class Credential(msgspec.Struct, frozen=True):
     value: str
     obtained_at: float  # wall time
     # what it was issued for (org code, user name, endpoint, ...): a cached credential for

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+import msgspec
 from lxml import etree
 
 from agent.clock import message_time
@@ -411,7 +412,7 @@ def card_status_refusal(rc: ReturnCode, data: Mapping[str, Any]) -> ReturnCode:
     reason = codes.CARD_STATUS_REASON.get(status) if isinstance(status, str) else None
     if reason is None or rc.reason is not Reason.PLATFORM_REJECTED:
         return rc
-    return dataclasses.replace(rc, reason=reason)
+    return msgspec.structs.replace(rc, reason=reason)
 
 
 def card_atr_number(card: dict[str, Any]) -> str:

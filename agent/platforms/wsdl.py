@@ -11,10 +11,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
+import msgspec
 from lxml import etree
 
 from agent.platforms.base import PlatformUnavailable
@@ -39,8 +39,7 @@ class WsdlError(Exception):
     """The WSDL could not be had: neither fetched nor cached, or not usable."""
 
 
-@dataclass(frozen=True)
-class WsdlSource:
+class WsdlSource(msgspec.Struct, frozen=True):
     """Where the WSDL comes from: a URL, a local file, or the one shipped with scanbox."""
 
     location: str | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from dataclasses import replace
+from msgspec.structs import replace
 from pathlib import Path
 
 import pytest
