@@ -12,7 +12,11 @@ The two are interleaved so that the machine's drift hits both: start-ups alterna
 run in alternating batches against both daemons, which run side by side. Issue 17's goals are
 ratios to the floor, printed beside them.
 
-    .venv/bin/python bench/bench_e2e.py [--scans 1000] [--batch 50] [--starts 5]
+    .venv/bin/python bench/bench_e2e.py [--scans 1000] [--batch 50] [--starts 5] [--profile FILE]
+
+`--profile FILE` runs scanbox under cProfile (its figures are then not comparable: the profiler
+costs more than the work) and writes the profile of the whole run to FILE when it stops; the
+measured scans' share is what `python -m pstats FILE` shows once warm-up is small beside it.
 """
 
 from __future__ import annotations
@@ -157,12 +161,12 @@ def service_ms(sim_url: str) -> list[float]:
     return json.loads(urllib.request.urlopen(sim_url + "/_sim/service_ms").read())
 
 
-async def main(scans: int, batch: int, starts: int) -> None:
+async def main(scans: int, batch: int, starts: int, profile: str | None = None) -> None:
     compile_like_an_install()
     children: list[subprocess.Popen] = []
     contenders: list[Contender] = []
     try:
-        await run(scans, batch, starts, children, contenders)
+        await run(scans, batch, starts, children, contenders, profile)
     finally:
         for contender in contenders:
             contender.stop()
@@ -171,7 +175,7 @@ async def main(scans: int, batch: int, starts: int) -> None:
 
 
 async def run(scans: int, batch: int, starts: int, children: list[subprocess.Popen],
-              contenders: list[Contender]) -> None:
+              contenders: list[Contender], profile: str | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="scanbox-bench-"))
     port = free_port()
     sim = start_simulator(port)
@@ -184,7 +188,8 @@ async def run(scans: int, batch: int, starts: int, children: list[subprocess.Pop
                        sources={"counter": {"driver": "serial_scanner", "port": scanbox.tty_path}})
     data["platform"]["endpoint"] = endpoint
     write_config(scanbox.tmp, data)
-    scanbox.argv = [sys.executable, "-m", "agent", "run", "--config", str(scanbox.tmp / "scanbox.toml"),
+    profiler = ["-m", "cProfile", "-o", str(Path(profile).resolve())] if profile else []
+    scanbox.argv = [sys.executable, *profiler, "-m", "agent", "run", "--config", str(scanbox.tmp / "scanbox.toml"),
                     "--secrets", str(scanbox.tmp / "secrets.toml")]
     contenders.append(scanbox)
 
@@ -254,5 +259,6 @@ if __name__ == "__main__":
     parser.add_argument("--scans", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--profile", metavar="FILE", help="run scanbox under cProfile, its profile written to FILE")
     args = parser.parse_args()
-    asyncio.run(main(args.scans, args.batch, args.starts))
+    asyncio.run(main(args.scans, args.batch, args.starts, args.profile))

@@ -297,8 +297,9 @@ OPERATIONS: dict[str, Operation] = {op.code: op for op in (
 # "YYYY-MM-DDHH:mm:ss", length 17, which fits no rendering of that pattern; the conversion lost
 # the space. scanbox sends "yyyy-MM-dd HH:mm:ss" like every other time field of the spec; the
 # simulator accepts both.
+MSG_GUID = Format("32 hex digits", _regex_check(r"[0-9A-Fa-f]{32}"))
 ACTION_FIELDS: tuple[Field, ...] = (
-    F("msgGuid", "消息标识符号", 32, True, format=Format("32 hex digits", _regex_check(r"[0-9A-Fa-f]{32}"))),
+    F("msgGuid", "消息标识符号", 32, True, format=MSG_GUID),
     F("msgType", "消息类别", 7, True, format=Format("1", _regex_check(r"1"))),
     F("bussinessCode", "消息编号", 50, True),
     F("msgCreateTime", "消息创建时间", 19, True, format=Format(
@@ -353,15 +354,24 @@ def check_fields(fields: tuple[Field, ...], values: Mapping[str, str]) -> list[P
 
 
 def check_message(op: Operation, values: Mapping[str, str]) -> list[Problem]:
-    unknown = sorted(set(values) - {f.name for f in op.request})
-    problems = [Problem(name, "not a field of %s" % op.code, "1012") for name in unknown]
-    exempt = {name for name, (other, value) in op.optional_when.items() if values.get(other) == value}
-    fields = tuple(Field(f.name, f.title, f.max_len, False, f.table, f.format) if f.name in exempt else f
-                   for f in op.request)
+    names = _FIELD_NAMES.get(op.code)
+    if names is None or names[0] is not op:
+        names = _FIELD_NAMES[op.code] = (op, frozenset(f.name for f in op.request))
+    problems = [Problem(name, "not a field of %s" % op.code, "1012") for name in sorted(values.keys() - names[1])]
+    fields = op.request
+    if op.optional_when:
+        exempt = {name for name, (other, value) in op.optional_when.items() if values.get(other) == value}
+        if exempt:
+            fields = tuple(Field(f.name, f.title, f.max_len, False, f.table, f.format) if f.name in exempt else f
+                           for f in fields)
     problems += check_fields(fields, values)
     if op.one_of and not any(all(values.get(n) for n in group) for group in op.one_of):
         problems.append(Problem("/".join(sorted({n for g in op.one_of for n in g})), op.one_of_text, "1001"))
     return problems
+
+
+# each operation's field names, made once (with the operation they are of)
+_FIELD_NAMES: dict[str, tuple[Operation, frozenset[str]]] = {}
 
 
 def _short(value: str) -> str:

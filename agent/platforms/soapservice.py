@@ -71,6 +71,10 @@ class Operation:
     soapaction: str
     inputs: list[str]  # its request's element names, in the WSDL's order
     template: Template | None  # None: zeep builds each request (not all single strings)
+    headers: dict[str, str] = field(init=False)  # its requests' HTTP headers
+
+    def __post_init__(self) -> None:
+        self.headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % self.soapaction}
 
 
 @dataclass
@@ -217,8 +221,8 @@ class SoapService:
     async def send(self, operation: str, params: dict[str, Any]) -> etree._Element:
         """Call `operation`; the reply's `<operationResponse>` element. Raises PlatformUnavailable
         for anything but a SOAP answer (transport errors, faults, error pages, timeouts)."""
-        bound = await self.bound()
-        op = await self._operation(operation)
+        bound = self._bound or await self.bound()
+        op = bound.operations.get(operation) or await self._operation(operation)
         try:
             envelope = from_template(op.template, params)
         except ValueError as exc:  # text XML cannot carry, as zeep's
@@ -226,9 +230,8 @@ class SoapService:
                                % (operation, exc)) from None
         if envelope is None:
             envelope = await self._zeeps(bound, operation, params)
-        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % op.soapaction}
         reply = await self.http.post(bound.address, etree.tostring(envelope, encoding="utf-8", xml_declaration=True),
-                                     headers, self.timeout_s)
+                                     op.headers, self.timeout_s)
         try:
             check_xml(reply)
         except NotSoap as exc:
@@ -349,18 +352,24 @@ def parse_envelope(content: bytes, content_type: str, operation: str, status: in
     except etree.XMLSyntaxError as exc:
         raise PlatformUnavailable("platform reply is not XML (%s): %s"
                                   % (exc, preview(content.decode("utf-8", "replace")))) from None
-    body = root.find("{%s}Body" % SOAP_ENV)
-    if root.tag != "{%s}Envelope" % SOAP_ENV or body is None or not len(body):
+    body = next(root.iterchildren(_BODY), None)  # as find() would, without parsing a path
+    if root.tag != _ENVELOPE or body is None or not len(body):
         raise PlatformUnavailable("platform reply is not a SOAP envelope: <%s>" % etree.QName(root).localname)
     answer = body[0]
-    if answer.tag == "{%s}Fault" % SOAP_ENV:
+    if answer.tag == _FAULT:
         text = answer.findtext("faultstring") or "(no faultstring)"
         raise PlatformUnavailable("platform answered a SOAP fault: %s" % preview(text))
     if status >= 400:
         raise PlatformUnavailable("platform answered HTTP %d" % status)
-    if etree.QName(answer).localname != operation + "Response":
-        raise PlatformUnavailable("platform answered <%s> to %s" % (etree.QName(answer).localname, operation))
+    answered = etree.QName(answer).localname
+    if answered != operation + "Response":
+        raise PlatformUnavailable("platform answered <%s> to %s" % (answered, operation))
     return answer
+
+
+_ENVELOPE = "{%s}Envelope" % SOAP_ENV
+_BODY = "{%s}Body" % SOAP_ENV
+_FAULT = "{%s}Fault" % SOAP_ENV
 
 
 def element_data(element: etree._Element) -> dict[str, Any]:
@@ -379,6 +388,7 @@ def element_data(element: etree._Element) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=16)  # a platform answers with one or two content types
 def _charset(content_type: str) -> str | None:
     for part in content_type.split(";")[1:]:
         key, _, value = part.strip().partition("=")
