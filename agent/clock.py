@@ -303,13 +303,10 @@ class Clock:
         if self._platform_date is None:
             return None
         date, heard_at = self._platform_date
-        try:
-            said = email.utils.parsedate_to_datetime(date)
-        except (TypeError, ValueError, IndexError):
+        said = _http_date(date)
+        if said is None:
             return None
-        if said.tzinfo is None:  # "-0000": the RFC's "UTC, but not said where it is"
-            said = said.replace(tzinfo=timezone.utc)
-        return said.timestamp() + DATE_RESOLUTION_S / 2 + self.boottime() - heard_at
+        return said + DATE_RESOLUTION_S / 2 + self.boottime() - heard_at
 
     def problem(self) -> str | None:
         """What is wrong with the clock, for an alarm or an error message; None when nothing."""
@@ -355,6 +352,19 @@ class Clock:
 
     async def get_status(self) -> ComponentStatus:
         return ComponentStatus(self.status(), self.alarms())
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(date: str) -> float | None:
+    """An HTTP Date as a timestamp; None when it is not one. Parsed once: `status` shows the
+    platform's offset, and the last Date heard is the same for a second."""
+    try:
+        said = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if said.tzinfo is None:  # "-0000": the RFC's "UTC, but not said where it is"
+        said = said.replace(tzinfo=timezone.utc)
+    return said.timestamp()
 
 
 # the daemon's clock, for the few places far from the daemon that explain a failure by it

@@ -379,16 +379,16 @@ class Daemon:
         """Every component's status and alarms, by name. One after the other, not gathered:
         only the store's may wait (for its database thread, and rarely), and a task for each of
         nine components was a third of a `status` call's CPU (status is asked per scan by some
-        kiosks)."""
-        return {c.name: await self._report(c) for c in self.components}
-
-    async def _report(self, component: Component) -> ComponentStatus:
-        try:
-            return await component.get_status()
-        except Exception as exc:  # one component's bug must not take `status` down with it
-            logger.exception("%s: cannot report its status", component.name)
-            return ComponentStatus(None, [Alarm("COMPONENT_FAILED", component.name,
-                                                "cannot report its status: %s" % exc)])
+        kiosks); each awaited here, not through a coroutine of its own."""
+        reports = {}
+        for component in self.components:
+            try:
+                reports[component.name] = await component.get_status()
+            except Exception as exc:  # one component's bug must not take `status` down with it
+                logger.exception("%s: cannot report its status", component.name)
+                reports[component.name] = ComponentStatus(None, [Alarm(
+                    "COMPONENT_FAILED", component.name, "cannot report its status: %s" % exc)])
+        return reports
 
     async def alarms(self) -> list[dict[str, Any]]:
         return [a.to_json() for r in (await self.reports()).values() for a in r.alarms]

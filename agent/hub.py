@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Iterable
 
@@ -26,7 +27,6 @@ from agent.supervisor import Supervisor
 from agent.verifier import Verifier
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -89,7 +89,9 @@ class Hub:
         self._held: Held | None = None
         self._recent: dict[tuple[str, str], float] = {}
         self._listeners: list[Listener] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # the scans being verified, for close(): weakly (the supervisor holds each until it is
+        # done), so that a scan costs no done-callback of the hub's own, a loop turn's work
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     # --- events --------------------------------------------------------------------------
 
@@ -137,8 +139,9 @@ class Hub:
         # every record about this scan, in the tasks started here too, carries its fields
         bound = logs.bind_scan(scan.id, scan.source, scan.kind.value)
         try:
-            logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
-                        mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
+            if logger.isEnabledFor(logging.INFO):  # the code is masked only for a record that is written
+                logger.info("scan %s from %s: %s %s", scan.id, scan.source, scan.kind.value,
+                            mask_qr(scan.payload) if isinstance(scan.payload, str) else "card")
             self.publish(ScanRead(scan))
             waiter = self._take_waiter(scan.kind)
             if waiter is not None:
@@ -234,22 +237,22 @@ class Hub:
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = self.supervisor.spawn(coro, name)  # a failure is logged and alarmed there
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         return task
 
     async def close(self) -> None:
         for waiter in list(self._waiters):
             if not waiter.future.done():
                 waiter.future.set_exception(ScanboxError(Reason.BUSY, "scanbox is stopping"))
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _log_answer(result: Result) -> None:
     """The one record of a scan's outcome a collector counts and filters on (SCAN_REASON)."""
     verification = result.verification
-    if verification is None:
+    if verification is None or not logger.isEnabledFor(logging.INFO):
         return
     reason = "OK" if verification.ok else (verification.reason.value if verification.reason else "FAILED")
     logger.info("scan %s answered %s%s in %.0f ms", result.scan.id, reason,

@@ -199,6 +199,15 @@ IDENTITY_FIELDS = (
 )
 
 
+@functools.cache
+def _code_tables() -> Any:
+    """The specs' code tables: data, loaded on first use to keep this module light (an import
+    statement per use looked the package up each time)."""
+    from agent.codes import qwb002
+
+    return qwb002
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class Identity:
     """A verified person. Personal data: never logged unmasked (repr is masked)."""
@@ -221,15 +230,18 @@ class Identity:
     clinic_time: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        from agent.codes import qwb002  # codes are data tables; imported late to keep this module light
-
-        out: dict[str, Any] = {f: getattr(self, f) for f in IDENTITY_FIELDS}
-        out["source"] = self.source.value
-        out["sex_text"] = qwb002.SEX.text(self.sex)
-        out["nation_text"] = qwb002.NATION.text(self.nation)
-        out["id_type_text"] = qwb002.ID_TYPE.text(self.id_type)
-        out["card_status_text"] = qwb002.CARD_STATUS.text(self.card_status)
-        return out
+        qwb002 = _code_tables()
+        return {  # IDENTITY_FIELDS, in order, then the source and the codes' names
+            "name": self.name, "sex": self.sex, "nation": self.nation, "birthday": self.birthday,
+            "id_type": self.id_type, "id_number": self.id_number, "ecard_id": self.ecard_id,
+            "main_index": self.main_index, "phone": self.phone, "address": self.address,
+            "card_status": self.card_status, "age": self.age, "clinic_time": self.clinic_time,
+            "source": self.source.value,
+            "sex_text": qwb002.SEX.text(self.sex),
+            "nation_text": qwb002.NATION.text(self.nation),
+            "id_type_text": qwb002.ID_TYPE.text(self.id_type),
+            "card_status_text": qwb002.CARD_STATUS.text(self.card_status),
+        }
 
     def __repr__(self) -> str:
         from agent.privacy import mask_id_number, mask_name

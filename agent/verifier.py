@@ -163,8 +163,9 @@ class Verifier:
                                     platform_message=answer.platform_message, elapsed_ms=elapsed(),
                                     msg_guid=record.guid,
                                     message="the use is filed under %s" % filed_under if filed_under else None)
-        logger.info("scan %s (%s %s) verified: %r in %.1f ms", scan.id, kind.value, mask_qr(scan.payload),
-                    answer.identity, verification.elapsed_ms)
+        if logger.isEnabledFor(logging.INFO):  # the code is masked only for a record that is written
+            logger.info("scan %s (%s %s) verified: %r in %.1f ms", scan.id, kind.value, mask_qr(scan.payload),
+                        answer.identity, verification.elapsed_ms)
         if self.uploader is not None:
             self.uploader.platform_back()
         # a static code, or a ciphertext the platform's answer says is static (the form that

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from agent.model import IdentitySource
+from agent.model import IdentitySource, Reason, ScanboxError
 from agent.platforms.base import PlatformUnavailable
 from agent.platforms.rhc import RhcPlatform, build_xml, identity_from, parse_response
 from agent.platforms.rhc_schema import ACTION_FIELDS, OPERATIONS, check_message
@@ -555,6 +555,44 @@ async def test_build_action_with_app_code_leaves_org_id_empty(tmp_path):
         assert root.findtext("appCode") == "APP001"
         assert (root.findtext("orgId") or "") == ""
         assert sum(bool(root.findtext(n)) for n in ("orgId", "appCode")) == 1
+    finally:
+        await platform.close()
+
+
+async def test_build_action_refuses_bad_config_every_time_and_a_bad_msg_guid_from_outside(tmp_path):
+    """The fields from config are checked once per business code, and refused at every message
+    all the same; a msgGuid given from outside (an outbox record's) is checked each time, one
+    made here is 32 hex digits by construction, and an empty one is made afresh."""
+    config = make_config(None, tmp_path, platform={
+        "rhc": {"org_id": "QH0001", "user_name": "box&co", "user_pwd": "scanbox-secret"}})
+    platform = RhcPlatform(config.platform, config.site, tmp_path)
+    try:
+        for _ in range(2):
+            with pytest.raises(ScanboxError) as info:
+                platform.build_action("RHC_E0003")
+            assert info.value.reason is Reason.BAD_REQUEST
+            assert info.value.message == "action not sent: userName: contains &, which the platform refuses"
+        with pytest.raises(ScanboxError) as info:
+            platform.build_action("RHC_E0003", "not-a-guid")
+        # in the table's order: msgGuid first
+        assert info.value.message == ("action not sent: msgGuid: 'not-a-guid' is not 32 hex digits; "
+                                      "userName: contains &, which the platform refuses")
+    finally:
+        await platform.close()
+    config = make_config(None, tmp_path)
+    platform = RhcPlatform(config.platform, config.site, tmp_path)
+    try:
+        with pytest.raises(ScanboxError) as info:
+            platform.build_action("RHC_E0003", "AB<")
+        assert info.value.message == "action not sent: msgGuid: contains <, which the platform refuses"
+        made = etree.fromstring(platform.build_action("RHC_E0003", "")).findtext("msgGuid")
+        assert re.fullmatch(r"[0-9a-f]{32}", made)
+        # each message its own msgGuid and time, the copy made from config untouched
+        first = etree.fromstring(platform.build_action("RHC_E0003", "ab" * 16, datetime(2024, 3, 5, 8, 30, 1)))
+        second = etree.fromstring(platform.build_action("RHC_E0003", "cd" * 16, datetime(2025, 1, 2, 3, 4, 5)))
+        assert (first.findtext("msgGuid"), first.findtext("msgCreateTime")) == ("ab" * 16, "2024-03-05 08:30:01")
+        assert (second.findtext("msgGuid"), second.findtext("msgCreateTime")) == ("cd" * 16, "2025-01-02 03:04:05")
+        assert first.findtext("userName") == second.findtext("userName") == "scanbox"
     finally:
         await platform.close()
 
