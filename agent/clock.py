@@ -68,6 +68,8 @@ NTP_PATIENCE_S = 600.0
 POLL_S = 0.25
 # how long "cannot tell whether it is synchronised" (no timesyncd, the kernel not saying so) stands
 UNKNOWN_RECHECK_S = 1.0
+# a clock found synchronised is looked at again after this long (Clock.synchronised_by)
+SYNCHRONISED_RECHECK_S = 1.0
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
@@ -204,14 +206,21 @@ class Clock:
         self._timesync = os.fspath(path)
         self._timesync_flag = os.path.join(self._timesync, "synchronized")
         self._unknown_until = 0.0
+        self._synchronised_until = 0.0
+        self._synchronised_by = "timesyncd"
 
     def synchronised_by(self) -> tuple[bool | None, str | None]:
         """(synchronised?, who says so: "timesyncd" or "adjtimex"; None when nobody can)."""
-        if time.monotonic() < self._unknown_until:
+        now = time.monotonic()
+        if now < self._synchronised_until:
+            # a yes holds for a second: the clock is read for every scan and thrice per `status`,
+            # two stat() calls each where timesyncd is not (its flag, once there, stays)
+            return True, self._synchronised_by
+        if now < self._unknown_until:
             return None, None
         try:
             if os.path.exists(self._timesync_flag):
-                return True, "timesyncd"
+                return self._synchronised(now, "timesyncd")
             if os.path.isdir(self._timesync):
                 return False, "timesyncd"
         except OSError:
@@ -220,11 +229,16 @@ class Clock:
             kernel = self.kernel()
             self._kernel_said_yes = kernel is not None and kernel.synchronised
         if self._kernel_said_yes:
-            return True, "adjtimex"
+            return self._synchronised(now, "adjtimex")
         # no timesyncd, and the kernel cannot say: asked again in a second, not at every scan
         # and `status` (two failed stat() calls and an adjtimex each time)
         self._unknown_until = time.monotonic() + UNKNOWN_RECHECK_S
         return None, None
+
+    def _synchronised(self, now: float, by: str) -> tuple[bool, str]:
+        self._synchronised_until = now + SYNCHRONISED_RECHECK_S
+        self._synchronised_by = by
+        return True, by
 
     def maxerror_s(self) -> float | None:
         """The kernel's bound on the clock's error, where adjtimex can be read."""

@@ -265,3 +265,27 @@ def test_without_timesyncd_the_kernel_is_asked_at_most_once_a_second(tmp_path, m
     monkeypatch.setattr(clocks.time, "monotonic", lambda: later)
     clock.kernel = lambda: clocks.KernelClock(True, 0.01)  # chrony has synchronised it meanwhile
     assert clock.synchronised() is True
+
+
+def test_a_synchronised_clock_is_looked_at_again_only_after_a_second(tmp_path, monkeypatch):
+    """Read for every scan and thrice per `status`: a yes stands for SYNCHRONISED_RECHECK_S (a
+    no does not: a box waiting for NTP sees it at once), and a clock told another timesyncd
+    directory looks again."""
+    clock, _ = a_clock(tmp_path, time.time(), timesyncd=True)
+    flag = tmp_path / "timesync" / "synchronized"
+    assert clock.synchronised_by() == (False, "timesyncd")
+    flag.touch()
+    assert clock.synchronised_by() == (True, "timesyncd")
+    flag.unlink()
+    assert clock.synchronised_by() == (True, "timesyncd")  # within the second, not looked at
+    clock.timesync_dir = tmp_path / "timesync"
+    assert clock.synchronised_by() == (False, "timesyncd")
+    flag.touch()
+    assert clock.synchronised_by() == (True, "timesyncd")
+    flag.unlink()
+    later = time.monotonic() + clocks.SYNCHRONISED_RECHECK_S
+    monkeypatch.setattr(clocks.time, "monotonic", lambda: later)
+    assert clock.synchronised_by() == (False, "timesyncd")
+    kernel_says_yes = Clock(timesync_dir=tmp_path / "none", kernel=lambda: clocks.KernelClock(True, 0.01))
+    assert kernel_says_yes.synchronised_by() == (True, "adjtimex")
+    assert kernel_says_yes.synchronised_by() == (True, "adjtimex")
