@@ -65,7 +65,8 @@ class Waiter:
     kinds: frozenset[ScanKind]
     step: str | None
     verify: bool
-    future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # the scan's Result, None when the wait ran out first
+    future: asyncio.Future[Result | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 @dataclass
@@ -165,14 +166,18 @@ class Hub:
             return await asyncio.shield(held.result)
         waiter = Waiter(kinds, step, verify)
         self._waiters.append(waiter)
+        # the wait ends by the waiter's own future (not asyncio.timeout: a cancellation of the
+        # caller's task and its undoing, per read_card)
+        expiry = asyncio.get_running_loop().call_later(timeout_s, _expire, waiter)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await waiter.future
-        except TimeoutError:
-            raise ScanboxError(Reason.TIMEOUT, "no scan within %g s" % timeout_s) from None
+            result = await waiter.future
         finally:
+            expiry.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+        if result is None:
+            raise ScanboxError(Reason.TIMEOUT, "no scan within %g s" % timeout_s)
+        return result
 
     async def verify_external(self, scan: Scan, step: str | None, channel: str | None) -> Result:
         """A code a caller scanned itself (verify_qr): verified and published, never routed to
@@ -247,6 +252,11 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _expire(waiter: Waiter) -> None:
+    if not waiter.future.done():
+        waiter.future.set_result(None)  # no scan in time
 
 
 def _log_answer(result: Result) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -238,10 +239,30 @@ def _read_on_loop(loop: asyncio.AbstractEventLoop, port: serial.SerialBase,
     fd = port.fileno()
     port.timeout = 0  # read() takes what is there: it is called only when the port is readable
     attached = False
+    # a plain port opened non-blocking (pyserial's own, on POSIX) is read with one read(2) of
+    # its descriptor: pyserial's read() adds a select(2) and its timeout bookkeeping per call.
+    # Any other (spy://, which logs what read() returns; a blocking one) through read()
+    direct = type(port) is serial.Serial and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+    def read() -> bytes:
+        if not direct:
+            return bytes(port.read(READ_SIZE))
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:  # ready, then taken by someone else: nothing to read after all
+            return b""
+        except InterruptedError:
+            return b""
+        except OSError as exc:
+            raise serial.SerialException("read failed: %s" % exc) from exc
+        if not data:  # as pyserial says of it: a device that went away reads as ready and empty
+            raise serial.SerialException("device reports readiness to read but returned no data "
+                                         "(device disconnected or multiple access on port?)")
+        return data
 
     def readable() -> None:
         try:
-            data = port.read(READ_SIZE)
+            data = read()
         except (serial.SerialException, OSError) as exc:  # the device went away
             finish(exc)
             return
@@ -249,7 +270,8 @@ def _read_on_loop(loop: asyncio.AbstractEventLoop, port: serial.SerialBase,
             logger.exception("%s: reader failed", framer.source)
             finish(exc)
             return
-        framer.data_received(data)
+        if data:
+            framer.data_received(data)
 
     def attach() -> None:
         nonlocal attached
