@@ -133,7 +133,9 @@ class Hub:
         if last is not None and now - last < self.dedupe_s:
             logger.debug("%s: same code again within %.1f s, ignored", scan.source, self.dedupe_s)
             return
-        state = self.sources.setdefault(scan.source, SourceState(scan.source, connected=True))
+        state = self.sources.get(scan.source)
+        if state is None:  # a source that reads before it says it is connected
+            state = self.sources[scan.source] = SourceState(scan.source, connected=True)
         state.scans += 1
         state.last_scan_at = scan.at.isoformat(timespec="seconds")
         self.scans_total += 1

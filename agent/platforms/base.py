@@ -102,6 +102,8 @@ class Platform(abc.ABC):
 
     def exchanged(self, operation: str, started: float, code: str | None, error: PlatformError | None) -> None:
         """An adapter's request path reports one call (`started` from time.monotonic())."""
+        if not self.observers:  # a box without metrics: nobody to tell
+            return
         if error is None:
             outcome = "ok"
         else:
