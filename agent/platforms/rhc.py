@@ -87,14 +87,38 @@ def time_text(moment: datetime) -> str:
 
 def build_xml(fields: tuple, values: Mapping[str, str]) -> str:
     """`<request>` with every field of the table in table order (empty when not given), as the
-    spec's samples show. lxml escapes; nothing is concatenated by hand."""
-    return etree.tostring(_filled(fields, values), encoding="unicode")
+    spec's samples show. lxml escapes; nothing is concatenated by hand. The table's empty
+    document is filled in, written and emptied again at once (no await between: one message at
+    a time on the loop), not copied for each message."""
+    names, root = _empty_request(fields)
+    filled = []
+    try:
+        for element, name in zip(root, names, strict=True):
+            value = values.get(name)
+            if value:
+                element.text = value
+                filled.append(element)
+        return etree.tostring(root, encoding="unicode")
+    finally:
+        for element in filled:  # nothing of the message (a code, a name) stays
+            element.text = ""
 
 
 def _filled(fields: tuple, values: Mapping[str, str]) -> etree._Element:
-    """The table's `<request>` element with `values` in it. Each table's document is made once,
-    empty, and copied for each request: a new document and an element per field, each name
-    checked by lxml, were most of a request's building."""
+    """A new `<request>` element of the table with `values` in it."""
+    names, empty = _empty_request(fields)
+    root = copy.deepcopy(empty)
+    for element, name in zip(root, names, strict=True):
+        value = values.get(name)
+        if value:  # else the copy's empty text stays
+            element.text = value
+    return root
+
+
+def _empty_request(fields: tuple) -> tuple[tuple[str, ...], etree._Element]:
+    """The table's field names and its `<request>` with every field empty. Each table's document
+    is made once: a new document and an element per field, each name checked by lxml, were most
+    of a message's building."""
     entry = _EMPTY_REQUESTS.get(id(fields))
     if entry is None or entry[0] is not fields:
         names = tuple(f.name for f in fields)
@@ -104,13 +128,7 @@ def _filled(fields: tuple, values: Mapping[str, str]) -> etree._Element:
         if len(_EMPTY_REQUESTS) >= 64:  # the spec has 18 tables; tests make more
             _EMPTY_REQUESTS.clear()
         entry = _EMPTY_REQUESTS[id(fields)] = (fields, names, empty)
-    root = copy.deepcopy(entry[2])
-    get = values.get
-    for element, name in zip(root, entry[1], strict=True):
-        value = get(name)
-        if value:  # else the copy's empty text stays
-            element.text = value
-    return root
+    return entry[1], entry[2]
 
 
 # each table's <request> with its fields empty, by the table (its id: hashing a table hashes
@@ -215,7 +233,7 @@ class RhcPlatform(Platform):
         self._names: tuple[str, str] | None = None
         self._places: dict[tuple[str, str], dict[str, str]] = {}
         # each business code's action with the fields from config in it, and their problems
-        self._actions: dict[str, tuple[etree._Element, list[Problem]]] = {}
+        self._actions: dict[str, tuple[etree._Element, etree._Element, etree._Element, list[Problem]]] = {}
 
     @property
     def operations(self) -> list[str]:
@@ -381,7 +399,7 @@ class RhcPlatform(Platform):
         prepared = self._actions.get(code)
         if prepared is None:
             prepared = self._actions[code] = self._prepare_action(code)
-        template, static = prepared
+        template, guid_element, created_element, static = prepared
         created_text = time_text(created or message_time())
         problems = static
         # a msgGuid made here (32 hex digits) and a time written by time_text meet their formats
@@ -391,13 +409,15 @@ class RhcPlatform(Platform):
         if problems:
             problems = sorted(problems, key=lambda p: _ACTION_ORDER[p.field])
             raise ScanboxError(Reason.BAD_REQUEST, "action not sent: %s" % "; ".join(map(str, problems)))
-        root = copy.deepcopy(template)
-        root[_ACTION_ORDER["msgGuid"]].text = msg_guid or uuid.uuid4().hex
-        root[_ACTION_ORDER["msgCreateTime"]].text = created_text
-        return etree.tostring(root, encoding="unicode")
+        # filled in and written at once (no await between: one message at a time on the loop),
+        # in place: the rest of the document is the config's, the same for every message
+        guid_element.text = msg_guid or uuid.uuid4().hex
+        created_element.text = created_text
+        return etree.tostring(template, encoding="unicode")
 
-    def _prepare_action(self, code: str) -> tuple[etree._Element, list[Problem]]:
-        """The action of a business code with its fields from config, and their problems."""
+    def _prepare_action(self, code: str) -> tuple[etree._Element, etree._Element, etree._Element, list[Problem]]:
+        """The action of a business code with its fields from config (and its msgGuid and
+        msgCreateTime elements, for each message's own), and their problems."""
         values = {
             "msgType": "1",
             "bussinessCode": code,
@@ -410,7 +430,9 @@ class RhcPlatform(Platform):
             # defines; scanbox leaves it empty (no encryption) and relies on TLS
             "encryption": "",
         }
-        return _filled(ACTION_FIELDS, values), check_fields(_STATIC_ACTION_FIELDS, values)
+        root = _filled(ACTION_FIELDS, values)
+        return (root, root[_ACTION_ORDER["msgGuid"]], root[_ACTION_ORDER["msgCreateTime"]],
+                check_fields(_STATIC_ACTION_FIELDS, values))
 
     # --- SOAP ------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ wondersgroup adapters both use this.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import hashlib
 import json
@@ -64,6 +63,35 @@ class Template:
     envelope: etree._Element
     slots: dict[str, tuple[int, ...]]
     soapaction: str
+
+    def render(self, params: dict[str, Any]) -> bytes | None:
+        """The request's bytes when every parameter is a string given here (else None: zeep
+        builds it). ValueError for text XML cannot carry. The envelope is filled in, written
+        and given its placeholders back at once (no await between: one request at a time on the
+        loop), not copied for each request."""
+        if params.keys() != self.slots.keys() or not all(type(v) is str for v in params.values()):
+            return None
+        slots = self._slot_elements()
+        try:
+            for name, (element, _) in slots.items():
+                element.text = params[name]
+            return etree.tostring(self.envelope, encoding="utf-8", xml_declaration=True)
+        finally:
+            for element, placeholder in slots.values():  # nothing of the request (a code, a password) stays
+                element.text = placeholder
+
+    def _slot_elements(self) -> dict[str, tuple[etree._Element, str | None]]:
+        """Each parameter's element in the envelope, and its placeholder: found once."""
+        slots: dict[str, tuple[etree._Element, str | None]] | None = self.__dict__.get("_slots")
+        if slots is None:
+            slots = {}
+            for name, path in self.slots.items():
+                element = self.envelope
+                for i in path:
+                    element = element[i]
+                slots[name] = (element, element.text)
+            object.__setattr__(self, "_slots", slots)  # frozen: the envelope's own elements, kept beside it
+        return slots
 
 
 @dataclass
@@ -224,14 +252,13 @@ class SoapService:
         bound = self._bound or await self.bound()
         op = bound.operations.get(operation) or await self._operation(operation)
         try:
-            envelope = from_template(op.template, params)
+            body = op.template.render(params) if op.template is not None else None
         except ValueError as exc:  # text XML cannot carry, as zeep's
             raise ScanboxError(Reason.BAD_REQUEST, "%s cannot be built from the platform's WSDL: %s"
                                % (operation, exc)) from None
-        if envelope is None:
-            envelope = await self._zeeps(bound, operation, params)
-        reply = await self.http.post(bound.address, etree.tostring(envelope, encoding="utf-8", xml_declaration=True),
-                                     op.headers, self.timeout_s)
+        if body is None:
+            body = etree.tostring(await self._zeeps(bound, operation, params), encoding="utf-8", xml_declaration=True)
+        reply = await self.http.post(bound.address, body, op.headers, self.timeout_s)
         try:
             check_xml(reply)
         except NotSoap as exc:
@@ -268,22 +295,6 @@ class SoapService:
                                % (operation, exc)) from None
         except zeep.exceptions.Error as exc:
             raise PlatformUnavailable("%s: %s" % (operation, exc)) from None
-
-
-def from_template(template: Template | None, params: dict[str, Any]) -> etree._Element | None:
-    """The request from the operation's template when every parameter is a string given here
-    (else None: zeep builds it). ValueError for text XML cannot carry."""
-    if template is None:
-        return None
-    if params.keys() != template.slots.keys() or not all(type(v) is str for v in params.values()):
-        return None
-    envelope = copy.deepcopy(template.envelope)
-    for name, path in template.slots.items():
-        element = envelope
-        for i in path:
-            element = element[i]
-        element.text = params[name]
-    return envelope
 
 
 # what zeep read from the WSDLs scanbox ships, for the operations its adapters need by default:

@@ -584,3 +584,18 @@ def test_a_request_document_is_what_building_it_afresh_gives_for_every_table():
                    {}):
         for fields in [op.request for op in OPERATIONS.values()] + [ACTION_FIELDS]:
             assert build_xml(fields, values) == afresh(fields, values)
+
+
+def test_a_request_document_keeps_nothing_of_the_message_before():
+    """Each table's document is filled in place and emptied again: the next message, one that
+    failed halfway (text XML cannot carry) included, carries nothing of another's."""
+    from agent.platforms.rhc import build_xml
+    from agent.platforms.rhc_schema import OPERATIONS
+
+    fields = OPERATIONS["RHC_E0003"].request
+    first = etree.fromstring(build_xml(fields, {"qr_code": "CODE-ONE", "time": "2024-01-01 10:00:00"}))
+    assert (first.findtext("qr_code"), first.findtext("time")) == ("CODE-ONE", "2024-01-01 10:00:00")
+    with pytest.raises(ValueError):
+        build_xml(fields, {"qr_code": "CODE-TWO", "time": "2024-01-01 10:00:00", "sam": "bad\x01"})
+    second = etree.fromstring(build_xml(fields, {"medstep_code": "010101"}))
+    assert [(c.tag, c.text) for c in second if c.text] == [("medstep_code", "010101")]

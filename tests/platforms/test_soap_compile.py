@@ -85,7 +85,7 @@ def test_the_daemon_does_not_load_zeep_for_string_requests(tmp_path):
         import asyncio, sys
         from pathlib import Path
         from agent.platforms import wsdl
-        from agent.platforms.soapservice import SoapService, from_template
+        from agent.platforms.soapservice import SoapService
         from agent.platforms.transport import HttpClient
 
         async def main():
@@ -94,7 +94,7 @@ def test_the_daemon_does_not_load_zeep_for_string_requests(tmp_path):
                                   ["RHCMessageServer"])
             bound = await service.bound()
             names = await service.input_names("RHCMessageServer")
-            assert from_template(bound.operations["RHCMessageServer"].template, dict.fromkeys(names, "x")) is not None
+            assert bound.operations["RHCMessageServer"].template.render(dict.fromkeys(names, "x")) is not None
             await http.close()
             print(sorted(m for m in sys.modules if m.split(".")[0] in ("zeep", "requests", "urllib3")))
 

@@ -9,7 +9,7 @@ from lxml import etree
 
 from agent.model import ScanboxError
 from agent.platforms import wsdl
-from agent.platforms.soapservice import SoapService, from_template
+from agent.platforms.soapservice import SoapService
 from agent.platforms.transport import HttpClient
 from agent.simulator.soap import WsdlStyle, render_wsdl
 
@@ -38,9 +38,8 @@ async def zeeps(service: SoapService, operation: str, params: dict) -> bytes:
 
 
 async def templates(service: SoapService, operation: str, params: dict) -> bytes | None:
-    bound = await service.bound()
-    envelope = from_template(bound.operations[operation].template, params)
-    return None if envelope is None else etree.tostring(envelope, encoding="utf-8", xml_declaration=True)
+    template = (await service.bound()).operations[operation].template
+    return None if template is None else template.render(params)
 
 
 @pytest.mark.parametrize("style", STYLES, ids=["jaxws", "arg0-arg1-external", "swapped"])
@@ -55,9 +54,14 @@ async def test_rhc_requests_from_the_template_are_zeeps(tmp_path, style):
             assert built is not None
             assert built == await zeeps(service, "RHCMessageServer", params)
             assert etree.fromstring(built).findtext(".//%s" % style.action_part) == action
-    # each request is its own copy: the template itself keeps its placeholders
+    # each request is written from the template, which keeps its placeholders (and nothing of a request)
     template = (await service.bound()).operations["RHCMessageServer"].template
     assert template is not None and "scanbox-template-" in etree.tostring(template.envelope).decode()
+    assert "张晓明" not in etree.tostring(template.envelope, encoding="unicode")
+    # one that cannot be written (text XML cannot carry) leaves nothing behind either
+    with pytest.raises(ValueError):
+        template.render({style.action_part: "张晓明", style.message_part: "\x01"})
+    assert "张晓明" not in etree.tostring(template.envelope, encoding="unicode")
 
 
 async def test_wondersgroup_string_operations_from_the_template_others_from_zeep(tmp_path):
