@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import time
 from datetime import datetime
@@ -42,11 +41,14 @@ CACHE_NOTES = 4096
 CACHEABLE = frozenset({QrKind.STATIC, QrKind.CIPHERTEXT})
 
 
-def _note_key(qr: str) -> str:
+def _note_key(qr: str) -> int:
     """A code's place in the notes above: a digest, so this process does not hold thousands of
-    codes (credentials) longer than their scans. In memory only, never stored or logged: the
-    store indexes its cache by a keyed hash (Keyring.qr_index)."""
-    return hashlib.sha256(qr.encode("utf-8")).hexdigest()
+    codes (credentials) longer than their scans. Python's own hash of the string: 64 bits keyed
+    per process (SipHash), which no code can be read back from, and already made for the scan
+    (the hub's de-duplication hashed the code; a string keeps its hash). Two codes that share
+    one cost at most a cache write. In memory only, never stored or logged: the store indexes
+    its cache by a keyed hash (Keyring.qr_index)."""
+    return hash(qr)
 
 
 class Verifier:
@@ -67,7 +69,7 @@ class Verifier:
         self.uploader = uploader
         self.cache_ttl_s = cache_ttl_s if store is not None else 0.0
         self._background: set[asyncio.Task[Any]] = set()  # cache updates, for drain()
-        self._cache_notes: collections.OrderedDict[str, tuple[Identity, float]] = collections.OrderedDict()
+        self._cache_notes: collections.OrderedDict[int, tuple[Identity, float]] = collections.OrderedDict()
         self.monotonic = time.monotonic  # the clock the cache notes age by (tests move it)
 
     async def verify(self, scan: Scan, step: str | None = None, channel: str | None = None) -> Result:
