@@ -397,8 +397,12 @@ class Daemon:
         reports = await self.reports()
         out: dict[str, Any] = {"device_id": self.device_id, "version": agent.__version__,
                                "uptime_s": round(time.monotonic() - self.started_at, 1)}
-        out.update((name, report.status) for name, report in reports.items())
-        out["alarms"] = [a.to_json() for r in reports.values() for a in r.alarms]
+        alarms = []
+        for name, report in reports.items():
+            out[name] = report.status
+            for alarm in report.alarms:
+                alarms.append(alarm.to_json())
+        out["alarms"] = alarms
         out["scans"] = self.hub.scans_total
         return out
 
