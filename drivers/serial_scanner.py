@@ -186,8 +186,6 @@ class SerialScanner(ThreadedSource):
                 continue
             opened_at = time.monotonic()
             logger.info("%s: reading %s at %d baud", self.name, self.port, self.baud)
-            sink.connected(self.name, True)
-            last_detail = None
             framer = ScanFramer(self.name, sink, self.terminators, self.charset, self.max_length)
             loop = sink.event_loop()
             reader: _Reader | None = None
@@ -204,6 +202,11 @@ class SerialScanner(ThreadedSource):
                 stopping = self._stop.is_set()
             if stopping:
                 stop_reading()
+            else:
+                # said once the reading can be stopped: a stop() made on the sink's loop as soon
+                # as it hears of this (which cannot wait for a callback of that loop) finds it
+                sink.connected(self.name, True)
+                last_detail = None
             framer.lost.wait()
             if reader is not None:
                 reader.join(2)
