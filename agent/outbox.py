@@ -27,6 +27,7 @@ the problem (an alarm), the caller carries on without it, and the next write tri
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -40,7 +41,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
+
+import orjson
 
 from agent import sealing
 from agent.clock import RELEASE_FLOOR, Clock, Stamp
@@ -89,6 +92,10 @@ CREATE INDEX IF NOT EXISTS identity_cache_expiry ON identity_cache (expires_at);
 # after a failed open, wait this long before trying again (a full disk, a missing directory)
 REOPEN_AFTER_S = 10.0
 MAX_BATCH = 256
+# an upload's outcome waits this long for others to share its commit (one fsync for many): a
+# power cut sends the uploads of the last MARK_DELAY_S again, with their msgGuids
+MARK_DELAY_S = 0.01
+PAGE = 128  # due records an upload round reads at once (at least 8 per upload in flight)
 MAX_RETIME = 256  # held records re-timed in one transaction
 THREAD_NAME = "outbox-db"
 IDLE_CHECK_S = 60.0
@@ -156,6 +163,30 @@ STATS_REUSE_S = 1.0
 # the bound on SQLite's page cache per connection (its default is 2000 KiB)
 PAGE_CACHE_KIB = 512
 
+# a round's first page: by the time index, sorted (few may be due: a backoff's new records);
+# the pages after it: along the ids past the last one read (most are due: a backlog)
+_CLAIM = ("SELECT id, guid, operation, payload, scan_id, created_at FROM outbox"
+          " WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ? ORDER BY id LIMIT ?")
+_CLAIM_AFTER = ("SELECT id, guid, operation, payload, scan_id, created_at FROM outbox"
+                " WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ? AND id > ? ORDER BY id LIMIT ?")
+_MARK_SENT = ("UPDATE outbox SET state = 'sent', platform_code = ?, platform_message = ?, done_at = ?,"
+              " attempts = attempts + 1, payload = X'' WHERE id = ? AND state = 'pending'")
+_MARK_DEAD = ("UPDATE outbox SET state = 'dead', platform_code = ?, platform_message = ?, done_at = ?,"
+              " attempts = attempts + 1 WHERE id = ? AND state = 'pending'")
+
+# an upload's outcome: (record id, "sent" or "dead", the platform's code, its message)
+Mark = tuple[int, str, str | None, str | None]
+
+
+class Due(NamedTuple):
+    """A record to upload, as the uploader needs it: the record, or why its payload cannot be
+    opened (it can never go)."""
+
+    id: int
+    operation: str
+    record: UsageRecord | None
+    unreadable: str | None
+
 
 class Store:
     """The outbox and the identity cache. Every method is a coroutine that runs its SQL in the
@@ -184,7 +215,7 @@ class Store:
         self.recovered: str | None = None  # a corrupt database was carried over at open
         self.newest: float | None = None  # the newest time in the database at open (the clock's floor)
         self.ledger = Ledger(path.with_name(LEDGER_NAME))
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._open_failed_at: float | None = None
@@ -277,12 +308,35 @@ class Store:
             return int(cur.lastrowid or 0)
         return await self._submit(insert, stores=True)
 
-    async def due(self, limit: int) -> list[Row]:
-        """Pending records whose time has come, oldest first; not those held for the clock."""
+    async def claim(self, limit: int, after: int | None = None) -> list[Due]:
+        """What the uploader sends: pending records whose time has come, oldest first, not those
+        held for the clock; `after`: past this id only (the next page of a round). Only what an
+        upload needs is read and opened."""
         now = self.clock()
-        return await self._submit(lambda conn: [self._row(r) for r in conn.execute(
-            "SELECT * FROM outbox WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ?"
-            " ORDER BY id LIMIT ?", (now, limit))], write=False)
+
+        def read(conn: sqlite3.Connection) -> list[Due]:
+            if after is None:
+                rows = conn.execute(_CLAIM, (now, limit))
+            else:
+                rows = conn.execute(_CLAIM_AFTER, (now, after, limit))
+            return [self._due(*r) for r in rows]
+        return await self._submit(read, write=False)
+
+    async def finish(self, marks: list[Mark]) -> None:
+        """Uploads' outcomes, in one transaction: each (record id, "sent" or "dead", the
+        platform's code, its message). A record no longer pending (the CLI purged it) is left."""
+        now = self.clock()
+        # the platform has a sent record: its payload (the QR code, a bearer credential, and the
+        # personal data) has no further use here; a dead one keeps it for a retry
+        sent = [(code, message, now, record_id) for record_id, state, code, message in marks if state == "sent"]
+        dead = [(code, message, now, record_id) for record_id, state, code, message in marks if state != "sent"]
+
+        def update(conn: sqlite3.Connection) -> None:
+            if sent:
+                conn.executemany(_MARK_SENT, sent)
+            if dead:
+                conn.executemany(_MARK_DEAD, dead)
+        await self._submit(update)
 
     async def next_due_at(self) -> float | None:
         return await self._submit(lambda conn: conn.execute(
@@ -312,20 +366,10 @@ class Store:
         return await self._submit(update)
 
     async def mark_sent(self, record_id: int, code: str | None, message: str | None) -> None:
-        await self._finish(record_id, "sent", code, message)
+        await self.finish([(record_id, "sent", code, message)])
 
     async def mark_dead(self, record_id: int, code: str | None, message: str | None) -> None:
-        await self._finish(record_id, "dead", code, message)
-
-    async def _finish(self, record_id: int, state: str, code: str | None, message: str | None) -> None:
-        now = self.clock()
-        # the platform has a sent record: its payload (the QR code, a bearer credential, and the
-        # personal data) has no further use here; a dead one keeps it for a retry
-        payload = "X''" if state == "sent" else "payload"
-        await self._submit(lambda conn: conn.execute(
-            "UPDATE outbox SET state = ?, platform_code = ?, platform_message = ?, done_at = ?,"
-            " attempts = attempts + 1, payload = %s WHERE id = ? AND state = 'pending'" % payload,
-            (state, code, message, now, record_id)))
+        await self.finish([(record_id, "dead", code, message)])
 
     async def attempt_failed(self, record_id: int, error: str, next_attempt_at: float) -> None:
         await self._submit(lambda conn: conn.execute(
@@ -488,6 +532,18 @@ class Store:
     def _seal_identity(self, key: str, identity: Any) -> bytes:
         return self._keys().seal(json.dumps(identity, ensure_ascii=False).encode(), b"cache:" + key.encode())
 
+    def _due(self, record_id: int, guid: str, operation: str, payload: Any, scan_id: str | None,
+             created_at: float) -> Due:
+        try:
+            # orjson: the standard library's json took twice as long as opening the seal
+            if isinstance(payload, str):  # a version 1 row the migration has not reached (it always does)
+                values = orjson.loads(payload)
+            else:
+                values = orjson.loads(self._keys().open(payload, b"outbox:" + guid.encode()))
+        except (sealing.SealError, StoreUnavailable, ValueError, TypeError) as exc:
+            return Due(record_id, operation, None, "the payload cannot be opened: %s" % exc)
+        return Due(record_id, operation, UsageRecord(guid, operation, values, scan_id, created_at), None)
+
     def _row(self, r: sqlite3.Row) -> Row:
         values: dict[str, Any] | None = None
         unreadable = None
@@ -545,6 +601,7 @@ class Store:
             # supervisor (which gets `exc` when this re-raises) logs it and starts a new one
             self.error = "the outbox database thread failed: %s" % (exc or type(exc).__name__)
             self._drop_connection()
+            left = []
             while True:
                 try:
                     job = self._queue.get_nowait()
@@ -552,6 +609,8 @@ class Store:
                     break
                 if job is not None:
                     job.fail(StoreUnavailable(self.error))
+                    left.append(job)
+            _reply(left)
             raise
 
     def _serve(self) -> None:
@@ -575,6 +634,8 @@ class Store:
                 for job in batch:
                     job.fail(StoreUnavailable("the outbox database thread failed: %s" % (exc or type(exc).__name__)))
                 raise
+            finally:
+                _reply(batch)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -844,7 +905,7 @@ class Store:
             self._conn = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     write: bool
@@ -852,25 +913,40 @@ class _Job:
     future: asyncio.Future[Any]
     stores: bool = False
     deletes: bool = False
+    answered: bool = False  # the first answer stands (a failure of the thread after it changes nothing)
+    value: Any = None
+    error: BaseException | None = None
 
     def done(self, value: Any) -> None:
-        self._reply(value, None)
+        if not self.answered:
+            self.answered = True
+            self.value = value
 
     def fail(self, exc: BaseException) -> None:
-        self._reply(None, exc)
+        if not self.answered:
+            self.answered = True
+            self.error = exc
 
-    def _reply(self, value: Any, exc: BaseException | None) -> None:
+
+def _reply(jobs: list[_Job]) -> None:
+    """The answers of the jobs done together, in one call to each caller's loop: one wake-up of
+    the loop for a batch, not one per job."""
+    loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+    for job in jobs:
+        loops.setdefault(job.loop, []).append(job)
+    for loop, done in loops.items():
         with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon stopped while this ran
-            self.loop.call_soon_threadsafe(_resolve, self.future, value, exc)
+            loop.call_soon_threadsafe(_resolve, done)
 
 
-def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(value)
+def _resolve(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():  # the caller was cancelled
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.value)
 
 
 def _readable_rows(conn: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
@@ -1056,6 +1132,10 @@ class Uploader:
         self.resume_at = 0.0  # when the current backoff ends (0: not backing off)
         self._wake = asyncio.Event()
         self._hasten = False
+        self._rewind = False  # a round reads no further page: something before its last id may be due
+        self._marks: list[Mark] = []  # outcomes not yet handed to the store
+        self._marking: asyncio.Task[None] | None = None  # writes them, a batch at a time
+        self._flush = asyncio.Event()
         # called when the outbox changed (a record added, sent, refused): status, display
         self.on_change: Callable[[], None] | None = None
 
@@ -1070,6 +1150,7 @@ class Uploader:
     def wake(self) -> None:
         """Something is due (a new record, a retry), or the clock became right."""
         self._check_held = True
+        self._rewind = True
         self._wake.set()
         self._changed()
 
@@ -1185,44 +1266,129 @@ class Uploader:
         return max(0.0, min(due - self.clock(), IDLE_CHECK_S))
 
     async def _round(self) -> bool:
-        """Send what is due; True when it all went (more may be waiting)."""
-        # a large batch: the pipeline drains at each batch's end (the slowest upload holds the next
-        # batch back), so that happens rarely
-        rows = await self.store.due(max(256, self.max_in_flight * 32))
+        """Send what is due, oldest first, at most `max_in_flight` at once; True when it all went
+        (more may be due).
+
+        `max_in_flight` workers take the due records in id order. They are read a page at a
+        time, the next page (past the last id read) by one worker while the others still have
+        records to send, so an upload never waits for the database. No upload waits for its
+        outcome to be marked either: outcomes are written in batches, one transaction each
+        (`_note`), and the round ends once all of them are on disk, before anything is read from
+        the start again. A wake() (a retry, a record re-timed) ends the round at the
+        end of its page: what it made due may lie before the last id read."""
+        page = max(PAGE, self.max_in_flight * 8)
+        self._rewind = False
+        rows: collections.deque[Due] = collections.deque(await self.store.claim(page))
         if not rows:
             return False
-        slots = asyncio.Semaphore(self.max_in_flight)
+        loop = asyncio.get_running_loop()
+        cursor = rows[-1].id
+        more = len(rows) == page
+        reading: asyncio.Future[None] | None = None
         failure: ScanboxError | None = None  # the round's first transient failure stops it
+        broken: StoreUnavailable | None = None
 
-        async def send(row: Row) -> None:
-            nonlocal failure
-            if row.values is None:
-                # never sent: its payload is lost to the key
-                await self._dead(row, row.unreadable or "the payload cannot be opened")
-                return
-            async with slots:  # only the upload holds a slot: the platform sees max_in_flight at most
-                if failure is not None:
-                    return
+        async def take() -> Due | None:
+            nonlocal reading, cursor, more, broken
+            while failure is None and broken is None:
+                if more and reading is None and len(rows) <= self.max_in_flight and not self._rewind:
+                    reading = loop.create_future()
+                    got: list[Due] = []
+                    try:
+                        got = await self.store.claim(page, cursor)
+                    except StoreUnavailable as exc:
+                        broken = exc
+                    finally:
+                        read, reading = reading, None
+                        read.set_result(None)
+                    rows.extend(got)
+                    more = len(got) == page
+                    if got:
+                        cursor = got[-1].id
+                elif rows:
+                    return rows.popleft()
+                elif reading is not None:
+                    await reading
+                else:
+                    return None
+            return None
+
+        async def worker() -> None:
+            nonlocal failure, broken
+            while (due := await take()) is not None:
+                if due.record is None:
+                    # never sent: its payload is lost to the key
+                    self._refused(due, due.unreadable or "the payload cannot be opened")
+                    continue
                 try:
-                    code, message = await self.platform.upload(row.record)
+                    code, message = await self.platform.upload(due.record)
                 except (PlatformError, ScanboxError) as exc:
-                    if _holds_queue(exc):
-                        self.failed += 1
+                    if not _holds_queue(exc):
+                        self._refused(due, exc.message, exc.platform_code, exc.platform_message or exc.message)
+                        continue
+                    self.failed += 1
+                    try:
                         if failure is None:
                             failure = exc
-                            await self._postpone(row, exc)
+                            await self._postpone(due, exc)
                         else:  # in the air when the first failure came back: same wait
-                            await self.store.attempt_failed(row.id, exc.message, self.resume_at)
-                        return
-                    await self._refused(row, exc)
-                    return
-            await self._sent(row, code, message)
+                            await self.store.attempt_failed(due.id, exc.message, self.resume_at)
+                    except StoreUnavailable as error:
+                        broken = error
+                    continue
+                self._sent(due, code, message)
 
-        # started in id order; each waits for a slot
-        await asyncio.gather(*(send(row) for row in rows))
+        try:
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.max_in_flight):
+                    workers.create_task(worker())
+        finally:
+            # before anything is read from the start again, and before the daemon stops (a
+            # record whose outcome is lost goes again)
+            await self._written()
+        if broken is not None:
+            raise broken
         return failure is None
 
-    async def _postpone(self, row: Row, exc: ScanboxError) -> None:
+    def _note(self, mark: Mark) -> None:
+        """An upload's outcome, written with the others of the next MARK_DELAY_S in one commit."""
+        self._marks.append(mark)
+        if self._marking is None or self._marking.done():
+            if self._marking is not None and not self._marking.cancelled():
+                self._marking.result()  # a failure other than the store's is the uploader's: it shows
+            self._marking = asyncio.get_running_loop().create_task(self._mark())
+
+    async def _mark(self) -> None:
+        while self._marks:
+            if not self._flush.is_set():
+                # the outcomes that come meanwhile share the commit
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(MARK_DELAY_S):
+                        await self._flush.wait()
+            marks, self._marks = self._marks, []
+            try:
+                await self.store.finish(marks)
+            except StoreUnavailable as exc:
+                # still pending: they go again, with their msgGuids (the platform's idempotency key)
+                logger.error("outbox: the outcome of %d uploads could not be written (%s); they will be sent "
+                             "again", len(marks), exc)
+                continue
+            sent = sum(1 for mark in marks if mark[1] == "sent")
+            self.sent += sent
+            self.dead += len(marks) - sent
+            self._changed()
+
+    async def _written(self) -> None:
+        """Until every outcome noted is on disk (or could not be written)."""
+        if self._marking is not None:
+            self._flush.set()
+            marking, self._marking = self._marking, None
+            try:
+                await marking
+            finally:
+                self._flush.clear()
+
+    async def _postpone(self, due: Due, exc: ScanboxError) -> None:
         """The platform cannot take records now: one backoff step for the whole queue."""
         held = isinstance(exc, PlatformRejected) and exc.outcome is Outcome.AUTH
         delay = self.backoff.maximum if held else self.backoff.next()
@@ -1231,22 +1397,19 @@ class Uploader:
         until = self.clock() + delay
         self.resume_at = until
         logger.warning("outbox: record %d (%s) not uploaded: %s; retrying in %.0f s",
-                       row.id, row.operation, exc.message, delay)
-        await self.store.attempt_failed(row.id, exc.message, until)
+                       due.id, due.operation, exc.message, delay)
+        await self.store.attempt_failed(due.id, exc.message, until)
         await self.store.postpone_all(until)
 
-    async def _refused(self, row: Row, exc: ScanboxError) -> None:
-        """Permanent: the platform refused it, or it fails its message table and can never go."""
-        await self.store.mark_dead(row.id, exc.platform_code, exc.platform_message or exc.message)
-        self.dead += 1
-        self._changed()
-        logger.error("outbox: record %d (%s) refused: %s; moved to dead-letter", row.id, row.operation, exc.message)
+    def _refused(self, due: Due, why: str, code: str | None = None, message: str | None = None) -> None:
+        """Permanent: the platform refused it, or it fails its message table, or its payload
+        cannot be opened: it can never go. Dead-letter, with the platform's code and message."""
+        self._note((due.id, "dead", code, message or why))
+        logger.error("outbox: record %d (%s) refused: %s; moved to dead-letter", due.id, due.operation, why)
 
-    async def _sent(self, row: Row, code: str | None, message: str | None) -> None:
-        await self.store.mark_sent(row.id, code, message)
-        self.sent += 1
+    def _sent(self, due: Due, code: str | None, message: str | None) -> None:
+        self._note((due.id, "sent", code, message))
         self.blocked = None
-        self._changed()
         if self.backing_off:
             self.backing_off = False
             self.resume_at = 0.0

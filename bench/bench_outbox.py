@@ -10,6 +10,9 @@
   aiohttp, each marked sent by its own durable commit), and the ratio beside issue 17's goal
   (>= 0.8x the floor); beside those, the same adapter without the outbox, and the rate the
   simulator takes from a lean raw client, so it can be read off which side limits the drain;
+- the event loop during a drain at 8 in flight: how late a timer due every 5 ms runs (what a scan
+  arriving then waits before the loop turns to it), scanbox's and the floor's (which commits on
+  the loop);
 - platform back: the backlog waits while the platform is down (the uploader backs off), then the
   simulator starts; time to the first upload and to an empty outbox.
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_floor  # noqa: E402
-from common import compile_like_an_install, free_port, start_simulator, stop  # noqa: E402
+from common import compile_like_an_install, free_port, percentile, start_simulator, stop  # noqa: E402
 
 
 from agent.config import validate  # noqa: E402
@@ -80,7 +83,7 @@ async def enqueue_rates(tmp: Path) -> tuple[float, float]:
     return sequential, concurrent
 
 
-async def drain(port: int, tmp: Path, n: int, in_flight: int, run: int = 0) -> float:
+async def drain(port: int, tmp: Path, n: int, in_flight: int, run: int = 0, watch: Lateness | None = None) -> float:
     platform = platform_for(port, tmp)
     store = Store(tmp / ("drain-%d-%d.db" % (in_flight, run)))
     await store.open()
@@ -90,16 +93,47 @@ async def drain(port: int, tmp: Path, n: int, in_flight: int, run: int = 0) -> f
     uploader = Uploader(store, platform, max_in_flight=in_flight, backoff=Backoff(1, 300))
     done = asyncio.Event()
     uploader.on_change = lambda: done.set() if uploader.sent + uploader.dead >= n else None
-    started = time.perf_counter()
-    task = asyncio.get_running_loop().create_task(uploader.run())
-    await done.wait()
-    elapsed = time.perf_counter() - started
+    async with watch or Lateness(False):
+        started = time.perf_counter()
+        task = asyncio.get_running_loop().create_task(uploader.run())
+        await done.wait()
+        elapsed = time.perf_counter() - started
     task.cancel()
     await store.close()
     await platform.close()
     if uploader.dead:
         raise RuntimeError("%d records refused" % uploader.dead)
     return n / elapsed
+
+
+class Lateness:
+    """While open: how late (ms) a timer due every TICK_S runs on the loop."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.late: list[float] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Lateness:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            due = loop.time() + TICK_S
+            await asyncio.sleep(TICK_S)
+            self.late.append((loop.time() - due) * 1000)
+
+
+TICK_S = 0.005
 
 
 async def adapter_alone(port: int, tmp: Path, n: int, concurrency: int) -> float:
@@ -120,15 +154,16 @@ async def adapter_alone(port: int, tmp: Path, n: int, concurrency: int) -> float
     return rate
 
 
-async def floor(port: int, tmp: Path, n: int, in_flight: int, run: int) -> float:
+async def floor(port: int, tmp: Path, n: int, in_flight: int, run: int, watch: Lateness | None = None) -> float:
     """The floor's drain of the same backlog (see bench_floor.floor_drain)."""
     platform = platform_for(port, tmp)
     template = bench_floor.make_template(platform)
     path = str(tmp / ("floor-%d-%d.db" % (in_flight, run)))
     bench_floor.fill_outbox(path, [(r.values["qr_code"], r.values["time"]) for r in records(platform, n)])
-    started = time.perf_counter()
-    sent = await bench_floor.floor_drain(path, platform.endpoint, template, in_flight)
-    rate = n / (time.perf_counter() - started)
+    async with watch or Lateness(False):
+        started = time.perf_counter()
+        sent = await bench_floor.floor_drain(path, platform.endpoint, template, in_flight)
+        rate = n / (time.perf_counter() - started)
     if sent != n:
         raise RuntimeError("the floor uploaded %d of %d records" % (sent, n))
     return rate
@@ -227,6 +262,12 @@ async def main(n: int, runs: int) -> None:
                         rates.append(await floor(port, tmp, n, in_flight, run))
             a, b = statistics.median(ours), statistics.median(theirs)
             print("  %-30s %10.0f %10.0f %7.2fx  >= 0.8x" % ("drain, %d in flight" % in_flight, a, b, a / b))
+        for who, measure in (("scanbox", drain), ("floor", floor)):
+            watch = Lateness()
+            await measure(port, tmp, n, 8, runs, watch)
+            late = watch.late
+            print("  loop lateness, drain at 8 in flight, %-8s p50 %5.2f  p99 %5.2f  max %6.2f ms  (a timer due every "
+                  "%.0f ms)" % (who, percentile(late, 50), percentile(late, 99), max(late), TICK_S * 1000))
         for in_flight in (1, 4, 8):
             alone = await adapter_alone(port, tmp, n, in_flight)
             print("  the adapter without the outbox, %d in flight  %8.0f records/s" % (in_flight, alone))

@@ -55,9 +55,9 @@ async def test_records_keep_their_guid_and_values_across_a_restart(tmp_path):
     await first.close()
     second = Store(tmp_path / "outbox.db")
     await second.open()
-    (row,) = await second.due(10)
-    assert row.guid == r.guid and row.values == {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"}
-    assert row.record == UsageRecord(r.guid, r.operation, r.values, r.scan_id, r.created_at)
+    (due,) = await second.claim(10)
+    assert due.record == UsageRecord(r.guid, r.operation, {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"},
+                                     r.scan_id, r.created_at)
     await second.close()
 
 
@@ -65,8 +65,8 @@ async def test_concurrent_enqueues_are_all_committed_in_order(store):
     records = [record(i) for i in range(300)]
     ids = await asyncio.gather(*(store.enqueue(r) for r in records))
     assert sorted(ids) == ids and len(set(ids)) == 300
-    due = await store.due(1000)
-    assert [row.guid for row in due] == [r.guid for r in records]
+    due = await store.claim(1000)
+    assert [d.record.guid for d in due] == [r.guid for r in records]
 
 
 async def test_a_duplicate_guid_fails_alone_and_the_rest_of_the_batch_commits(store):
@@ -74,7 +74,7 @@ async def test_a_duplicate_guid_fails_alone_and_the_rest_of_the_batch_commits(st
     await store.enqueue(r)
     results = await asyncio.gather(store.enqueue(r), store.enqueue(record(2)), return_exceptions=True)
     assert isinstance(results[0], sqlite3.IntegrityError) and isinstance(results[1], int)
-    assert len(await store.due(10)) == 2
+    assert len(await store.claim(10)) == 2
     assert store.available
 
 
@@ -82,13 +82,13 @@ async def test_states_sent_dead_retry_and_purge(store):
     a, b, c = [await store.enqueue(record(i)) for i in range(3)]
     await store.mark_sent(a, "3005", "验证成功")
     await store.mark_dead(b, "4002", "该卡未认证或已注销")
-    assert [row.id for row in await store.due(10)] == [c]
+    assert [row.id for row in await store.claim(10)] == [c]
     stats = await store.stats()
     assert (stats["pending"], stats["sent"], stats["dead"]) == (1, 1, 1)
     dead = (await store.rows("dead"))[0]
     assert (dead.platform_code, dead.platform_message, dead.attempts) == ("4002", "该卡未认证或已注销", 1)
     assert await store.retry(b) is True
-    assert [row.id for row in await store.due(10)] == [b, c]
+    assert [row.id for row in await store.claim(10)] == [b, c]
     assert await store.retry(a) is False  # the platform has it: nothing to retry
     assert await store.retry(999) is False
     await store.mark_dead(b, "4002", "again")
@@ -102,15 +102,16 @@ async def test_a_failed_attempt_is_counted_and_postponed(tmp_path):
     await store.open()
     record_id = await store.enqueue(record(1))
     await store.attempt_failed(record_id, "no answer within 5.0 s", clock.now + 30)
-    assert await store.due(10) == []
+    assert await store.claim(10) == []
     assert await store.next_due_at() == clock.now + 30
     clock.now += 31
-    (row,) = await store.due(10)
+    (due,) = await store.claim(10)
+    row = await store.get(due.id)
     assert (row.attempts, row.last_error) == (1, "no answer within 5.0 s")
     await store.postpone_all(clock.now + 100)
-    assert await store.due(10) == []
+    assert await store.claim(10) == []
     await store.hasten()
-    assert len(await store.due(10)) == 1
+    assert len(await store.claim(10)) == 1
     await store.close()
 
 
@@ -167,7 +168,7 @@ async def test_a_corrupt_database_is_replaced_and_the_store_works(tmp_path):
     assert store.available and "corrupt" in store.recovered
     assert not list(tmp_path.glob("outbox.db.corrupt*"))  # deleted: it held personal data
     await store.enqueue(record(1))
-    assert len(await store.due(10)) == 1
+    assert len(await store.claim(10)) == 1
     await store.close()
 
 
@@ -184,7 +185,7 @@ async def test_an_unusable_path_is_an_error_not_a_crash_and_recovers(tmp_path, m
         await store.stats()
     path.rmdir()  # a technician clears it
     await store.enqueue(record(2))
-    assert store.available and len(await store.due(10)) == 1
+    assert store.available and len(await store.claim(10)) == 1
     await store.close()
 
 
