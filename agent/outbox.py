@@ -163,29 +163,39 @@ STATS_REUSE_S = 1.0
 # the bound on SQLite's page cache per connection (its default is 2000 KiB)
 PAGE_CACHE_KIB = 512
 
-# a round's first page: by the time index, sorted (few may be due: a backoff's new records);
-# the pages after it: along the ids past the last one read (most are due: a backlog)
-_CLAIM = ("SELECT id, guid, operation, payload, scan_id, created_at FROM outbox"
-          " WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ? ORDER BY id LIMIT ?")
-_CLAIM_AFTER = ("SELECT id, guid, operation, payload, scan_id, created_at FROM outbox"
-                " WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ? AND id > ? ORDER BY id LIMIT ?")
-_MARK_SENT = ("UPDATE outbox SET state = 'sent', platform_code = ?, platform_message = ?, done_at = ?,"
-              " attempts = attempts + 1, payload = X'' WHERE id = ? AND state = 'pending'")
-_MARK_DEAD = ("UPDATE outbox SET state = 'dead', platform_code = ?, platform_message = ?, done_at = ?,"
-              " attempts = attempts + 1 WHERE id = ? AND state = 'pending'")
+# the due records of a page, oldest first, as one row (JSON): the store's thread hands the GIL
+# back and forth with the loop once per row it steps through, and a busy loop makes each of those
+# wait. The first page of a round goes by the retry-time index and sorts what is due (few are
+# during a backoff); the next ones along the ids past the last one read (a backlog: no sort of
+# all of it for each page). created_at as text that reads back exactly (JSON keeps 15 digits)
+_PAGE = ("SELECT json_group_array(json_array(id, guid, operation, hex(payload), scan_id, printf('%!.17g', created_at)))"
+         " FROM (SELECT id, guid, operation, payload, scan_id, created_at FROM outbox"
+         " WHERE state = 'pending' AND clock_ok = 1 AND next_attempt_at <= ? {after} ORDER BY id LIMIT ?)")
+_CLAIM = _PAGE.format(after="")
+_CLAIM_AFTER = _PAGE.format(after="AND id > ?")
+# the outcomes of a batch, one statement for each (state, code, message): the ids as JSON, looked
+# up by rowid (`+state`: not along an index of every pending record)
+_MARK = ("UPDATE outbox SET state = ?, platform_code = ?, platform_message = ?, done_at = ?,"
+         " attempts = attempts + 1{payload} WHERE id IN (SELECT value FROM json_each(?)) AND +state = 'pending'")
+# the platform has a sent record: its payload (the QR code, a bearer credential, and the personal
+# data) has no further use here; a dead one keeps it for a retry
+_MARK_SENT = _MARK.format(payload=", payload = X''")
+_MARK_DEAD = _MARK.format(payload="")
 
 # an upload's outcome: (record id, "sent" or "dead", the platform's code, its message)
 Mark = tuple[int, str, str | None, str | None]
 
 
 class Due(NamedTuple):
-    """A record to upload, as the uploader needs it: the record, or why its payload cannot be
-    opened (it can never go)."""
+    """A record for the uploader, as read: its payload still sealed (`Store.record` opens it
+    when it goes)."""
 
     id: int
+    guid: str
     operation: str
-    record: UsageRecord | None
-    unreadable: str | None
+    payload: bytes
+    scan_id: str | None
+    created_at: float
 
 
 class Store:
@@ -310,32 +320,38 @@ class Store:
 
     async def claim(self, limit: int, after: int | None = None) -> list[Due]:
         """What the uploader sends: pending records whose time has come, oldest first, not those
-        held for the clock; `after`: past this id only (the next page of a round). Only what an
-        upload needs is read and opened."""
+        held for the clock; `after`: past this id only (the next page of a round)."""
         now = self.clock()
 
-        def read(conn: sqlite3.Connection) -> list[Due]:
+        def read(conn: sqlite3.Connection) -> str:
             if after is None:
-                rows = conn.execute(_CLAIM, (now, limit))
-            else:
-                rows = conn.execute(_CLAIM_AFTER, (now, after, limit))
-            return [self._due(*r) for r in rows]
-        return await self._submit(read, write=False)
+                return str(conn.execute(_CLAIM, (now, limit)).fetchone()[0])
+            return str(conn.execute(_CLAIM_AFTER, (now, after, limit)).fetchone()[0])
+        page = orjson.loads(await self._submit(read, write=False))
+        due = [Due(i, guid, operation, bytes.fromhex(payload), scan_id, float(created))
+               for i, guid, operation, payload, scan_id, created in page]
+        due.sort()  # by id: SQLite does not promise json_group_array its rows in order
+        return due
+
+    def record(self, due: Due) -> UsageRecord:
+        """The record to send. sealing.SealError, StoreUnavailable (no key) or ValueError when
+        its payload cannot be opened."""
+        # orjson: the standard library's json took twice as long as opening the seal
+        values = orjson.loads(self._keys().open(due.payload, b"outbox:" + due.guid.encode()))
+        return UsageRecord(due.guid, due.operation, values, due.scan_id, due.created_at)
 
     async def finish(self, marks: list[Mark]) -> None:
         """Uploads' outcomes, in one transaction: each (record id, "sent" or "dead", the
         platform's code, its message). A record no longer pending (the CLI purged it) is left."""
         now = self.clock()
-        # the platform has a sent record: its payload (the QR code, a bearer credential, and the
-        # personal data) has no further use here; a dead one keeps it for a retry
-        sent = [(code, message, now, record_id) for record_id, state, code, message in marks if state == "sent"]
-        dead = [(code, message, now, record_id) for record_id, state, code, message in marks if state != "sent"]
+        groups: dict[tuple[str, str | None, str | None], list[int]] = {}
+        for record_id, state, code, message in marks:
+            groups.setdefault((state, code, message), []).append(record_id)
 
         def update(conn: sqlite3.Connection) -> None:
-            if sent:
-                conn.executemany(_MARK_SENT, sent)
-            if dead:
-                conn.executemany(_MARK_DEAD, dead)
+            for (state, code, message), ids in groups.items():
+                conn.execute(_MARK_SENT if state == "sent" else _MARK_DEAD,
+                             (state, code, message, now, orjson.dumps(ids).decode()))
         await self._submit(update)
 
     async def next_due_at(self) -> float | None:
@@ -531,18 +547,6 @@ class Store:
 
     def _seal_identity(self, key: str, identity: Any) -> bytes:
         return self._keys().seal(json.dumps(identity, ensure_ascii=False).encode(), b"cache:" + key.encode())
-
-    def _due(self, record_id: int, guid: str, operation: str, payload: Any, scan_id: str | None,
-             created_at: float) -> Due:
-        try:
-            # orjson: the standard library's json took twice as long as opening the seal
-            if isinstance(payload, str):  # a version 1 row the migration has not reached (it always does)
-                values = orjson.loads(payload)
-            else:
-                values = orjson.loads(self._keys().open(payload, b"outbox:" + guid.encode()))
-        except (sealing.SealError, StoreUnavailable, ValueError, TypeError) as exc:
-            return Due(record_id, operation, None, "the payload cannot be opened: %s" % exc)
-        return Due(record_id, operation, UsageRecord(guid, operation, values, scan_id, created_at), None)
 
     def _row(self, r: sqlite3.Row) -> Row:
         values: dict[str, Any] | None = None
@@ -1101,6 +1105,10 @@ def _iso(ts: float | None) -> str | None:
 class Uploader:
     """Drains the outbox to the platform: oldest first, at most `max_in_flight` at once.
 
+    Per record it costs the loop little beyond the upload itself: the due records are read a
+    page at a time and the outcomes written a batch at a time (`_round`), so the store's thread
+    is handed one job per page and one per MARK_DELAY_S, not two per record.
+
     A transient failure (the platform down, slow or answering nonsense) postpones everything
     with exponential backoff and jitter, capped; a permanent rejection sends that record to
     dead-letter with the platform's code and message; refused credentials hold the queue (an
@@ -1316,12 +1324,14 @@ class Uploader:
         async def worker() -> None:
             nonlocal failure, broken
             while (due := await take()) is not None:
-                if due.record is None:
+                try:
+                    record = self.store.record(due)
+                except (sealing.SealError, StoreUnavailable, ValueError) as exc:
                     # never sent: its payload is lost to the key
-                    self._refused(due, due.unreadable or "the payload cannot be opened")
+                    self._refused(due, "the payload cannot be opened: %s" % exc)
                     continue
                 try:
-                    code, message = await self.platform.upload(due.record)
+                    code, message = await self.platform.upload(record)
                 except (PlatformError, ScanboxError) as exc:
                     if not _holds_queue(exc):
                         self._refused(due, exc.message, exc.platform_code, exc.platform_message or exc.message)

@@ -56,7 +56,7 @@ async def test_records_keep_their_guid_and_values_across_a_restart(tmp_path):
     second = Store(tmp_path / "outbox.db")
     await second.open()
     (due,) = await second.claim(10)
-    assert due.record == UsageRecord(r.guid, r.operation, {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"},
+    assert second.record(due) == UsageRecord(r.guid, r.operation, {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"},
                                      r.scan_id, r.created_at)
     await second.close()
 
@@ -66,7 +66,8 @@ async def test_concurrent_enqueues_are_all_committed_in_order(store):
     ids = await asyncio.gather(*(store.enqueue(r) for r in records))
     assert sorted(ids) == ids and len(set(ids)) == 300
     due = await store.claim(1000)
-    assert [d.record.guid for d in due] == [r.guid for r in records]
+    assert [d.guid for d in due] == [r.guid for r in records]
+    assert [store.record(d) for d in due] == records
 
 
 async def test_a_duplicate_guid_fails_alone_and_the_rest_of_the_batch_commits(store):

@@ -4,6 +4,7 @@ backoff, dead-letter, held credentials, and a msgGuid that never changes."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -259,3 +260,20 @@ async def test_a_record_retried_during_a_backlog_goes_before_the_rest_of_it(harn
     await harness.drained()
     order = [e.msg_guid for e in uploads(harness.server)]
     assert len(order) == 41 and order.index(first.guid) < 30
+
+
+async def test_a_payload_that_does_not_open_is_dead_and_never_sent(harness, tmp_path):
+    """A payload moved onto another row (its msgGuid is the seal's associated data) fails to
+    open when its turn comes: dead-letter saying so, the rest of the backlog goes on."""
+    a, b, c = (harness.record(i) for i in range(3))
+    ids = [await harness.store.enqueue(r) for r in (a, b, c)]
+    await harness.store.close()
+    with sqlite3.connect(tmp_path / "outbox.db") as conn:
+        payload_a = conn.execute("SELECT payload FROM outbox WHERE id = ?", (ids[0],)).fetchone()[0]
+        conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", (payload_a, ids[1]))
+    uploader = await harness.start(max_in_flight=1)
+    await harness.drained()
+    (dead,) = await harness.store.rows("dead")
+    assert dead.guid == b.guid and "cannot be opened" in dead.platform_message and dead.platform_code is None
+    assert [e.msg_guid for e in uploads(harness.server)] == [a.guid, c.guid]
+    assert (uploader.sent, uploader.dead) == (2, 1)
