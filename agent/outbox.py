@@ -1279,11 +1279,11 @@ class Uploader:
 
         `max_in_flight` workers take the due records in id order. They are read a page at a
         time, the next page (past the last id read) by one worker while the others still have
-        records to send, so an upload never waits for the database. No upload waits for its
-        outcome to be marked either: outcomes are written in batches, one transaction each
-        (`_note`), and the round ends once all of them are on disk, before anything is read from
-        the start again. A wake() (a retry, a record re-timed) ends the round at the
-        end of its page: what it made due may lie before the last id read."""
+        records to send, so the uploads seldom wait for the database. No upload waits for its
+        outcome to be marked: outcomes are written in batches, one transaction each (`_note`),
+        and the round ends once all of them are on disk, before anything is read from the start
+        again. A wake() (a retry, a record re-timed) ends the round at the end of its page: what
+        it made due may lie before the last id read."""
         page = max(PAGE, self.max_in_flight * 8)
         self._rewind = False
         rows: collections.deque[Due] = collections.deque(await self.store.claim(page))
