@@ -56,8 +56,8 @@ async def test_records_keep_their_guid_and_values_across_a_restart(tmp_path):
     second = Store(tmp_path / "outbox.db")
     await second.open()
     (due,) = await second.claim(10)
-    assert second.record(due) == UsageRecord(r.guid, r.operation, {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"},
-                                     r.scan_id, r.created_at)
+    values = {"qr_code": "张晓明的码", "time": "2026-11-22 10:00:00"}
+    assert second.record(due) == UsageRecord(r.guid, r.operation, values, r.scan_id, r.created_at)
     await second.close()
 
 
