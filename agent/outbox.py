@@ -1352,6 +1352,9 @@ class Uploader:
             async with asyncio.TaskGroup() as workers:
                 for _ in range(self.max_in_flight):
                     workers.create_task(worker())
+        except BaseExceptionGroup as group:
+            # a worker's fault (the others stopped): raised as itself, so the alarm names it
+            raise group.exceptions[0] from None
         finally:
             # before anything is read from the start again, and before the daemon stops (a
             # record whose outcome is lost goes again)
