@@ -1278,8 +1278,9 @@ class Uploader:
         (more may be due).
 
         `max_in_flight` workers take the due records in id order. They are read a page at a
-        time, the next page (past the last id read) by one worker while the others still have
-        records to send, so the uploads seldom wait for the database. No upload waits for its
+        time, the next page (past the last id read) by one worker once half of this one is left,
+        while the others send it, so the uploads seldom wait for the database (a read may wait
+        behind a commit). No upload waits for its
         outcome to be marked: outcomes are written in batches, one transaction each (`_note`),
         and the round ends once all of them are on disk, before anything is read from the start
         again. A wake() (a retry, a record re-timed) ends the round at the end of its page: what
@@ -1299,7 +1300,7 @@ class Uploader:
         async def take() -> Due | None:
             nonlocal reading, cursor, more, broken
             while failure is None and broken is None:
-                if more and reading is None and len(rows) <= self.max_in_flight and not self._rewind:
+                if more and reading is None and len(rows) <= page // 2 and not self._rewind:
                     reading = loop.create_future()
                     got: list[Due] = []
                     try:
