@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
 
 import drivers
 import agent
@@ -331,7 +332,7 @@ class Daemon:
         reachable = self.platform.health().reachable
         if reachable != self._platform_reachable:
             self._platform_reachable = reachable
-            self.hub.publish(PlatformChanged(dataclasses.replace(self.platform.health())))
+            self.hub.publish(PlatformChanged(msgspec.structs.replace(self.platform.health())))
 
     def _status_soon(self) -> None:
         if not self._status_pending:

@@ -10,8 +10,9 @@ Three wire types: `scan` (ScanRead), `verification` (Verified), `status` (every 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping
+
+import msgspec
 
 from agent.model import Result, Scan
 
@@ -29,7 +30,7 @@ EventName = Literal["scan", "verification", "status"]
 EVENT_TYPES: tuple[EventName, ...] = ("scan", "verification", "status")
 
 
-class Event:
+class Event(msgspec.Struct, frozen=True):
     """Base of every event: its wire type and its wire data."""
 
     type: ClassVar[EventType]
@@ -42,8 +43,7 @@ class Event:
         return {"type": self.type.value, "data": self.data()}
 
 
-@dataclass(frozen=True, slots=True)
-class ScanRead(Event):
+class ScanRead(Event, frozen=True):
     """A source read something (before verification)."""
 
     type: ClassVar[EventType] = EventType.SCAN
@@ -53,8 +53,7 @@ class ScanRead(Event):
         return self.scan.to_json()
 
 
-@dataclass(frozen=True, slots=True)
-class Verified(Event):
+class Verified(Event, frozen=True):
     """A scan's outcome: verified, refused, answered from the cache, or INTERNAL."""
 
     type: ClassVar[EventType] = EventType.VERIFICATION
@@ -64,8 +63,7 @@ class Verified(Event):
         return self.result.to_json()
 
 
-@dataclass(frozen=True, slots=True)
-class SourceChanged(Event):
+class SourceChanged(Event, frozen=True):
     type: ClassVar[EventType] = EventType.STATUS
     name: str
     connected: bool
@@ -76,8 +74,7 @@ class SourceChanged(Event):
         return {"source": dict(self.source)}
 
 
-@dataclass(frozen=True, slots=True)
-class PlatformChanged(Event):
+class PlatformChanged(Event, frozen=True):
     """The platform became reachable or unreachable."""
 
     type: ClassVar[EventType] = EventType.STATUS
@@ -91,8 +88,7 @@ class PlatformChanged(Event):
         return {"platform": self.health.to_json()}
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkChanged(Event):
+class NetworkChanged(Event, frozen=True):
     type: ClassVar[EventType] = EventType.STATUS
     up: bool
 
@@ -100,8 +96,7 @@ class NetworkChanged(Event):
         return {"network": {"up": self.up}}
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxChanged(Event):
+class OutboxChanged(Event, frozen=True):
     """The outbox's counts (`status.outbox`); `stats` None when the database cannot be read."""
 
     type: ClassVar[EventType] = EventType.STATUS
@@ -122,8 +117,7 @@ class OutboxChanged(Event):
         return {"outbox": dict(self.stats, available=True)}
 
 
-@dataclass(frozen=True, slots=True)
-class DisplayChanged(Event):
+class DisplayChanged(Event, frozen=True):
     type: ClassVar[EventType] = EventType.STATUS
     status: Mapping[str, Any]  # `status.display`
 
@@ -131,8 +125,7 @@ class DisplayChanged(Event):
         return {"display": dict(self.status)}
 
 
-@dataclass(frozen=True, slots=True)
-class ComponentsChanged(Event):
+class ComponentsChanged(Event, frozen=True):
     """A supervised part failed, was restarted or given up (`status.components`)."""
 
     type: ClassVar[EventType] = EventType.STATUS

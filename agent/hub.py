@@ -16,8 +16,9 @@ import json
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Iterable
+
+import msgspec
 
 from agent import logs
 from agent.events import Event, Listener, ScanRead, SourceChanged, Verified
@@ -29,8 +30,7 @@ from agent.verifier import Verifier
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SourceState:
+class SourceState(msgspec.Struct):
     name: str
     connected: bool = False
     detail: str | None = None
@@ -60,17 +60,15 @@ class Sources:
                                [a for s in self.states.values() for a in s.alarms()])
 
 
-@dataclass(eq=False)
-class Waiter:
+class Waiter(msgspec.Struct, eq=False):
     kinds: frozenset[ScanKind]
     step: str | None
     verify: bool
     # the scan's Result, None when the wait ran out first
-    future: asyncio.Future[Result | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Result | None] = msgspec.field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-@dataclass
-class Held:
+class Held(msgspec.Struct):
     scan: Scan
     result: asyncio.Future[Result]  # the verification, possibly still running
     expires: float

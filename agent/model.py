@@ -6,16 +6,16 @@ rest of the daemon.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import itertools
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol
+
+import msgspec
 
 
 class Reason(enum.StrEnum):
@@ -120,8 +120,7 @@ def now_local() -> datetime:
     return datetime.now(timezone.utc).astimezone()
 
 
-@dataclass(frozen=True, slots=True)
-class Scan:
+class Scan(msgspec.Struct, frozen=True):
     """One reading from one source: a QR code or a card.
 
     `payload` is the QR text for `qr` (decoded with the source's charset) and the card's fields
@@ -134,13 +133,13 @@ class Scan:
 
     source: str
     kind: ScanKind
-    payload: Any = field(repr=False)
-    raw: bytes | None = field(default=None, repr=False)
+    payload: Any
+    raw: bytes | None = None
     decode_error: str | None = None
-    identity: "Identity | None" = field(default=None, repr=False)
-    id: str = field(default_factory=new_scan_id)
-    at: datetime = field(default_factory=now_local)
-    monotonic: float = field(default_factory=time.monotonic)
+    identity: "Identity | None" = None
+    id: str = msgspec.field(default_factory=new_scan_id)
+    at: datetime = msgspec.field(default_factory=now_local)
+    monotonic: float = msgspec.field(default_factory=time.monotonic)
     # a card read that could not get everything (PSAM_REQUIRED, DEVICE_ERROR): the verifier
     # answers this reason, with whatever the card let us read in payload
     partial: "Reason | None" = None
@@ -173,6 +172,12 @@ class Scan:
             raise ValueError("a card scan needs a card kind, not qr")
         return cls(source=source, kind=kind, payload=dict(fields), raw=raw, identity=identity,
                    partial=partial, partial_message=partial_message)
+
+    def __repr__(self) -> str:
+        # payload, raw and identity are personal data: never in a repr (a log line, a traceback)
+        return "Scan(id=%r, source=%r, kind=%s, at=%s, decode_error=%r, partial=%s)" % (
+            self.id, self.source, self.kind.value, self.at.isoformat(timespec="milliseconds"), self.decode_error,
+            self.partial.value if self.partial is not None else None)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -208,8 +213,7 @@ def _code_tables() -> Any:
     return qwb002
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Identity:
+class Identity(msgspec.Struct, frozen=True):
     """A verified person. Personal data: never logged unmasked (repr is masked)."""
 
     source: IdentitySource
@@ -250,8 +254,7 @@ class Identity:
             mask_name(self.name), mask_id_number(self.id_number), self.source.value)
 
 
-@dataclass(frozen=True, slots=True)
-class Verification:
+class Verification(msgspec.Struct, frozen=True):
     """The outcome of checking a scan. `ok` false always has a reason."""
 
     ok: bool
@@ -291,8 +294,7 @@ class Verification:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(msgspec.Struct, frozen=True):
     """A message that records a use of a card at the platform (a verification that carries the
     scan's time and place, or a physical card's use record). `guid` is its msgGuid, the
     platform's idempotency key: fixed when the record is made and kept through every retry."""
@@ -301,11 +303,10 @@ class UsageRecord:
     operation: str
     values: Mapping[str, str]
     scan_id: str | None = None
-    created_at: float = field(default_factory=time.time)
+    created_at: float = msgspec.field(default_factory=time.time)
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(msgspec.Struct, frozen=True):
     """What read_card and verify_qr answer: the scan always, identity when known."""
 
     scan: Scan
@@ -320,11 +321,10 @@ class Result:
         }
 
     def replace(self, **changes: Any) -> "Result":
-        return dataclasses.replace(self, **changes)
+        return msgspec.structs.replace(self, **changes)
 
 
-@dataclass(frozen=True, slots=True)
-class Alarm:
+class Alarm(msgspec.Struct, frozen=True):
     """Something wrong that a technician should see in `status` (docs/api.md "Alarms"):
     a stable code, the part it concerns, and what to know."""
 
@@ -336,12 +336,11 @@ class Alarm:
         return {"code": self.code, "source": self.source, "text": self.text}
 
 
-@dataclass(frozen=True, slots=True)
-class ComponentStatus:
+class ComponentStatus(msgspec.Struct, frozen=True):
     """A component's answer to "how are you": its part of `status`, and what is wrong."""
 
     status: Any  # JSON: the value `status` shows under the component's name
-    alarms: list[Alarm] = field(default_factory=list)
+    alarms: list[Alarm] = msgspec.field(default_factory=list)
 
 
 class Component(Protocol):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -38,11 +37,11 @@ import resource
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+import msgspec
 import orjson
 
 from agent import sealing
@@ -116,8 +115,7 @@ class RetryRefused(ValueError):
     says which. A ValueError: the database thread rolls back that job alone."""
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(msgspec.Struct, frozen=True):
     """One outbox record as stored."""
 
     id: int
@@ -909,8 +907,7 @@ class Store:
             self._conn = None
 
 
-@dataclass(slots=True)
-class _Job:
+class _Job(msgspec.Struct):
     fn: Callable[[sqlite3.Connection], Any]
     write: bool
     loop: asyncio.AbstractEventLoop
@@ -1246,7 +1243,7 @@ class Uploader:
             except ScanboxError as exc:
                 await self._dead(row, "made while the clock was not right, and cannot be re-timed: %s" % exc.message)
                 continue
-            changes.append((row.id, dataclasses.replace(record, created_at=when), when - row.created_at))
+            changes.append((row.id, msgspec.structs.replace(record, created_at=when), when - row.created_at))
             logger.info("outbox: record %d (%s) re-timed %s: %+.1f s, to %s", row.id, row.operation, how,
                         when - row.created_at, _iso(when))
         if changes:

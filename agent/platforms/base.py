@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Mapping
+
+import msgspec
 
 from agent.codes import Outcome, ReturnCode
 from agent.model import Alarm, ComponentStatus, Identity, Reason, Scan, ScanboxError, UsageRecord, local_iso
@@ -42,8 +43,7 @@ class PlatformRejected(PlatformError):
         self.outcome = code.outcome
 
 
-@dataclass(frozen=True)
-class VerifyRequest:
+class VerifyRequest(msgspec.Struct, frozen=True):
     """One QR verification, with where and when it happened (the platform records the use)."""
 
     qr: str
@@ -53,8 +53,7 @@ class VerifyRequest:
     channel: str
 
 
-@dataclass(frozen=True)
-class VerifyAnswer:
+class VerifyAnswer(msgspec.Struct, frozen=True):
     identity: Identity
     platform_code: str | None
     platform_message: str | None
@@ -63,8 +62,7 @@ class VerifyAnswer:
     static: bool | None = None
 
 
-@dataclass
-class PlatformHealth:
+class PlatformHealth(msgspec.Struct):
     kind: str
     reachable: bool | None = None  # None: not asked yet
     last_ok_at: float | None = None  # wall time of the last answer
@@ -81,8 +79,7 @@ class PlatformHealth:
         }
 
 
-@dataclass(frozen=True)
-class Exchange:
+class Exchange(msgspec.Struct, frozen=True):
     """One business call and its answer, as the metrics see it: no values, only what was asked,
     how long it took and what came back."""
 

@@ -25,7 +25,6 @@ Ambiguities of the spec text, and what scanbox does (each also noted where it ap
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import hashlib
 import json
@@ -35,6 +34,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+
+import msgspec
 
 from agent.codes import Outcome
 from agent.codes import wondersgroup as codes
@@ -222,7 +223,7 @@ class FsjsonPlatform(Platform):
         birth date. Nothing in the values moves."""
         if record.operation not in SIGNED:
             return super().retime(record, when)
-        return dataclasses.replace(record, created_at=when.timestamp())
+        return msgspec.structs.replace(record, created_at=when.timestamp())
 
     async def upload(self, record: UsageRecord) -> tuple[str | None, str | None]:
         if record.operation not in SIGNED:

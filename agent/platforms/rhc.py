@@ -10,11 +10,9 @@ checked against them before sending; the reply's `<response>` is parsed into dat
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,8 +62,7 @@ _ACTION_ORDER = {f.name: i for i, f in enumerate(ACTION_FIELDS)}
 SCAN_TIME_FIELDS: dict[str, tuple[str, ...]] = {"RHC_E0003": ("time",), "RHC_E0009": ("time",), "RHC_E0013": ()}
 
 
-@dataclass(frozen=True)
-class RhcResponse:
+class RhcResponse(msgspec.Struct, frozen=True):
     """A parsed `<response>`: result, desc, resultCode, and the business data as plain data."""
 
     ok: bool
@@ -328,7 +325,7 @@ class RhcPlatform(Platform):
         if fields is None:
             return super().retime(record, when)
         rendered = when.strftime(TIME_FORMAT)
-        return dataclasses.replace(record, values={**record.values, **{name: rendered for name in fields}},
+        return msgspec.structs.replace(record, values={**record.values, **{name: rendered for name in fields}},
                                    created_at=when.timestamp())
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Mapping
+
+import msgspec
 
 from agent.codes import CodeTable
 from agent.codes import qwb002 as codes
@@ -26,8 +27,7 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _SUSPECT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff&<>\"]")
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(msgspec.Struct, frozen=True):
     name: str
     check: Callable[[str], bool]
     # the return code the platform answers for this format error
@@ -82,8 +82,7 @@ QRCODE_TYPE = Format("0 (dynamic) or 1 (static)", _regex_check(r"[01]"))
 NEWBORN_ID_TYPE = Format("N1, N2, N3 or 08", _regex_check(r"N[123]|08"))
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(msgspec.Struct, frozen=True):
     name: str
     title: str
     max_len: int | None = None
@@ -92,8 +91,7 @@ class Field:
     format: Format | None = None
 
 
-@dataclass(frozen=True)
-class Operation:
+class Operation(msgspec.Struct, frozen=True):
     code: str
     title: str
     section: str
@@ -106,7 +104,7 @@ class Operation:
     one_of: tuple[tuple[str, ...], ...] = ()
     one_of_text: str = ""
     # a field that may be left out when another field has a given value
-    optional_when: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    optional_when: Mapping[str, tuple[str, str]] = msgspec.field(default_factory=dict)
 
     def field(self, name: str) -> Field | None:
         for f in self.request:
@@ -314,8 +312,7 @@ ACTION_FIELDS: tuple[Field, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(msgspec.Struct, frozen=True):
     """One reason a message does not meet its table, with the code the platform would answer."""
 
     field: str

@@ -21,10 +21,10 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import msgspec
 from lxml import etree
 
 from agent.model import Reason, ScanboxError
@@ -55,8 +55,7 @@ class WsdlUnusable(Exception):
 LOAD_ERRORS = (wsdl.WsdlError, WsdlUnusable, etree.XMLSyntaxError, OSError, LookupError)
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(msgspec.Struct, frozen=True):
     """An operation's request as zeep built it with a placeholder in each string parameter, and
     where each parameter's element is (child indices from the envelope)."""
 
@@ -94,8 +93,7 @@ class Template:
         return slots
 
 
-@dataclass
-class Operation:
+class Operation(msgspec.Struct):
     soapaction: str
     inputs: list[str]  # its request's element names, in the WSDL's order
     template: Template | None  # None: zeep builds each request (not all single strings)
@@ -105,8 +103,7 @@ class Operation:
         self.headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % self.soapaction}
 
 
-@dataclass
-class Bound:
+class Bound(msgspec.Struct):
     """The loaded WSDL's port that offers the operations, and where to send them."""
 
     path: str  # the WSDL (local) it was read from
@@ -115,7 +112,7 @@ class Bound:
     address: str
     operations: dict[str, Operation]
     # zeep's client and ServiceProxy for the port, loaded on the first request that needs zeep
-    zeep: tuple[Any, Any] | None = field(default=None, repr=False)
+    zeep: tuple[Any, Any] | None = None
 
 
 class SoapService:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, Mapping
 
+import msgspec
 import aiohttp
 
 from agent.clock import heard_date, tls_hint
@@ -23,8 +23,7 @@ from agent.platforms.base import PlatformUnavailable
 USER_AGENT = "scanbox"
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(msgspec.Struct, frozen=True):
     status: int
     headers: Mapping[str, str]
     content: bytes

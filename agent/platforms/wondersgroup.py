@@ -11,7 +11,6 @@ updateCardInfo and downQr are reachable through `call`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -20,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+
+import msgspec
 
 from agent.codes import Outcome
 from agent.codes import wondersgroup as codes
@@ -148,7 +149,7 @@ class WondersgroupPlatform(Platform):
         Nothing in the values moves."""
         if record.operation not in schema.OPERATIONS:
             return super().retime(record, when)
-        return dataclasses.replace(record, created_at=when.timestamp())
+        return msgspec.structs.replace(record, created_at=when.timestamp())
 
     async def verify(self, record: UsageRecord) -> VerifyAnswer:
         result = await self.request(VERIFY, _unflatten(record.values))
