@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from agent import logs
-from agent.model import Identity, IdentitySource
+from agent.model import Identity, IdentitySource, Scan, ScanKind
 from agent.privacy import mask_id_number, mask_name, mask_phone, mask_qr, mask_text
 
 ID18 = "630102199001011234"
@@ -255,6 +255,17 @@ def test_identity_repr_and_str_are_masked() -> None:
     for text in (repr(identity), str(identity), "%s" % [identity], f"{identity!r}"):
         assert "欧阳娜娜" not in text and ID18 not in text and PHONE not in text and "南大街" not in text
         assert "欧**娜" in text and "630102********1234" in text and "card" in text
+
+
+def test_a_scans_repr_names_no_payload_raw_bytes_or_identity() -> None:
+    """A Scan in a log line or a traceback: its code, its bytes and the card's person stay out."""
+    identity = Identity(source=IdentitySource.CARD, name="欧阳娜娜", id_number=ID18, phone=PHONE)
+    scan = Scan.from_card("desk", ScanKind.ID_CARD, identity, {"id_number": ID18, "name": "欧阳娜娜"},
+                          raw=ID18.encode())
+    qr = Scan.from_qr_bytes("counter", (ID18 + ":1").encode())
+    for text in (repr(scan), str(scan), "%r" % [scan], repr(qr), str(qr)):
+        assert ID18 not in text and "欧阳" not in text and PHONE not in text
+    assert "desk" in repr(scan) and scan.id in repr(scan) and "counter" in repr(qr)
 
 
 def test_identity_to_json_keeps_full_values_for_authenticated_clients() -> None:
