@@ -65,7 +65,8 @@ class Waiter(msgspec.Struct, eq=False):
     step: str | None
     verify: bool
     # the scan's Result, None when the wait ran out first
-    future: asyncio.Future[Result | None] = msgspec.field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Result | None] = msgspec.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Held(msgspec.Struct):

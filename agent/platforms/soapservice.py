@@ -55,7 +55,7 @@ class WsdlUnusable(Exception):
 LOAD_ERRORS = (wsdl.WsdlError, WsdlUnusable, etree.XMLSyntaxError, OSError, LookupError)
 
 
-class Template(msgspec.Struct, frozen=True):
+class Template(msgspec.Struct, frozen=True, dict=True):
     """An operation's request as zeep built it with a placeholder in each string parameter, and
     where each parameter's element is (child indices from the envelope)."""
 
@@ -89,7 +89,7 @@ class Template(msgspec.Struct, frozen=True):
                 for i in path:
                     element = element[i]
                 slots[name] = (element, element.text)
-            object.__setattr__(self, "_slots", slots)  # frozen: the envelope's own elements, kept beside it
+            self.__dict__["_slots"] = slots  # frozen fields; the envelope's own elements kept beside them
         return slots
 
 
@@ -97,7 +97,7 @@ class Operation(msgspec.Struct):
     soapaction: str
     inputs: list[str]  # its request's element names, in the WSDL's order
     template: Template | None  # None: zeep builds each request (not all single strings)
-    headers: dict[str, str] = field(init=False)  # its requests' HTTP headers
+    headers: dict[str, str] = {}  # its requests' HTTP headers: made from soapaction
 
     def __post_init__(self) -> None:
         self.headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"%s"' % self.soapaction}
