@@ -44,17 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-class _Version(argparse.Action):
-    """--version: the installed version, looked up only when asked (importlib.metadata is slow)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
-        print("scanbox %s" % agent.__version__)
-        parser.exit()
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scanbox", description="e-health card scan box")
-    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
+    p.add_argument("--version", action="version", version="scanbox %s" % agent.__version__,
+                   help="show the version and exit")
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon")

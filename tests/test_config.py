@@ -572,3 +572,11 @@ def test_to_toml_round_trips_a_config_and_split_secrets_separates_them(tmp_path:
     assert loaded.site.hospital_name == "西宁市第一人民医院"
     assert loaded.api.clients["his"].token.get_secret_value() == "t0k-5b1e9f3a-his"
     assert tomllib.loads(to_toml(dump(loaded)))["site"] == dump(loaded)["site"]
+
+
+def test_scanbox_version_says_the_version_agent_carries(capsys: pytest.CaptureFixture[str]) -> None:
+    import agent
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == "scanbox %s" % agent.__version__
