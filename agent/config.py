@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
 import msgspec
-import tomli_w
 from msgspec import UNSET, Meta, UnsetType, field
 
 import drivers
@@ -785,6 +784,8 @@ def to_toml(data: Mapping[str, Any]) -> str:
     """TOML text for a config mapping (tomllib only reads): what `config check` prints and what
     provisioning and import-wscall write. tomli-w quotes what a bare key cannot hold (a client
     named "front desk", an app id with a dot); TOML has no null, so unset values are left out."""
+    import tomli_w  # writing config is for `config check`, provisioning and import-wscall, not a start
+
     return tomli_w.dumps(_without_none(data))
 
 

@@ -21,7 +21,6 @@ Like agent.model, this module depends on nothing else of scanbox: drivers may im
 
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 import types
@@ -135,6 +134,8 @@ def to_builtins(value: Any) -> Any:
 
 def suggest(word: str, choices: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the close match of a typo, else ""."""
+    import difflib  # only for a key that is wrong
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
 

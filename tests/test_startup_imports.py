@@ -17,7 +17,10 @@ from agent.config import dump
 from agent.simulator.soap import Fault
 from tests.conftest import PtyScanner, RpcClient, config_dict, make_config
 
-HEAVY = ("PIL", "cryptography", "zeep", "requests", "urllib3", "prometheus_client", "pydantic", "pydantic_core")
+# what a counter box never needs at its start or its scans; difflib and tomli_w: only for a config
+# error and for writing a config
+HEAVY = ("PIL", "cryptography", "zeep", "requests", "urllib3", "prometheus_client", "pydantic", "pydantic_core",
+         "difflib", "tomli_w")
 SCRIPT = """
 import asyncio, json, sys
 from agent.config import validate
