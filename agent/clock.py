@@ -83,11 +83,12 @@ class KernelClock(msgspec.Struct, frozen=True):
 
 @functools.lru_cache(maxsize=1)
 def _adjtimex() -> tuple[Callable[[Any], int], type[ctypes.Structure]]:
-    """libc's adjtimex and struct timex, made once: find_library runs `ldconfig -p` in a
-    subprocess, and the state is read for every scan. ctypes (half a MiB resident) only where
-    it is asked: a Pi's timesyncd answers first (Clock.synchronised_by)."""
+    """libc's adjtimex and struct timex, made once (the state is read for every scan). ctypes
+    (half a MiB resident) only where it is asked: a Pi's timesyncd answers first
+    (Clock.synchronised_by). libc is the one Python itself runs on: dlopen(NULL) finds it
+    among the process's own libraries, where ctypes.util.find_library ran `ldconfig -p` in a
+    subprocess (7 ms of the daemon's start on a box without timesyncd)."""
     import ctypes
-    import ctypes.util
 
     class Timeval(ctypes.Structure):
         _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
@@ -103,7 +104,7 @@ def _adjtimex() -> tuple[Callable[[Any], int], type[ctypes.Structure]]:
                     ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
                     ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_reserved", ctypes.c_int * 11)]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
     return lambda timex: libc.adjtimex(ctypes.byref(timex)), Timex
 
 
