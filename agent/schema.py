@@ -22,10 +22,11 @@ Like agent.model, this module depends on nothing else of scanbox: drivers may im
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import types
 from pathlib import Path
-from typing import (Annotated, Any, Callable, Iterable, Literal, TypeVar, Union, dataclass_transform, get_args,
+from typing import (Annotated, Any, Callable, Iterable, Literal, Mapping, TypeVar, Union, dataclass_transform, get_args,
                     get_origin)
 
 import msgspec
@@ -140,9 +141,11 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return " (did you mean %r?)" % close[0] if close else ""
 
 
-def fields(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
-    """A Struct's fields by the key a user writes."""
-    return {f.encode_name: f for f in msgspec.structs.fields(cls)}
+@functools.cache
+def fields(cls: type[msgspec.Struct]) -> Mapping[str, msgspec.structs.FieldInfo]:
+    """A Struct's fields by the key a user writes; worked out once per class (msgspec evaluates
+    every annotation again at each call), read-only."""
+    return types.MappingProxyType({f.encode_name: f for f in msgspec.structs.fields(cls)})
 
 
 def structs_in(annotation: Any) -> list[type[msgspec.Struct]]:
@@ -202,7 +205,7 @@ def _field_checks(cls: type) -> tuple[tuple[str, _Checks], ...]:
     instance (its annotations are only resolvable once its module is loaded)."""
     found = _CHECKS.get(cls)
     if found is None:
-        found = tuple((f.name, checks) for f in msgspec.structs.fields(cls) if (checks := _checks_of(f.type)))
+        found = tuple((f.name, checks) for f in fields(cls).values() if (checks := _checks_of(f.type)))
         _CHECKS[cls] = found
     return found
 
