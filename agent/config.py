@@ -5,8 +5,6 @@ suggestion for the likely typo; secrets live in their own file (0600, or a syste
 and print as `********` everywhere. The sections are msgspec Structs checked by agent/schema.py.
 """
 
-from __future__ import annotations
-
 import ipaddress
 import os
 import re
@@ -41,7 +39,7 @@ class Secret(Custom):
         self._value = value
 
     @classmethod
-    def decode(cls, value: Any) -> Secret:
+    def decode(cls, value: Any) -> "Secret":
         if not isinstance(value, str):
             raise ValueError("Expected `str`, got `%s`" % type(value).__name__)
         secret = cls(value)
@@ -108,7 +106,7 @@ class Duration(float, Custom):
     __slots__ = ()
 
     @classmethod
-    def decode(cls, value: Any) -> Duration:
+    def decode(cls, value: Any) -> "Duration":
         if isinstance(value, bool):
             raise ValueError("a duration: seconds, or a string like \"10m\", \"24h\", \"7d\"")
         if isinstance(value, (int, float)):

@@ -16,10 +16,12 @@ What msgspec cannot say in a type is said with two small hooks:
 - `Custom`: a type msgspec does not know (a secret, a duration "24h"), made by its `decode`
   classmethod from the TOML/JSON value; `Path` is made from a string.
 
+Modules that define these Structs do not use `from __future__ import annotations`: msgspec
+would compile and evaluate every annotation string at a class's first use (a third of the config's
+load at the daemon's start); written annotations are objects already.
+
 Like agent.model, this module depends on nothing else of scanbox: drivers may import it.
 """
-
-from __future__ import annotations
 
 import enum
 import functools

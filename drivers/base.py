@@ -1,7 +1,5 @@
 """The interface between drivers and the daemon."""
 
-from __future__ import annotations
-
 import abc
 import asyncio
 import glob

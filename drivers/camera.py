@@ -23,8 +23,6 @@ into moire that breaks the binarizer. A frame that yields nothing is tried once 
 time cost nothing more (bench/bench_drivers.py measures both).
 """
 
-from __future__ import annotations
-
 import abc
 import codecs
 import contextlib

@@ -6,8 +6,6 @@ other. A display that is missing, or vanishes mid-run (unplugged, a loose I2C wi
 and reopened with backoff; nothing else in the box waits for it (STYLE.md item 8).
 """
 
-from __future__ import annotations
-
 import logging
 import threading
 from pathlib import Path

@@ -13,8 +13,6 @@ closed; the device list is looked at again every `rescan_s` (not in a loop), and
 scanner is grabbed again. No matching device is an alarm (`connected` false), never an error.
 """
 
-from __future__ import annotations
-
 import codecs
 import errno
 import glob

@@ -16,8 +16,6 @@ preamble; a reader that stops answering is an alarm and is retried; an unplugged
 reopened with backoff. The port is a device path or any pyserial URL.
 """
 
-from __future__ import annotations
-
 import base64
 import contextlib
 import logging

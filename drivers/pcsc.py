@@ -14,8 +14,6 @@ A card that is pulled mid-read, answers wrong status words, or is neither kind i
 is waited out with backoff, like an unplugged scanner.
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import re

@@ -13,8 +13,6 @@ scheduler wake-ups on the way to the HIS's answer. A port without one (`loop://`
 without a loop is read in a thread (pyserial's ReaderThread), as before.
 """
 
-from __future__ import annotations
-
 import asyncio
 import codecs
 import contextlib

@@ -1,8 +1,6 @@
 """A scanner on standard input: one line is one scan. The demo's scanner (type or paste a code,
 press Enter), and handy for trying a config by hand."""
 
-from __future__ import annotations
-
 import logging
 import os
 import sys

@@ -6,8 +6,6 @@ by agent.schema, so a wrong call gets -32602 naming every bad parameter; scanbox
 with `data.reason`; nothing a client sends can raise out of here.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging

@@ -1,7 +1,5 @@
 """The methods of PROTOCOL.md, on whatever transport carries them."""
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import logging
@@ -187,7 +185,7 @@ class AuthGuard:
 
 class Api:
     def __init__(self, hub: Hub, platform: Platform, status: Callable[[], Awaitable[dict[str, Any]]],
-                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader, ui: Ui | None = None,
+                 clients: dict[str, ClientConfig], store: Store, uploader: Uploader, ui: "Ui | None" = None,
                  onetrans: OnetransConfig | None = None) -> None:
         self.hub = hub
         self.ui = ui
