@@ -66,8 +66,17 @@ async def test_the_daemon_process_from_ready_to_sigterm(tmp_path, files, sim_ser
         assert any(line.startswith("STATUS=") for line in ready.split("\n"))
         await asyncio.to_thread(notify.wait_for, "WATCHDOG=1", 5)  # pings every 0.2 s
         client = await RpcClient.unix(tmp_path / "api.sock")
+        await client.call("subscribe", {"events": ["status"]})
         status = await client.call("status")
         assert status["device_id"] == "counter-3"
+        # READY does not wait for the scanner: its port may be opened a moment later, and opening
+        # it discards what was typed before (pyserial flushes the input), so a scan waits for it
+        if not all(source["connected"] for source in status["sources"]):
+            async with asyncio.timeout(10):
+                while True:
+                    event = (await client.notifications.get())["params"]
+                    if event["data"].get("source", {}).get("connected") is True:
+                        break
         pending = asyncio.get_running_loop().create_task(client.request("read_card", {"timeout_s": 10}, timeout=15))
         # the read_card is registered once the daemon has answered a later request on the same connection
         await client.call("status")
