@@ -19,7 +19,7 @@ from msgspec import UNSET, Meta, UnsetType, field
 import drivers
 from agent import schema
 from agent.codes import member_of, qwb002, wondersgroup
-from agent.schema import Check, Custom, Schema
+from agent.schema import Check, Custom, Regex, Schema
 from drivers.base import DriverOptions
 from drivers.display import Options as DisplayOptions
 
@@ -175,24 +175,13 @@ PAYMENT_CODES = {
 }
 
 
-def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError("not a regular expression: %s" % exc) from None
-    return value
-
-
 def _regexes(value: dict[str, str]) -> dict[str, str]:
     for name, pattern in value.items():
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError("%s: not a regular expression: %s" % (name, exc)) from None
+            schema.regex(pattern)
+        except ValueError as exc:
+            raise ValueError("%s: %s" % (name, exc)) from None
     return value
-
-
-Regex = Annotated[str, Check(_regex)]
 
 
 class QrRules(Section):

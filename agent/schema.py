@@ -52,6 +52,18 @@ class Check:
         self.fn = fn
 
 
+def regex(value: str) -> str:
+    """A `Check`: a regular expression that compiles (a site's QR forms, a card reader's name)."""
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError("not a regular expression: %s" % exc) from None
+    return value
+
+
+Regex = Annotated[str, Check(regex)]
+
+
 class Custom:
     """A type made from a TOML or JSON value by `decode` (raising ValueError with the reason),
     written back by `encode` (what `config check` prints)."""

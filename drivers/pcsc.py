@@ -28,7 +28,7 @@ from smartcard import scard
 from smartcard.ATR import ATR
 
 from agent.model import Identity, IdentitySource, Reason, Scan, ScanKind
-from agent.schema import Check
+from agent.schema import Check, Regex
 from drivers import cards
 from drivers.base import Backoff, DriverOptions, Finding, ProbeContext, ScanSink, ThreadedSource
 
@@ -42,14 +42,6 @@ _REMOVED = (scard.SCARD_W_REMOVED_CARD, scard.SCARD_E_NO_SMARTCARD, scard.SCARD_
 _READER_LOST = (scard.SCARD_E_UNKNOWN_READER, scard.SCARD_E_READER_UNAVAILABLE)
 
 
-def _pattern(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError("not a regular expression: %s" % exc) from None
-    return value
-
-
 def _profiles(value: dict[str, Path]) -> dict[str, Path]:
     for kind, path in value.items():
         profile = cards.load_profile(path)  # ValueError names the file and the problem
@@ -61,9 +53,9 @@ def _profiles(value: dict[str, Path]) -> dict[str, Path]:
 class Options(DriverOptions):
     driver: Literal["pcsc"]
     # a regular expression searched in each PC/SC reader name; the first reader that matches
-    reader: Annotated[str, Meta(min_length=1), Check(_pattern)]
+    reader: Annotated[Regex, Meta(min_length=1)]
     # the reader (slot) that holds the PSAM; none: cards that need one answer PSAM_REQUIRED
-    psam_reader: Annotated[str, Meta(min_length=1), Check(_pattern)] | None = None
+    psam_reader: Annotated[Regex, Meta(min_length=1)] | None = None
     # which cards to read, tried in this order
     cards: Annotated[list[Literal["ssc", "health_card"]], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["ssc", "health_card"])
