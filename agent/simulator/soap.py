@@ -171,6 +171,7 @@ class SimServer:
         self.service_ms: list[float] = []
         # when each request arrived (time.monotonic()), faulted ones included: retry timing
         self.arrivals: list[float] = []
+        self.arrived = asyncio.Event()  # set by the first request (a test waits for it)
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests it was answering at once
         # every GET of the endpoint (the WSDL, its schemas) by query: how often a box fetches them
@@ -238,6 +239,7 @@ class SimServer:
         started = time.perf_counter()
         self.arrivals.append(time.monotonic())
         del self.arrivals[:-100000]
+        self.arrived.set()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
